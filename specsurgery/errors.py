@@ -1,0 +1,80 @@
+"""One error type for everything a user can get wrong, rendered like a compiler.
+
+    specs/a.spec:4:12: error: linear needs a numeric input, got category hero.hero_id
+      hero_h = linear(obs.hero.hero_id, 8)
+                      ^^^^^^^^^^^^^^^^
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from .spec.model import Span
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    message: str
+    span: Optional[Span] = None
+    hint: Optional[str] = None
+
+    def render(self, source: Optional[str] = None) -> str:
+        if self.span is None or not self.span.line:
+            head = f"{self.span.file}: error: {self.message}" if self.span else f"error: {self.message}"
+            return head + (f"\n  {self.hint}" if self.hint else "")
+        span = self.span
+        lines = [f"{span.file}:{span.line}:{span.column}: error: {self.message}"]
+        text = source if source is not None else _read(span.file)
+        if text is not None:
+            source_lines = text.splitlines()
+            if 0 < span.line <= len(source_lines):
+                line = source_lines[span.line - 1]
+                width = 1
+                if span.end_line == span.line and span.end_column > span.column:
+                    width = span.end_column - span.column
+                lines.append("  " + line)
+                lines.append("  " + " " * (span.column - 1) + "^" * width)
+        if self.hint:
+            lines.append("  " + self.hint)
+        return "\n".join(lines)
+
+
+def _read(path: str) -> Optional[str]:
+    if path.startswith("<") or not os.path.isfile(path):
+        return SOURCES.get(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError:
+        return SOURCES.get(path)
+
+
+# Texts of specs that were not read from disk (git revisions, strings), by the
+# name their spans carry, so errors can still show the line.
+SOURCES: dict[str, str] = {}
+
+
+@dataclass
+class SpecError(Exception):
+    """One or more diagnostics; the command layer prints them and exits 1."""
+
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    def __init__(self, diagnostics: Iterable[Diagnostic] | Diagnostic | str, span: Optional[Span] = None):
+        if isinstance(diagnostics, str):
+            diagnostics = [Diagnostic(diagnostics, span)]
+        elif isinstance(diagnostics, Diagnostic):
+            diagnostics = [diagnostics]
+        self.diagnostics = list(diagnostics)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.diagnostics)
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+class UserError(Exception):
+    """A problem with a file, record, checkpoint or argument (not a spec line)."""
