@@ -1,0 +1,80 @@
+"""The torch back end: an IR graph as an nn.Module to train.
+
+Parameters live in one submodule per op scope, so `state_dict()` keys are the
+language's parameter names (`hero_h.linear.weight`), the checkpoint's keys.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ir import Graph, walk
+from ..ops import OPS, RunContext
+
+
+class _Scope(nn.Module):
+    """Holds the parameters of one op application."""
+
+
+def _nest(root: nn.Module, dotted: str) -> nn.Module:
+    # Written into _modules directly: statement names like "forward" or
+    # "training" are fine spec names and must not clash with nn.Module's.
+    module = root
+    for part in dotted.split("."):
+        child = module._modules.get(part)
+        if child is None:
+            child = _Scope()
+            module._modules[part] = child
+        module = child
+    return module
+
+
+class SpecModule(nn.Module):
+    """`forward(inputs)` takes featurised tensors and returns a dict of heads."""
+
+    def __init__(self, graph: Graph, seed: Optional[int] = 0, probe_variant: Optional[str] = None):
+        super().__init__()
+        self.graph = graph
+        self.probe_variant = probe_variant  # None: the model as written; else a gradient-map probe
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        for node in graph.nodes:
+            if not node.params:
+                continue
+            holder = _nest(self, node.scope)
+            for name, spec in node.params.items():
+                tensor = torch.empty(spec.shape)
+                with torch.no_grad():
+                    OPS[node.op].init(node, name, tensor, generator)
+                holder._parameters[name] = nn.Parameter(tensor)
+
+    def op_params(self, scope: str) -> dict[str, torch.Tensor]:
+        return dict(_nest(self, scope)._parameters)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        graph = self.graph
+        ctx = RunContext(masks={g.name: inputs[mask_key(g.name)] for g in graph.entity_sets()},
+                         probe_variant=self.probe_variant or "gradient")
+        probing = self.probe_variant is not None
+
+        def visit(node, xs):
+            op = OPS[node.op]
+            if node.op in ("group", "feature"):
+                xs = [inputs[node.attrs["group"]]]
+            elif node.op == "category":
+                xs = [inputs[f"{node.attrs['group']}.{node.attrs['feature']}"]]
+            params = self.op_params(node.scope) if node.params else {}
+            return (op.probe if probing else op.forward)(node, params, xs, ctx)
+
+        values = walk(graph, visit)
+        return {head: values[index] for head, index in graph.outputs.items()}
+
+
+def mask_key(group: str) -> str:
+    """The input key of an entity set's mask (1 for a real entity, 0 for padding)."""
+    return f"{group}#mask"
+
+
+def build_module(graph: Graph, seed: Optional[int] = 0) -> SpecModule:
+    return SpecModule(graph, seed=seed)

@@ -1,0 +1,201 @@
+"""Checkpoints: safetensors files that carry the spec their weights were built from.
+
+The header's `__metadata__` holds the canonical text of the model and its
+schema (enough to rebuild it with no .spec file at hand), the model's name and
+the package version. Files are written tensor by tensor into a temporary file
+beside the target and renamed into place, so a reader never sees half a file.
+Reading the header needs no torch; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+from .errors import SpecError, UserError
+
+META_SPEC = "specsurgery.spec"
+META_MODEL = "specsurgery.model"
+META_VERSION = "specsurgery.version"
+_DTYPES = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def package_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+
+    @property
+    def spec_text(self) -> str:
+        return self.metadata[META_SPEC]
+
+    @property
+    def model_name(self) -> str:
+        return self.metadata[META_MODEL]
+
+
+def read_header(path: str) -> Header:
+    """The tensor table and metadata of a checkpoint, checked for sanity."""
+    def bad(why: str) -> UserError:
+        return UserError(f"{path}: error: not a valid checkpoint: {why}")
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise bad("the file is shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, _MAX_HEADER):
+                raise bad("the header length runs past the end of the file")
+            text = f.read(n)
+    except FileNotFoundError:
+        raise UserError(f"{path}: error: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: error: is a folder, not a checkpoint") from None
+    try:
+        table = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("the header is not JSON") from None
+    if not isinstance(table, dict):
+        raise bad("the header is not a JSON object")
+    metadata = table.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data = size - 8 - n
+    for name, info in table.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed entry") from None
+        count = 1
+        for d in shape:
+            count *= d
+        if dtype not in _DTYPES or end - start != count * _DTYPES[dtype] or not 0 <= start <= end <= data:
+            raise bad(f"tensor {name!r} does not fit the file (truncated or corrupt)")
+        tensors[name] = TensorInfo(dtype, shape, start, end)
+    if META_SPEC not in metadata or META_MODEL not in metadata:
+        raise UserError(f"{path}: error: this safetensors file has no embedded spec; it was not written by specsurgery")
+    return Header(path, tensors, metadata, 8 + n)
+
+
+def load_spec(header: Header):
+    """The ModelSpec embedded in a checkpoint."""
+    from .errors import SOURCES
+    from .spec.load import load_text
+
+    name = f"{header.path}#spec"
+    SOURCES[name] = header.spec_text
+    try:
+        return load_text(header.spec_text, name).model(header.model_name)
+    except (SpecError, UserError) as e:
+        raise UserError(f"{header.path}: error: the embedded spec does not load:\n{e}") from None
+
+
+def check_against(header: Header, graph) -> None:
+    """Refuse a checkpoint whose tensors do not match its spec."""
+    expected = {name: tuple(node.params[local].shape) for name, (node, local) in graph.parameters().items()}
+    found = {name: info.shape for name, info in header.tensors.items()}
+    problems = []
+    for name, shape in expected.items():
+        if name not in found:
+            problems.append(f"{name} is missing")
+        elif found[name] != shape:
+            problems.append(f"{name} has shape {list(found[name])}, the spec says {list(shape)}")
+        elif header.tensors[name].dtype != "F32":
+            problems.append(f"{name} is {header.tensors[name].dtype}, expected F32")
+    problems += [f"{name} is not in the spec" for name in found if name not in expected]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise UserError(f"{header.path}: error: the tensors do not match the embedded spec: {shown}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb") -> Iterator:
+    """Write to a temporary file in the target's folder; rename on success only."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_checkpoint(path: str, spec_text: str, model_name: str,
+                     shapes: dict[str, tuple[int, ...]], tensors: Iterable, progress=None,
+                     extra_metadata: Optional[dict[str, str]] = None) -> int:
+    """Stream `tensors` (name, float32 tensor) in the order of `shapes`; returns bytes written.
+
+    The header is laid out from `shapes` first, so tensors can be produced and
+    written one at a time and dropped: memory holds one tensor, not the model.
+    """
+    table: dict = {}
+    offset = 0
+    for name, shape in shapes.items():
+        count = 1
+        for d in shape:
+            count *= d
+        table[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + 4 * count]}
+        offset += 4 * count
+    metadata = {META_SPEC: spec_text, META_MODEL: model_name, META_VERSION: package_version(), "format": "pt"}
+    metadata.update(extra_metadata or {})
+    header = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    written = 0
+    with atomic_file(path) as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        names = iter(shapes)
+        for name, tensor in tensors:
+            expected = next(names)
+            if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
+                raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
+            array = tensor.detach().to("cpu").float().contiguous().numpy()
+            f.write(memoryview(array).cast("B"))
+            written += array.nbytes
+            if progress is not None:
+                progress(name, array.nbytes)
+    return written
+
+
+def open_tensors(path: str):
+    """Lazy, memory-mapped access to a checkpoint's tensors (no unpickling)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{path}: error: not a valid checkpoint: {e}") from None

@@ -1,0 +1,1 @@
+"""Sub-commands of the later stages: map, plan, apply, verify, check."""

@@ -1,0 +1,149 @@
+"""Observations as JSON records, checked and turned into the model's tensors.
+
+A record maps group -> feature -> value; an entity set is a list of up to N
+such objects. `record_schema` is the JSON Schema (Draft 2020-12) records must
+satisfy; `featurise` validates with jsonschema, then builds, in schema order:
+
+  inputs["hero"]          float [B, (T), n]      the group's numeric features
+  inputs["units"]         float [B, (T), N, n]   for an entity set, padded to N
+  inputs["hero.hero_id"]  long  [B, (T), (N)]    one per category feature
+  inputs["units#mask"]    float [B, (T), N]      1 for a real entity, 0 for padding
+
+The time axis T is there when the model has an lstm: then each record of the
+batch is a list of observations, one per step.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .errors import UserError
+from .spec import model as m
+
+DRAFT = "https://json-schema.org/draft/2020-12/schema"
+_JSON_TYPES = {"float": {"type": "number"}, "int": {"type": "integer"}, "bool": {"type": "boolean"}}
+
+
+def _feature_schema(schema: m.Schema, feature: m.Feature) -> dict:
+    if feature.is_category:
+        return {"enum": list(schema.vocab(feature.vocab).item_names)}
+    return dict(_JSON_TYPES[feature.type])
+
+
+def _object_schema(schema: m.Schema, group: m.Group) -> dict:
+    return {
+        "type": "object",
+        "properties": {f.name: _feature_schema(schema, f) for f in group.features},
+        "required": [f.name for f in group.features],
+        "additionalProperties": False,
+    }
+
+
+def record_schema(schema: m.Schema) -> dict:
+    """The JSON Schema of one observation under `schema`."""
+    properties = {}
+    for group in schema.groups:
+        obj = _object_schema(schema, group)
+        if group.is_entity_set:
+            properties[group.name] = {"type": "array", "maxItems": group.entities, "items": obj}
+        else:
+            properties[group.name] = obj
+    return {
+        "$schema": DRAFT,
+        "title": f"observation of schema {schema.name}",
+        "type": "object",
+        "properties": properties,
+        "required": [g.name for g in schema.groups],
+        "additionalProperties": False,
+    }
+
+
+def _json_path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(record)"
+
+
+_VALIDATORS: dict = {}
+
+
+def validate_record(schema: m.Schema, record: Any, where: str = "record") -> None:
+    import jsonschema
+
+    validator = _VALIDATORS.get(schema)
+    if validator is None:
+        validator = _VALIDATORS[schema] = jsonschema.Draft202012Validator(record_schema(schema))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    if error is not None:
+        raise UserError(f"{where}: {_json_path(error.absolute_path)}: {error.message}")
+
+
+def featurise(schema: m.Schema, records: list, time: bool = False, validate: bool = True) -> dict:
+    """A batch of records (or, with `time`, of record sequences) -> input tensors."""
+    import torch
+
+    if time:
+        steps = {len(seq) if isinstance(seq, list) else -1 for seq in records}
+        if len(steps) != 1 or -1 in steps or 0 in steps:
+            raise UserError("records: a model with an lstm takes, per batch item, a list of observations of one length")
+        flat = [obs for seq in records for obs in seq]
+        lead = (len(records), steps.pop())
+    else:
+        flat, lead = list(records), (len(records),)
+    if validate:
+        for i, record in enumerate(flat):
+            validate_record(schema, record, where=f"record {i}")
+    out: dict[str, torch.Tensor] = {}
+    for group in schema.groups:
+        numeric = group.numeric_features
+        categories = group.category_features
+        index = {f.name: {item: k for k, item in enumerate(schema.vocab(f.vocab).item_names)} for f in categories}
+        if group.is_entity_set:
+            n = group.entities
+            values = torch.zeros(len(flat), n, len(numeric))
+            mask = torch.zeros(len(flat), n)
+            cats = {f.name: torch.zeros(len(flat), n, dtype=torch.long) for f in categories}
+            for b, record in enumerate(flat):
+                entities = record[group.name]
+                if entities:
+                    values[b, : len(entities)] = torch.tensor(
+                        [[float(e[f.name]) for f in numeric] for e in entities]).reshape(len(entities), len(numeric))
+                    mask[b, : len(entities)] = 1.0
+                    for f in categories:
+                        cats[f.name][b, : len(entities)] = torch.tensor([index[f.name][e[f.name]] for e in entities])
+            out[group.name] = values.reshape(*lead, n, len(numeric))
+            out[f"{group.name}#mask"] = mask.reshape(*lead, n)
+            for f in categories:
+                out[f"{group.name}.{f.name}"] = cats[f.name].reshape(*lead, n)
+        else:
+            values = torch.tensor([[float(r[group.name][f.name]) for f in numeric] for r in flat]).reshape(len(flat), len(numeric))
+            out[group.name] = values.reshape(*lead, len(numeric))
+            for f in categories:
+                ids = torch.tensor([index[f.name][r[group.name][f.name]] for r in flat], dtype=torch.long)
+                out[f"{group.name}.{f.name}"] = ids.reshape(*lead)
+    return out
+
+
+def random_record(schema: m.Schema, rng, entity_fill: float = 0.6) -> dict:
+    """A random observation of `schema` (values drawn from `rng`, a random.Random)."""
+    record: dict = {}
+    for group in schema.groups:
+        def one() -> dict:
+            obj = {}
+            for f in group.features:
+                if f.is_category:
+                    obj[f.name] = rng.choice(schema.vocab(f.vocab).item_names)
+                elif f.type == "float":
+                    obj[f.name] = rng.gauss(0.0, 1.0)
+                elif f.type == "int":
+                    obj[f.name] = rng.randint(-3, 3)
+                else:
+                    obj[f.name] = rng.random() < 0.5
+            return obj
+
+        if group.is_entity_set:
+            count = sum(rng.random() < entity_fill for _ in range(group.entities))
+            record[group.name] = [one() for _ in range(count)]
+        else:
+            record[group.name] = one()
+    return record

@@ -1,0 +1,623 @@
+"""The op registry: one definition per op, every rule it has side by side.
+
+Each op says, in one class:
+  * `infer`   its shape rule: input values and arguments -> output value and
+              parameter shapes (pure Python; raises OpError naming the argument);
+  * `init`    how its parameters start (seeded; also what "start fresh" means);
+  * `forward` its torch computation;
+  * `probe`   its gradient-map variant (positive values stay positive, zero
+              stays zero, so a non-zero gradient means an interaction);
+  * `shadow`  its boolean rule (paper, Tables 1 and 2): per output index the
+              input features it carries and a structural key, per parameter
+              axis the same, from which the interaction map Φ is read.
+
+Every rule is abstract on `Op`, so an op that forgets one fails at import.
+torch is imported inside the torch rules only: parsing, checking, mapping and
+planning run in a pre-commit hook that must not pay for `import torch`.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# ---------------------------------------------------------------------------
+# values, parameters and shadow axes
+
+
+@dataclass(frozen=True)
+class Value:
+    """The static type of an IR value.
+
+    A tensor has a last axis of `width` and, when it ranges over an entity set,
+    an entity axis before it. A category path is not a tensor: it carries
+    indices into `vocab` and is only read by `embed` and `onehot`.
+    """
+
+    width: int
+    entities: Optional[str] = None
+    vocab: Optional[str] = None  # set for a category path
+    label: str = ""  # how messages name it: "category hero.hero_id"
+
+    @property
+    def is_category(self) -> bool:
+        return self.vocab is not None
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        kind = f"entity set {self.entities}" if self.entities else "vector"
+        return f"{kind} of width {self.width}"
+
+
+OUT, IN = "out", "in"  # the role of a parameter axis: units this op makes, or indices it reads
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    roles: tuple[str, ...]  # one of OUT / IN per axis
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis seen index by index: a structural key and a feature bitset each."""
+
+    keys: tuple
+    sets: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def union(self) -> int:
+        total = 0
+        for s in set(self.sets):
+            total |= s
+        return total
+
+
+class OpError(Exception):
+    """A shape or argument error; `argument` is the index of the culprit."""
+
+    def __init__(self, message: str, argument: Optional[int] = None):
+        super().__init__(message)
+        self.message = message
+        self.argument = argument
+
+
+@dataclass
+class Node:
+    """One op application in the IR graph (see ir.py)."""
+
+    index: int
+    op: str
+    inputs: tuple[int, ...]
+    value: Value
+    attrs: dict[str, Any]
+    params: dict[str, ParamSpec]
+    scope: str  # parameter prefix, "hero_h.linear"; "" for ops without parameters
+    statement: str
+    span: Any = None
+    arg_spans: tuple = ()
+
+
+@dataclass
+class RunContext:
+    """What a forward pass needs beyond its inputs."""
+
+    masks: dict[str, Any] = field(default_factory=dict)  # entity set -> [B, (T), E] float mask
+    probe_variant: str = "gradient"  # gradient | gradient-random | gradient-positive
+
+
+def unit_keys(scope: str, n: int, tag: Optional[str] = None) -> tuple:
+    return tuple(("unit", scope, tag, i) for i in range(n))
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# ---------------------------------------------------------------------------
+# the op contract
+
+
+class Op(ABC):
+    name: str
+    n_tensors: Optional[int] = 1  # tensor arguments; None: one or more
+    n_ints: int = 0  # integer arguments after them (widths)
+    int_names: tuple[str, ...] = ()
+    keywords: dict[str, Any] = {}
+    takes_category: bool = False  # reads a category path instead of a tensor
+
+    @abstractmethod
+    def infer(self, inputs: list[Value], ints: list[int], kw: dict[str, Any]) -> tuple[Value, dict[str, ParamSpec]]:
+        ...
+
+    @abstractmethod
+    def init(self, node: Node, name: str, tensor, generator) -> None:
+        ...
+
+    @abstractmethod
+    def forward(self, node: Node, params: dict, xs: list, ctx: RunContext):
+        ...
+
+    @abstractmethod
+    def probe(self, node: Node, params: dict, xs: list, ctx: RunContext):
+        ...
+
+    @abstractmethod
+    def shadow(self, node: Node, xs: list[Axis]) -> tuple[Axis, dict[str, tuple[Axis, ...]]]:
+        ...
+
+
+def _tensor_input(op: str, value: Value, argument: int = 0, allow_entities: bool = True) -> None:
+    if value.is_category:
+        raise OpError(f"{op} needs a numeric input, got {value.describe()}", argument)
+    if not allow_entities and value.entities:
+        raise OpError(f"{op} needs a plain vector, got {value.describe()} (pool it first)", argument)
+
+
+def _positive_width(op: str, what: str, n: int, argument: int) -> None:
+    if n <= 0:
+        raise OpError(f"{op} {what} must be a positive whole number, got {n}", argument)
+
+
+def _gated_bias(z, bias):
+    """Probe bias: it only counts where an input reached the unit (Table 2, x + w)."""
+    return z + bias * (z != 0).to(z.dtype)
+
+
+def _no_params(node: Node, name: str, tensor, generator) -> None:
+    raise AssertionError(f"{node.op} has no parameters")
+
+
+# ---------------------------------------------------------------------------
+# inputs: reading the featurised observation
+
+
+class GroupInput(Op):
+    """`obs.group`: the group's numeric features, in schema order."""
+
+    name = "group"
+    n_tensors = 0
+
+    def infer(self, inputs, ints, kw):
+        raise AssertionError("inputs are typed by the IR builder")
+
+    init = _no_params
+
+    def forward(self, node, params, xs, ctx):
+        return xs[0]
+
+    probe = forward
+
+    def shadow(self, node, xs):
+        keys = tuple(("feature", name) for name in node.attrs["features"])
+        return Axis(keys, tuple(node.attrs["bits"])), {}
+
+
+class FeatureInput(GroupInput):
+    """`obs.group.feature` for a numeric feature: a vector of width 1."""
+
+    name = "feature"
+
+    def forward(self, node, params, xs, ctx):
+        i = node.attrs["column"]
+        return xs[0][..., i : i + 1]
+
+    probe = forward
+
+
+class CategoryInput(GroupInput):
+    """`obs.group.feature` for a category: indices (torch) or one-hot rows (probe)."""
+
+    name = "category"
+
+    def forward(self, node, params, xs, ctx):
+        return xs[0]
+
+    probe = forward
+
+
+# ---------------------------------------------------------------------------
+# parameterised ops
+
+
+class Linear(Op):
+    name = "linear"
+    n_ints = 1
+    int_names = ("units",)
+    keywords = {"bias": True}
+
+    def infer(self, inputs, ints, kw):
+        (x,), (units,) = inputs, ints
+        _tensor_input("linear", x)
+        _positive_width("linear", "units", units, 1)
+        params = {"weight": ParamSpec((units, x.width), (OUT, IN))}
+        if kw["bias"]:
+            params["bias"] = ParamSpec((units,), (OUT,))
+        return Value(units, x.entities), params
+
+    def init(self, node, name, tensor, generator):
+        # nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+        fan_in = node.params["weight"].shape[1]
+        bound = 1.0 / math.sqrt(fan_in) if fan_in else 0.0
+        tensor.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, node, params, xs, ctx):
+        return _torch().nn.functional.linear(xs[0], params["weight"], params.get("bias"))
+
+    def probe(self, node, params, xs, ctx):
+        z = xs[0] @ params["weight"].T
+        return _gated_bias(z, params["bias"]) if "bias" in params else z
+
+    def shadow(self, node, xs):
+        (x,) = xs
+        units = node.params["weight"].shape[0]
+        seen = x.union()  # every unit mixes every input (w ⊙ x, then a sum)
+        out = Axis(unit_keys(node.scope, units), (seen,) * units)
+        params = {"weight": (Axis(out.keys, (0,) * units), x)}
+        if "bias" in node.params:
+            params["bias"] = (Axis(out.keys, (seen,) * units),)
+        return out, params
+
+
+class Embed(Op):
+    name = "embed"
+    n_ints = 1
+    int_names = ("dim",)
+    takes_category = True
+
+    def infer(self, inputs, ints, kw):
+        (x,), (dim,) = inputs, ints
+        if not x.is_category:
+            raise OpError(f"embed needs a category feature, got {x.describe()}", 0)
+        _positive_width("embed", "dim", dim, 1)
+        return Value(dim, x.entities), {"weight": ParamSpec((x.width, dim), (IN, OUT))}
+
+    def init(self, node, name, tensor, generator):
+        tensor.normal_(0.0, 1.0, generator=generator)  # nn.Embedding's default
+
+    def forward(self, node, params, xs, ctx):
+        return _torch().nn.functional.embedding(xs[0], params["weight"])
+
+    def probe(self, node, params, xs, ctx):
+        return xs[0] @ params["weight"]  # one-hot rows: all zero means "no item"
+
+    def shadow(self, node, xs):
+        (items,) = xs
+        dim = node.params["weight"].shape[1]
+        out = Axis(unit_keys(node.scope, dim), (items.union(),) * dim)
+        return out, {"weight": (items, Axis(out.keys, (0,) * dim))}
+
+
+class LayerNorm(Op):
+    name = "layernorm"
+
+    def infer(self, inputs, ints, kw):
+        (x,) = inputs
+        _tensor_input("layernorm", x)
+        n = x.width
+        return Value(n, x.entities), {"weight": ParamSpec((n,), (OUT,)), "bias": ParamSpec((n,), (OUT,))}
+
+    def init(self, node, name, tensor, generator):
+        tensor.fill_(1.0 if name == "weight" else 0.0)
+
+    def forward(self, node, params, xs, ctx):
+        n = node.value.width
+        return _torch().nn.functional.layer_norm(xs[0], (n,), params["weight"], params["bias"])
+
+    def probe(self, node, params, xs, ctx):
+        # Every output reads every input (the mean); x + mean(x) keeps that and
+        # stays positive, where (x - mean) / std would not.
+        x = xs[0]
+        z = (x + x.mean(dim=-1, keepdim=True)) * params["weight"]
+        return _gated_bias(z, params["bias"])
+
+    def shadow(self, node, xs):
+        (x,) = xs
+        n = len(x)
+        seen = x.union()  # mean and variance mix the whole axis (x ⊙ x)
+        out = Axis(x.keys, (seen,) * n)
+        return out, {"weight": (Axis(x.keys, (seen,) * n),), "bias": (Axis(x.keys, (seen,) * n),)}
+
+
+LSTM_GATES = ("i", "f", "g", "o")  # PyTorch's order of the four row blocks
+
+
+class LSTM(Op):
+    name = "lstm"
+    n_ints = 1
+    int_names = ("units",)
+
+    def infer(self, inputs, ints, kw):
+        (x,), (units,) = inputs, ints
+        _tensor_input("lstm", x, allow_entities=False)
+        _positive_width("lstm", "units", units, 1)
+        rows = 4 * units
+        return Value(units), {
+            "weight_ih": ParamSpec((rows, x.width), (OUT, IN)),
+            "weight_hh": ParamSpec((rows, units), (OUT, IN)),
+            "bias_ih": ParamSpec((rows,), (OUT,)),
+            "bias_hh": ParamSpec((rows,), (OUT,)),
+        }
+
+    def init(self, node, name, tensor, generator):
+        units = node.value.width
+        bound = 1.0 / math.sqrt(units)  # nn.LSTM's default
+        tensor.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, node, params, xs, ctx):
+        torch = _torch()
+        x = xs[0]
+        batch, units = x.shape[0], node.value.width
+        zeros = x.new_zeros(1, batch, units)
+        weights = [params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]]
+        out, _, _ = torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, False, False, True)
+        return out
+
+    def probe(self, node, params, xs, ctx):
+        # The same cell written out, with zero-preserving gates: sigmoid(z) - 1/2.
+        torch = _torch()
+        x = xs[0]
+        units = node.value.width
+        h = x.new_zeros(x.shape[0], units)
+        c = x.new_zeros(x.shape[0], units)
+        bias = params["bias_ih"] + params["bias_hh"]
+        outputs = []
+        for t in range(x.shape[1]):
+            z = x[:, t] @ params["weight_ih"].T + h @ params["weight_hh"].T
+            z = _gated_bias(z, bias)
+            i, f, g, o = z.chunk(4, dim=-1)
+            i, f, o = (torch.sigmoid(v) - 0.5 for v in (i, f, o))
+            c = f * c + i * torch.tanh(g)
+            h = o * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+    def shadow(self, node, xs):
+        (x,) = xs
+        units = node.value.width
+        seen_x = x.union()
+        # Run the cell on sets until the hidden state stops changing; weight_hh
+        # meets the hidden state from the second step on.
+        h = [0] * units
+        c = [0] * units
+        hh_seen = [0] * units
+        while True:
+            z = seen_x
+            for s in set(h):
+                z |= s
+            c_next = [z | c[k] for k in range(units)]  # f*c + i*g: every gate mixes all of z
+            h_next = [z | c_next[k] for k in range(units)]  # o * tanh(c)
+            hh_seen = [hh_seen[k] | h[k] for k in range(units)]
+            if h_next == h and c_next == c:
+                break
+            h, c = h_next, c_next
+        z_all = seen_x
+        for s in set(h):
+            z_all |= s
+        rows = tuple(("unit", node.scope, gate, k) for gate in LSTM_GATES for k in range(units))
+        hidden_keys = unit_keys(node.scope, units)
+        empty_rows = Axis(rows, (0,) * len(rows))
+        bias_rows = Axis(rows, (z_all,) * len(rows))
+        params = {
+            "weight_ih": (empty_rows, x),
+            "weight_hh": (empty_rows, Axis(hidden_keys, tuple(hh_seen))),
+            "bias_ih": (bias_rows,),
+            "bias_hh": (bias_rows,),
+        }
+        return Axis(hidden_keys, tuple(h)), params
+
+
+# ---------------------------------------------------------------------------
+# ops without parameters
+
+
+class OneHot(Op):
+    name = "onehot"
+    takes_category = True
+
+    def infer(self, inputs, ints, kw):
+        (x,) = inputs
+        if not x.is_category:
+            raise OpError(f"onehot needs a category feature, got {x.describe()}", 0)
+        return Value(x.width, x.entities), {}
+
+    init = _no_params
+
+    def forward(self, node, params, xs, ctx):
+        torch = _torch()
+        return torch.nn.functional.one_hot(xs[0], node.value.width).to(torch.get_default_dtype())
+
+    def probe(self, node, params, xs, ctx):
+        return xs[0]
+
+    def shadow(self, node, xs):
+        return xs[0], {}
+
+
+class Concat(Op):
+    name = "concat"
+    n_tensors = None
+
+    def infer(self, inputs, ints, kw):
+        for i, x in enumerate(inputs):
+            _tensor_input("concat", x, i)
+        sets = {x.entities for x in inputs}
+        if len(sets) > 1:
+            culprit = next(i for i, x in enumerate(inputs) if x.entities != inputs[0].entities)
+            a, b = inputs[0], inputs[culprit]
+            raise OpError(
+                f"concat cannot join {a.describe()} with {b.describe()}: pool the entity set first"
+                if None in sets
+                else f"concat cannot join entity sets {a.entities} and {b.entities}",
+                culprit,
+            )
+        return Value(sum(x.width for x in inputs), inputs[0].entities), {}
+
+    init = _no_params
+
+    def forward(self, node, params, xs, ctx):
+        return _torch().cat(xs, dim=-1)
+
+    probe = forward
+
+    def shadow(self, node, xs):
+        return Axis(sum((x.keys for x in xs), ()), sum((x.sets for x in xs), ())), {}
+
+
+class Elementwise(Op):
+    """relu, tanh, sigmoid, gelu: each index keeps its own features."""
+
+    torch_name: str
+
+    def infer(self, inputs, ints, kw):
+        (x,) = inputs
+        _tensor_input(self.name, x)
+        return x, {}
+
+    init = _no_params
+
+    def forward(self, node, params, xs, ctx):
+        return getattr(_torch(), self.torch_name)(xs[0]) if self.torch_name != "gelu" else _torch().nn.functional.gelu(xs[0])
+
+    def probe(self, node, params, xs, ctx):
+        return self.forward(node, params, xs, ctx)
+
+    def shadow(self, node, xs):
+        return xs[0], {}
+
+
+class Relu(Elementwise):
+    name, torch_name = "relu", "relu"
+
+
+class Tanh(Elementwise):
+    name, torch_name = "tanh", "tanh"
+
+
+class Gelu(Elementwise):
+    name, torch_name = "gelu", "gelu"
+
+
+class Sigmoid(Elementwise):
+    name, torch_name = "sigmoid", "sigmoid"
+
+    def probe(self, node, params, xs, ctx):
+        return _torch().sigmoid(xs[0]) - 0.5  # sigmoid(0) = 1/2 would invent a value from nothing
+
+
+class Binary(Op):
+    """add and mul: index i of the output reads index i of both (x ⊙ x: union)."""
+
+    n_tensors = 2
+
+    def infer(self, inputs, ints, kw):
+        a, b = inputs
+        _tensor_input(self.name, a, 0)
+        _tensor_input(self.name, b, 1)
+        if a.width != b.width:
+            raise OpError(f"{self.name} needs inputs of one width, got {a.width} and {b.width}", 1)
+        if a.entities != b.entities:
+            raise OpError(f"{self.name} cannot combine {a.describe()} with {b.describe()}", 1)
+        return a, {}
+
+    init = _no_params
+
+    def shadow(self, node, xs):
+        a, b = xs
+        keys = tuple((self.name, ka, kb) for ka, kb in zip(a.keys, b.keys))
+        return Axis(keys, tuple(sa | sb for sa, sb in zip(a.sets, b.sets))), {}
+
+
+class Add(Binary):
+    name = "add"
+
+    def forward(self, node, params, xs, ctx):
+        return xs[0] + xs[1]
+
+    probe = forward
+
+
+class Mul(Binary):
+    name = "mul"
+
+    def forward(self, node, params, xs, ctx):
+        return xs[0] * xs[1]
+
+    def probe(self, node, params, xs, ctx):
+        # The boolean rule is the union (Table 1, x_i ⊙ x_j). A plain product is
+        # zero when only one factor is on, so the gradient would miss features
+        # of the other (the paper's footnote 5); (1 + a)(1 + b) - 1 is positive
+        # when either factor is, which is exactly the union.
+        a, b = xs
+        return a + b + a * b
+
+
+class Pool(Op):
+    """maxpool, avgpool, sumpool: reduce the entity axis, padding masked out."""
+
+    def infer(self, inputs, ints, kw):
+        (x,) = inputs
+        _tensor_input(self.name, x)
+        if not x.entities:
+            raise OpError(f"{self.name} needs an entity set, got {x.describe()}", 0)
+        return Value(x.width), {}
+
+    init = _no_params
+
+    def shadow(self, node, xs):
+        return xs[0], {}  # entities are not told apart: a pool keeps each index's set
+
+    def _mask(self, node, x, ctx):
+        return ctx.masks[node.attrs["entities"]].unsqueeze(-1).to(x.dtype)
+
+    def probe(self, node, params, xs, ctx):
+        if ctx.probe_variant == "gradient":  # the paper's fix: max -> avg
+            return AVGPOOL.forward(node, params, xs, ctx)
+        return self.forward(node, params, xs, ctx)
+
+
+class SumPool(Pool):
+    name = "sumpool"
+
+    def forward(self, node, params, xs, ctx):
+        return (xs[0] * self._mask(node, xs[0], ctx)).sum(dim=-2)
+
+
+class AvgPool(Pool):
+    name = "avgpool"
+
+    def forward(self, node, params, xs, ctx):
+        mask = self._mask(node, xs[0], ctx)
+        return (xs[0] * mask).sum(dim=-2) / mask.sum(dim=-2).clamp(min=1.0)
+
+
+class MaxPool(Pool):
+    name = "maxpool"
+
+    def forward(self, node, params, xs, ctx):
+        x, mask = xs[0], self._mask(node, xs[0], ctx)
+        pooled = x.masked_fill(mask == 0, float("-inf")).amax(dim=-2)
+        # An observation with no entities at all pools to zero, not -inf.
+        return pooled.masked_fill(mask.sum(dim=-2) == 0, 0.0)
+
+
+AVGPOOL = AvgPool()
+
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        GroupInput(), FeatureInput(), CategoryInput(),
+        Linear(), Embed(), OneHot(), Concat(), LayerNorm(), LSTM(),
+        Relu(), Tanh(), Sigmoid(), Gelu(), Add(), Mul(),
+        MaxPool(), AVGPOOL, SumPool(),
+    )
+}
+
+INPUT_OPS = ("group", "feature", "category")
+LANGUAGE_OPS = tuple(name for name in OPS if name not in INPUT_OPS)

@@ -1,0 +1,127 @@
+"""Reading spec files: `use` resolution, checks, and the models they define.
+
+A `Reader` turns a path into text, so the same loader reads the working tree
+and a git revision (where `use` resolves at that same revision).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from ..errors import SOURCES, Diagnostic, SpecError, UserError
+from . import model as m
+from .check import check_model_names, check_schema
+from .parse import parse_text
+
+Reader = Callable[[str], str]
+
+
+def read_disk(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: error: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: error: is a folder, not a .spec file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: error: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"{path}: error: cannot read ({e.strerror})") from None
+
+
+@dataclass
+class Loaded:
+    """Every schema and model visible from the files that were loaded."""
+
+    files: dict[str, m.SpecFile] = field(default_factory=dict)
+    schemas: dict[str, m.Schema] = field(default_factory=dict)
+    models: dict[str, m.ModelSpec] = field(default_factory=dict)
+    model_files: dict[str, str] = field(default_factory=dict)  # model -> the file that defines it
+
+    def model(self, name: Optional[str] = None) -> m.ModelSpec:
+        if name is None:
+            if len(self.models) != 1:
+                names = ", ".join(self.models) or "none"
+                raise UserError(f"error: choose a model with --model (models: {names})")
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise UserError(f"error: no model {name!r} (models: {', '.join(self.models) or 'none'})")
+        return self.models[name]
+
+
+def load(paths: list[str], reader: Reader = read_disk) -> Loaded:
+    """Parse and check `paths` and what they `use`; raise SpecError with every error."""
+    loaded = Loaded()
+    diagnostics: list[Diagnostic] = []
+    own: dict[str, tuple[list[m.Schema], list[m.Model]]] = {}
+
+    def visit(path: str, stack: tuple[str, ...], use_span: Optional[m.Span]) -> None:
+        key = os.path.normpath(path)
+        if key in stack:
+            cycle = " -> ".join(list(stack[stack.index(key):]) + [key])
+            diagnostics.append(Diagnostic(f"cyclic use: {cycle}", use_span))
+            return
+        if key in loaded.files:
+            return
+        try:
+            text = reader(path)
+        except UserError as e:
+            if use_span is None:
+                raise
+            diagnostics.append(Diagnostic(f"cannot use {path!r}: {str(e).split('error: ', 1)[-1]}", use_span))
+            return
+        SOURCES[path] = text
+        spec_file = parse_text(text, path)  # a syntax error stops here, as it should
+        loaded.files[key] = spec_file
+        for use in spec_file.uses:
+            visit(os.path.join(os.path.dirname(path), use.path), stack + (key,), use.span)
+        own[key] = (list(spec_file.schemas), list(spec_file.models))
+
+    for path in paths:
+        visit(path, (), None)
+
+    schema_where: dict[str, m.Schema] = {}
+    for key, (schemas, models) in own.items():
+        for schema in schemas:
+            if schema.name in schema_where:
+                first = schema_where[schema.name].span
+                diagnostics.append(Diagnostic(f"schema {schema.name!r} is defined twice (first at {first})", schema.span))
+                continue
+            schema_where[schema.name] = schema
+            diagnostics.extend(check_schema(schema))
+    model_where: dict[str, m.Model] = {}
+    for key, (schemas, models) in own.items():
+        for model in models:
+            if model.name in model_where:
+                first = model_where[model.name].span
+                diagnostics.append(Diagnostic(f"model {model.name!r} is defined twice (first at {first})", model.span))
+                continue
+            model_where[model.name] = model
+            diagnostics.extend(check_model_names(model))
+            schema = schema_where.get(model.schema_name)
+            if schema is None:
+                known = ", ".join(schema_where) or "none"
+                diagnostics.append(Diagnostic(f"model {model.name} reads unknown schema {model.schema_name!r} (schemas: {known})", model.schema_span))
+                continue
+            loaded.models[model.name] = m.ModelSpec(schema=schema, model=model)
+            loaded.model_files[model.name] = key
+    loaded.schemas = schema_where
+    if diagnostics:
+        raise SpecError(diagnostics)
+    # Shapes and names inside models: every model is typed, all errors reported.
+    from ..ir import build_graph
+
+    for name, spec in loaded.models.items():
+        try:
+            build_graph(spec)
+        except SpecError as e:
+            diagnostics.extend(e.diagnostics)
+    if diagnostics:
+        raise SpecError(diagnostics)
+    return loaded
+
+
+def load_text(text: str, path: str = "<string>") -> Loaded:
+    return load([path], reader=lambda p: text if p == path else read_disk(p))

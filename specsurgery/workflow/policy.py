@@ -1,0 +1,79 @@
+"""The project's policy: `[tool.specsurgery]` in pyproject.toml.
+
+    [tool.specsurgery]
+    specs = "specs"          # spec folder
+    models = "models"        # checkpoint folder
+    min_transfer = 0.9       # share of old parameters a change must carry over
+    allow_lossy = false      # allow changes that do not preserve the function
+    verify_states = 1000     # random states build verifies surgery on
+    tolerance = 1e-5         # largest allowed output difference when preserved
+
+Command-line flags override it.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from typing import Optional
+
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Policy:
+    specs: str = "specs"
+    models: str = "models"
+    min_transfer: float = 0.0
+    allow_lossy: bool = False
+    verify_states: int = 1000
+    tolerance: float = 1e-5
+    root: str = "."  # the folder of the pyproject.toml it came from
+
+    def override(self, **flags) -> "Policy":
+        return replace(self, **{k: v for k, v in flags.items() if v is not None})
+
+    def path(self, relative: str) -> str:
+        return relative if os.path.isabs(relative) else os.path.normpath(os.path.join(self.root, relative))
+
+
+_TYPES = {"specs": str, "models": str, "min_transfer": (int, float), "allow_lossy": bool,
+          "verify_states": int, "tolerance": (int, float)}
+
+
+def find_pyproject(start: str = ".") -> Optional[str]:
+    folder = os.path.abspath(start)
+    while True:
+        candidate = os.path.join(folder, "pyproject.toml")
+        if os.path.isfile(candidate):
+            return candidate
+        if os.path.isdir(os.path.join(folder, ".git")) or os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+
+
+def load_policy(start: str = ".") -> Policy:
+    path = find_pyproject(start)
+    if path is None:
+        return Policy(root=os.path.abspath(start))
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: error: not valid TOML ({e})") from None
+    section = data.get("tool", {}).get("specsurgery", {})
+    root = os.path.dirname(path)
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: error: [tool.specsurgery] must be a table")
+    known = {f.name for f in fields(Policy)} - {"root"}
+    values = {}
+    for key, value in section.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise UserError(f"{path}: error: [tool.specsurgery] has unknown key {key!r} (keys: {', '.join(sorted(known))})")
+        if not isinstance(value, _TYPES[name]) or (isinstance(value, bool) and _TYPES[name] is not bool):
+            raise UserError(f"{path}: error: [tool.specsurgery] {key} has the wrong type ({type(value).__name__})")
+        values[name] = value
+    if not 0.0 <= float(values.get("min_transfer", 0.0)) <= 1.0:
+        raise UserError(f"{path}: error: [tool.specsurgery] min_transfer must be between 0 and 1")
+    return Policy(root=root, **values)
