@@ -1,0 +1,226 @@
+"""The boolean shadow back end: the IR walked with feature sets, giving Φ.
+
+Each value is an `Axis`: per index of its last axis, a structural key and the
+set of input features (a Python int used as a bitset, the paper's bitfield)
+that reach it. Each op's `shadow` rule (ops.py) says what its output carries
+and what every axis of each of its parameters meets. A parameter element
+meets the union of the sets of its indices along each axis (a linear weight
+[j, i] meets what input i carries), so Φ is kept per axis index, never as a
+parameters x features matrix. No torch here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from ..ir import FeatureTable, Graph, walk
+from ..ops import OPS, Axis
+
+
+@dataclass(frozen=True)
+class ParamMap:
+    """Φ of one parameter: per axis, the key and feature set of each index."""
+
+    name: str
+    shape: tuple[int, ...]
+    roles: tuple[str, ...]
+    axes: tuple[Axis, ...]
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def hits(self, bits: int) -> list[np.ndarray]:
+        """Per axis, which indices carry any of the features in `bits`."""
+        return [np.fromiter(((s & bits) != 0 for s in axis.sets), dtype=bool, count=len(axis)) for axis in self.axes]
+
+    def touched(self, bits: int) -> int:
+        """How many elements meet any feature of `bits`."""
+        untouched = 1
+        for hit, n in zip(self.hits(bits), self.shape):
+            untouched *= n - int(hit.sum())
+        return self.size - untouched
+
+    def mask(self, bits: int) -> np.ndarray:
+        """Element-level: which elements meet a feature of `bits` (materialised)."""
+        out = np.zeros(self.shape, dtype=bool)
+        for k, hit in enumerate(self.hits(bits)):
+            view = [1] * len(self.shape)
+            view[k] = self.shape[k]
+            out |= hit.reshape(view)
+        return out
+
+    def features_of(self, index: tuple[int, ...]) -> int:
+        bits = 0
+        for axis, i in zip(self.axes, index):
+            bits |= axis.sets[i]
+        return bits
+
+    def pair_count(self) -> int:
+        """Σ over elements of |features met| without visiting elements."""
+        groups = []
+        for axis in self.axes:
+            counts: dict[int, int] = {}
+            for s in axis.sets:
+                counts[s] = counts.get(s, 0) + 1
+            groups.append(counts)
+        combos: dict[int, int] = {0: 1}
+        for counts in groups:
+            nxt: dict[int, int] = {}
+            for s0, c0 in combos.items():
+                for s1, c1 in counts.items():
+                    u = s0 | s1
+                    nxt[u] = nxt.get(u, 0) + c0 * c1
+            combos = nxt
+        return sum(bin(s).count("1") * c for s, c in combos.items())
+
+
+@dataclass
+class InteractionMap:
+    """Φ: for every scalar parameter, the input features it interacts with."""
+
+    graph: Graph
+    params: dict[str, ParamMap]
+    values: dict[int, Axis]  # node -> its last axis, keys and sets
+
+    @property
+    def features(self) -> FeatureTable:
+        return self.graph.features
+
+    def bits_of(self, names: list[str]) -> int:
+        index = self.features.index
+        bits = 0
+        for name in names:
+            bits |= 1 << index[name]
+        return bits
+
+    def elements_of(self, feature: str) -> dict[str, int]:
+        """Parameter -> number of its elements that `feature` touches (non-zero only)."""
+        bits = self.bits_of([feature])
+        out = {}
+        for name, p in self.params.items():
+            n = p.touched(bits)
+            if n:
+                out[name] = n
+        return out
+
+    def features_of(self, param: str, index: tuple[int, ...]) -> list[str]:
+        return self.features.names_of(self.params[param].features_of(index))
+
+    def pair_count(self) -> int:
+        return sum(p.pair_count() for p in self.params.values())
+
+    def distinct_sets(self) -> int:
+        seen = set()
+        for p in self.params.values():
+            for axis in p.axes:
+                seen.update(axis.sets)
+        return len(seen)
+
+
+def shadow_map(graph: Graph) -> InteractionMap:
+    params: dict[str, ParamMap] = {}
+
+    def visit(node, xs):
+        out, param_axes = OPS[node.op].shadow(node, xs)
+        for local, axes in param_axes.items():
+            spec = node.params[local]
+            assert tuple(len(a) for a in axes) == spec.shape, (node.scope, local)
+            params[f"{node.scope}.{local}"] = ParamMap(f"{node.scope}.{local}", spec.shape, spec.roles, axes)
+        return out
+
+    values = walk(graph, visit)
+    ordered = {name: params[name] for name in graph.parameters()}
+    return InteractionMap(graph, ordered, values)
+
+
+# ---------------------------------------------------------------------------
+# reading Φ the way a person thinks: per feature group, parameter slices
+
+
+def _runs(hit: np.ndarray) -> list[tuple[int, int]]:
+    idx = np.flatnonzero(hit)
+    if idx.size == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1)
+    starts = np.concatenate(([idx[0]], idx[breaks + 1]))
+    ends = np.concatenate((idx[breaks], [idx[-1]])) + 1
+    return list(zip(starts.tolist(), ends.tolist()))
+
+
+def slices(name: str, shape: tuple[int, ...], hits: list[np.ndarray]) -> list[str]:
+    """`hero_h.linear.weight[:, 0:5]`-style text for the elements the axis hits select."""
+    if any(hit.all() for hit in hits):
+        return [name]  # one axis fully hit: every element is touched
+    out = []
+    for k, hit in enumerate(hits):
+        for a, b in _runs(hit):
+            parts = [":"] * len(shape)
+            parts[k] = f"{a}:{b}" if b - a > 1 else str(a)
+            out.append(f"{name}[{', '.join(parts)}]")
+    return out
+
+
+def group_rows(phi: InteractionMap, per_feature: bool = False) -> list[dict]:
+    """One row per feature group (or feature): what it touches, parameter by parameter."""
+    schema = phi.graph.schema
+    names = phi.features.names
+    rows = []
+    for group in schema.groups:
+        members = [n for n in names if n.split("=")[0].split(".")[0] == group.name]
+        units = [[n] for n in members] if per_feature else [members]
+        for unit in units:
+            bits = phi.bits_of(unit)
+            touched, elements = [], 0
+            for pname, p in phi.params.items():
+                hits = p.hits(bits)
+                n = p.touched(bits)
+                if n:
+                    elements += n
+                    touched.extend(slices(pname, p.shape, hits))
+            rows.append({"features": unit[0] if per_feature else group.name, "count": len(unit),
+                         "elements": elements, "slices": touched})
+    return rows
+
+
+def plot_bins(phi: InteractionMap, width: int = 1200) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """A features x bins picture of Φ: each parameter gets columns in proportion
+    to its size (at least 2), each column the rows of the parameter it covers."""
+    total = sum(p.size for p in phi.params.values()) or 1
+    columns: list[int] = []
+    spans = []
+    for name, p in phi.params.items():
+        n = max(2, round(width * p.size / total))
+        rows = p.shape[0]
+        n = min(n, rows) if rows else 1
+        edges = np.linspace(0, rows, n + 1).round().astype(int)
+        rest = 0
+        for axis in p.axes[1:]:
+            rest |= axis.union()
+        start = len(columns)
+        for a, b in zip(edges[:-1], edges[1:]):
+            bits = rest
+            for s in set(p.axes[0].sets[a:b]):
+                bits |= s
+            columns.append(bits)
+        spans.append((name, start, len(columns)))
+    picture = np.zeros((len(phi.features), len(columns)), dtype=bool)
+    for c, bits in enumerate(columns):
+        f = 0
+        while bits:
+            if bits & 1:
+                picture[f, c] = True
+            bits >>= 1
+            f += 1
+    return picture, spans
+
+
+def iter_feature_masks(phi: InteractionMap, param: str) -> Iterator[tuple[int, np.ndarray]]:
+    p = phi.params[param]
+    for f in range(len(phi.features)):
+        yield f, p.mask(1 << f)
