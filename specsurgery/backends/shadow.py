@@ -189,34 +189,41 @@ def group_rows(phi: InteractionMap, per_feature: bool = False) -> list[dict]:
 
 
 def plot_bins(phi: InteractionMap, width: int = 1200) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
-    """A features x bins picture of Φ: each parameter gets columns in proportion
-    to its size (at least 2), each column the rows of the parameter it covers."""
-    total = sum(p.size for p in phi.params.values()) or 1
+    """A features x columns picture of Φ (the paper's Figure 2).
+
+    Each parameter gets columns along its most telling axis (the one whose
+    indices carry the most distinct feature sets: a weight's input axis, an
+    embedding's items), in proportion to the log of its size so small ones
+    stay visible; a pixel is lit when some element of that column meets the
+    feature.
+    """
+    weights = {name: 1.0 + np.log10(max(p.size, 1)) for name, p in phi.params.items()}
+    scale = width / (sum(weights.values()) or 1.0)
     columns: list[int] = []
     spans = []
     for name, p in phi.params.items():
-        n = max(2, round(width * p.size / total))
-        rows = p.shape[0]
-        n = min(n, rows) if rows else 1
-        edges = np.linspace(0, rows, n + 1).round().astype(int)
+        axis = max(range(len(p.axes)), key=lambda k: len(set(p.axes[k].sets)))
+        n = max(1, min(p.shape[axis], round(weights[name] * scale)))
+        if len(set(p.axes[axis].sets)) == 1:
+            n = min(n, 8)  # a uniform parameter needs no more than a strip
         rest = 0
-        for axis in p.axes[1:]:
-            rest |= axis.union()
+        for k, other in enumerate(p.axes):
+            if k != axis:
+                rest |= other.union()
+        sets = p.axes[axis].sets
+        edges = np.linspace(0, len(sets), n + 1).round().astype(int)
         start = len(columns)
         for a, b in zip(edges[:-1], edges[1:]):
             bits = rest
-            for s in set(p.axes[0].sets[a:b]):
+            for s in set(sets[a:b]):
                 bits |= s
             columns.append(bits)
         spans.append((name, start, len(columns)))
     picture = np.zeros((len(phi.features), len(columns)), dtype=bool)
     for c, bits in enumerate(columns):
-        f = 0
-        while bits:
-            if bits & 1:
+        for f in range(bits.bit_length()):
+            if bits >> f & 1:
                 picture[f, c] = True
-            bits >>= 1
-            f += 1
     return picture, spans
 
 
