@@ -114,6 +114,23 @@ def unit_keys(scope: str, n: int, tag: Optional[str] = None) -> tuple:
     return tuple(("unit", scope, tag, i) for i in range(n))
 
 
+# Keys of values made by element-wise ops record the op: ("relu", key). Matching
+# looks through these wrappers (`base_key`); the function check does not.
+WRAPPERS = frozenset({"relu", "tanh", "sigmoid", "gelu", "maxpool", "avgpool", "sumpool", "norm"})
+
+
+def wrap_keys(op: str, axis: "Axis") -> "Axis":
+    return Axis(tuple((op, k) for k in axis.keys), axis.sets)
+
+
+def base_key(key: tuple) -> tuple:
+    while key[0] in WRAPPERS:
+        key = key[-1]
+    if key[0] in ("add", "mul"):
+        return (key[0], base_key(key[1]), base_key(key[2]))
+    return key
+
+
 def _torch():
     import torch
 
@@ -321,7 +338,7 @@ class LayerNorm(Op):
         (x,) = xs
         n = len(x)
         seen = x.union()  # mean and variance mix the whole axis (x ⊙ x)
-        out = Axis(x.keys, (seen,) * n)
+        out = Axis(tuple(("norm", node.scope, k) for k in x.keys), (seen,) * n)
         return out, {"weight": (Axis(x.keys, (seen,) * n),), "bias": (Axis(x.keys, (seen,) * n),)}
 
 
@@ -489,7 +506,7 @@ class Elementwise(Op):
         return self.forward(node, params, xs, ctx)
 
     def shadow(self, node, xs):
-        return xs[0], {}
+        return wrap_keys(self.name, xs[0]), {}
 
 
 class Relu(Elementwise):
@@ -571,7 +588,7 @@ class Pool(Op):
     init = _no_params
 
     def shadow(self, node, xs):
-        return xs[0], {}  # entities are not told apart: a pool keeps each index's set
+        return wrap_keys(self.name, xs[0]), {}  # entities are not told apart: each index keeps its set
 
     def _mask(self, node, x, ctx):
         return ctx.masks[node.attrs["entities"]].unsqueeze(-1).to(x.dtype)

@@ -1,0 +1,405 @@
+"""From two specs to a surgery plan: Φ_old and Φ_new, diffed index by index.
+
+1. Renames. A `was` in the new spec says what a feature, group, vocab item or
+   statement was called before; new keys are translated into old names.
+2. Matching. Each new parameter is matched to its old one by name; every
+   index of every axis by its key (an input feature, or a unit of the op that
+   made it, with its structural tag, through concat, pools and element-wise
+   ops), numbered by ordinal among equal keys.
+3. Fills. An element with an unmatched index on its output axis starts fresh;
+   one whose output side is old but some input index is new starts at zero;
+   all else is copied.
+4. Function check. A walk of the new graph marks each value index that no
+   longer computes what it did (a dropped input, a narrowed layer, a layernorm
+   over a changed axis, a new value joined by add or mul, a changed op on the
+   path); any old head index so marked makes the plan say the function is not
+   preserved, naming the spec lines to blame. Feature sets restricted to the
+   features both versions have must agree on every matched index (the proof
+   that a match means the same thing).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..backends.shadow import InteractionMap, shadow_map
+from ..errors import Diagnostic, SpecError
+from ..ir import Graph, build_graph, feature_name
+from ..ops import IN, OUT, base_key
+from ..spec import model as m
+from ..spec.canonical import canonical
+from .plan import AxisMap, DroppedParam, ParamPlan, Plan, Reason, Run, Summary
+
+
+# ---------------------------------------------------------------------------
+# 1. renames
+
+
+@dataclass
+class Renames:
+    features: dict[str, str] = field(default_factory=dict)  # new feature name -> old
+    scopes: dict[str, str] = field(default_factory=dict)  # new statement -> old
+
+    def feature(self, name: str) -> str:
+        return self.features.get(name, name)
+
+    def scope(self, scope: str) -> str:
+        stmt, _, rest = scope.partition(".")
+        old = self.scopes.get(stmt, stmt)
+        return f"{old}.{rest}" if rest else old
+
+    def key(self, key):
+        kind = key[0]
+        if kind == "feature":
+            return ("feature", self.feature(key[1]))
+        if kind == "unit":
+            return ("unit", self.scope(key[1]), key[2], key[3])
+        if kind == "norm":
+            return ("norm", self.scope(key[1]), self.key(key[2]))
+        if kind in ("add", "mul"):
+            return (kind, self.key(key[1]), self.key(key[2]))
+        return (kind, self.key(key[1]))
+
+
+def _rename_error(message: str, span) -> Diagnostic:
+    return Diagnostic(message, span, "`was` names what the thing was called in the previous version")
+
+
+def find_renames(old: m.ModelSpec, new: m.ModelSpec) -> Renames:
+    """Read the new spec's `was` against the old spec.
+
+    A `was` whose thing already has its new name in the old version is stale
+    (the rename happened before) and ignored; one that names nothing in the old
+    version is an error.
+    """
+    renames = Renames()
+    errors: list[Diagnostic] = []
+    os_, ns = old.schema, new.schema
+    for group in ns.groups:
+        old_group_name = group.name
+        if group.was and os_.group(group.name) is None:
+            if os_.group(group.was) is None:
+                errors.append(_rename_error(f"group {group.name} was {group.was!r}, but the old version has no group {group.was!r}", group.span))
+                continue
+            old_group_name = group.was
+        old_group = os_.group(old_group_name)
+        if old_group is None:
+            continue
+        for feature in group.features:
+            old_feature_name = feature.name
+            if feature.was and old_group.feature(feature.name) is None:
+                if old_group.feature(feature.was) is None:
+                    errors.append(_rename_error(f"feature {group.name}.{feature.name} was {feature.was!r}, but the old group "
+                                                f"{old_group.name} has no feature {feature.was!r}", feature.span))
+                    continue
+                old_feature_name = feature.was
+            old_feature = old_group.feature(old_feature_name)
+            if old_feature is None:
+                continue
+            if feature.is_category and old_feature.is_category:
+                new_vocab, old_vocab = ns.vocab(feature.vocab), os_.vocab(old_feature.vocab)
+                old_items = set(old_vocab.item_names)
+                for item in new_vocab.items:
+                    old_item = item.was if item.was and item.name not in old_items and item.was in old_items else item.name
+                    renames.features[feature_name(group, feature, item.name)] = feature_name(old_group, old_feature, old_item)
+            elif not feature.is_category and not old_feature.is_category:
+                renames.features[feature_name(group, feature)] = feature_name(old_group, old_feature)
+    for vocab in ns.vocabs:
+        old_vocab = os_.vocab(vocab.name)
+        old_items = set(old_vocab.item_names) if old_vocab else set()
+        for item in vocab.items:
+            if item.was and item.name not in old_items and item.was not in old_items:
+                errors.append(_rename_error(f"item {item.name} of vocab {vocab.name} was {item.was!r}, but the old vocab has no item {item.was!r}", item.span))
+    old_statements = {s.name for s in old.model.statements}
+    for stmt in new.model.statements:
+        if stmt.was and stmt.name not in old_statements:
+            if stmt.was not in old_statements:
+                errors.append(_rename_error(f"statement {stmt.name} was {stmt.was!r}, but the old model has no statement {stmt.was!r}", stmt.span))
+                continue
+            renames.scopes[stmt.name] = stmt.was
+    if errors:
+        raise SpecError(errors)
+    return renames
+
+
+# ---------------------------------------------------------------------------
+# 2. matching indices by key
+
+
+def _numbered(keys) -> list[tuple]:
+    """Keys made unique by their ordinal among equal keys."""
+    seen: dict = {}
+    out = []
+    for k in keys:
+        n = seen.get(k, 0)
+        seen[k] = n + 1
+        out.append((k, n))
+    return out
+
+
+def _runs(indices: list[int]) -> tuple[Run, ...]:
+    runs: list[Run] = []
+    start = None
+    for i, old in enumerate(indices + [-1]):
+        if start is not None and (old != indices[start] + (i - start) or old < 0):
+            runs.append(Run(new=start, old=indices[start], length=i - start))
+            start = None
+        if start is None and old >= 0:
+            start = i
+    return tuple(runs)
+
+
+def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
+    old_index = {k: i for i, k in enumerate(_numbered(base_key(k) for k in old_keys))}
+    return [old_index.get(k, -1) for k in _numbered(base_key(renames.key(k)) for k in new_keys)]
+
+
+# ---------------------------------------------------------------------------
+# 4. the function check
+
+
+def _describe_key(key) -> str:
+    key = base_key(key)
+    if key[0] == "feature":
+        return f"feature {key[1]}"
+    if key[0] == "unit":
+        gate = f" gate {key[2]}" if key[2] else ""
+        return f"{key[1]}{gate} unit {key[3]}"
+    return f"{key[0]} of {_describe_key(key[1])} and {_describe_key(key[2])}"
+
+
+def _reason(message: str, span) -> Reason:
+    if span is None or not getattr(span, "line", 0):
+        return Reason(message=message)
+    return Reason(message=message, file=span.file, line=span.line, column=span.column)
+
+
+def _old_feature_spans(spec: m.ModelSpec) -> dict[str, m.Span]:
+    spans = {}
+    for group in spec.schema.groups:
+        for f in group.features:
+            if f.is_category:
+                vocab = spec.schema.vocab(f.vocab)
+                for item in vocab.items:
+                    spans[feature_name(group, f, item.name)] = item.span
+            else:
+                spans[feature_name(group, f)] = f.span
+    return spans
+
+
+@dataclass
+class _Check:
+    old: InteractionMap
+    new: InteractionMap
+    renames: Renames
+    reasons: dict[str, Reason] = field(default_factory=dict)
+
+    def add(self, message: str, span) -> str:
+        self.reasons.setdefault(message, _reason(message, span))
+        return message
+
+
+def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: InteractionMap,
+                   renames: Renames, old_feature_spans: dict[str, m.Span]) -> list[Reason]:
+    check = _Check(old, new, renames)
+    old_keys = set()
+    for axis in old.values.values():
+        old_keys.update(axis.keys)
+    old_params = old.params
+    old_scopes = {n.scope: n for n in old_graph.nodes if n.params}
+    # taint[node][i]: names of the reasons index i no longer computes what it did
+    taint: dict[int, list[frozenset]] = {}
+    empty = frozenset()
+
+    def missing_reason(scope_node, missing_keys) -> str:
+        features = sorted({base_key(k)[1] for k in missing_keys if base_key(k)[0] == "feature"})
+        others = [k for k in missing_keys if base_key(k)[0] != "feature"]
+        if features:
+            name = features[0]
+            more = f" (and {len(features) - 1} more)" if len(features) > 1 else ""
+            return check.add(f"feature {name}{more} was removed, but {scope_node.scope} read it: "
+                             f"the function changes wherever it was non-zero", old_feature_spans.get(name))
+        scopes = sorted({base_key(k)[1] for k in others if base_key(k)[0] == "unit"})
+        if scopes:
+            return check.add(f"{scope_node.scope} no longer reads {len(others)} of its old inputs "
+                             f"({', '.join(scopes[:3])}): their weights are dropped", scope_node.span)
+        return check.add(f"{scope_node.scope} no longer reads {_describe_key(others[0])}", scope_node.span)
+
+    for node in new_graph.nodes:
+        value = new.values[node.index]
+        ins = [taint[i] for i in node.inputs]
+        if node.op in ("group", "feature", "category"):
+            taint[node.index] = [empty] * len(value)
+            continue
+        if node.params:
+            old_scope = renames.scope(node.scope)
+            old_node = old_scopes.get(old_scope)
+            width = len(value)
+            if old_node is None:
+                taint[node.index] = [empty] * width  # a new op: its outputs are new values
+                continue
+            # The op's input axis: which old inputs are gone, which matched ones changed.
+            unit_taint: frozenset = empty
+            new_in = new.values[node.inputs[0]] if node.inputs else None
+            old_in = old.values[old_node.inputs[0]] if old_node.inputs else None
+            if new_in is not None and old_in is not None:
+                new_in_keys = {renames.key(k) for k in new_in.keys}
+                new_in_base = {base_key(k) for k in new_in_keys}
+                missing = [k for k in old_in.keys if base_key(k) not in new_in_base]
+                if missing:
+                    unit_taint |= {missing_reason(node, missing)}
+                changed = [k for k in new_in_keys if base_key(k) in {base_key(o) for o in old_in.keys} and k not in old_keys]
+                if changed:
+                    unit_taint |= {check.add(f"{node.scope} reads {_describe_key(changed[0])} through a changed path "
+                                             f"(an op around it changed)", node.span)}
+                for t in ins[0]:
+                    unit_taint |= t
+                if node.op == "layernorm" and (missing or len(new_in.keys) != len(old_in.keys)):
+                    unit_taint |= {check.add(f"layernorm {node.scope} normalises over an axis that changed "
+                                             f"({len(old_in.keys)} -> {len(new_in.keys)} indices): mean and variance change", node.span)}
+            old_out = old.values[old_node.index]
+            old_width = len(old_out)
+            if width < old_width and node.op != "layernorm":
+                unit_taint |= {check.add(f"{node.scope} narrowed from {old_width} to {width} units", node.span)}
+            taint[node.index] = [unit_taint] * width
+            continue
+        if node.op in ("add", "mul"):
+            a, b = (new.values[i] for i in node.inputs)
+            out = []
+            for i in range(len(value)):
+                t = ins[0][i] | ins[1][i]
+                ka, kb = renames.key(a.keys[i]), renames.key(b.keys[i])
+                if (ka in old_keys) != (kb in old_keys):
+                    old_side, new_side = (ka, kb) if ka in old_keys else (kb, ka)
+                    t = t | {check.add(f"{node.op} joins a new input ({_describe_key(new_side)}) to "
+                                       f"{_describe_key(old_side)}", node.span)}
+                out.append(t)
+            taint[node.index] = out
+            continue
+        if node.op == "concat":
+            taint[node.index] = [t for x in ins for t in x]
+            continue
+        taint[node.index] = list(ins[0])  # element-wise ops and pools: index by index
+
+    reasons: set[str] = set()
+    old_heads = {s.name for s in old_graph.model.statements if s.out}
+    for head, index in new_graph.outputs.items():
+        old_head = renames.scopes.get(head, head)
+        if old_head not in old_heads:
+            continue
+        old_value = old.values[old_graph.outputs[old_head]]
+        new_value = new.values[index]
+        new_keys = [renames.key(k) for k in new_value.keys]
+        for i, k in enumerate(new_keys):
+            if k in old_keys:
+                reasons |= set(taint[index][i])
+        if len(new_value) < len(old_value):
+            stmt = next(s for s in new_graph.model.statements if s.name == head)
+            reasons.add(check.add(f"output head {head} narrowed from {len(old_value)} to {len(new_value)}", stmt.span))
+    for head in old_heads:
+        if head not in {renames.scopes.get(h, h) for h in new_graph.outputs}:
+            stmt = next(s for s in old_graph.model.statements if s.name == head)
+            reasons.add(check.add(f"output head {head} was removed", stmt.span))
+    return [check.reasons[r] for r in check.reasons if r in reasons]
+
+
+# ---------------------------------------------------------------------------
+# the plan
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
+              old_map: Optional[InteractionMap] = None, new_map: Optional[InteractionMap] = None) -> Plan:
+    """The surgery plan from `old_spec` to `new_spec` (maps are computed if not given)."""
+    renames = find_renames(old_spec, new_spec)
+    old_graph = old_map.graph if old_map else build_graph(old_spec)
+    new_graph = new_map.graph if new_map else build_graph(new_spec)
+    old = old_map or shadow_map(old_graph)
+    new = new_map or shadow_map(new_graph)
+    shared = _shared_features(old, new, renames)
+    params: list[ParamPlan] = []
+    used_old: set[str] = set()
+    unproven = 0
+    for name, p in new.params.items():
+        source = renames.scope(name)
+        q = old.params.get(source)
+        if q is None or len(q.shape) != len(p.shape) or q.roles != p.roles:
+            params.append(ParamPlan(name=name, shape=p.shape, fresh=p.size))
+            continue
+        used_old.add(source)
+        axes = []
+        for axis_new, axis_old, role in zip(p.axes, q.axes, p.roles):
+            indices = match_axis(axis_new.keys, axis_old.keys, renames)
+            unproven += _unproven(indices, axis_new, axis_old, shared)
+            axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=_runs(indices)))
+        matched = [a.matched for a in axes]
+        out_matched = 1
+        for a, n in zip(axes, p.shape):
+            out_matched *= a.matched if a.role == OUT else n
+        copied = _numel(matched)
+        params.append(ParamPlan(name=name, shape=p.shape, source=source, old_shape=q.shape, axes=tuple(axes),
+                                copied=copied, zeroed=out_matched - copied, fresh=p.size - out_matched))
+    dropped = tuple(DroppedParam(name=n, shape=q.shape, elements=q.size) for n, q in old.params.items() if n not in used_old)
+    reasons = function_check(old_graph, new_graph, old, new, renames, _old_feature_spans(old_spec))
+    if unproven and not reasons:  # never claim what the maps do not show
+        reasons.append(Reason(message=f"{unproven} matched indices carry other input features than before"))
+    transferred = sum(p.copied for p in params)
+    old_total = sum(q.size for q in old.params.values())
+    summary = Summary(
+        old_params=old_total,
+        new_params=sum(p.size for p in new.params.values()),
+        transferred=transferred,
+        zeroed=sum(p.zeroed for p in params),
+        fresh=sum(p.fresh for p in params),
+        dropped=old_total - transferred,
+        function_preserving=not reasons,
+        reasons=tuple(reasons),
+    )
+    return Plan(old_model=old_spec.model.name, new_model=new_spec.model.name, old_spec=canonical(old_spec),
+                new_spec=canonical(new_spec), params=tuple(params), dropped=dropped, summary=summary)
+
+
+def _shared_features(old: InteractionMap, new: InteractionMap, renames: Renames) -> tuple[int, dict[int, int]]:
+    """Bits of old features the new version still has, and new bit -> old bit."""
+    old_index = old.features.index
+    translate = {}
+    shared = 0
+    for i, name in enumerate(new.features.names):
+        j = old_index.get(renames.feature(name))
+        if j is not None:
+            translate[i] = j
+            shared |= 1 << j
+    return shared, translate
+
+
+def _translate_bits(bits: int, translate: dict[int, int]) -> int:
+    out = 0
+    i = 0
+    while bits:
+        if bits & 1 and i in translate:
+            out |= 1 << translate[i]
+        bits >>= 1
+        i += 1
+    return out
+
+
+def _unproven(indices, axis_new, axis_old, shared) -> int:
+    """Matched indices whose features, among those both versions have, differ."""
+    mask, translate = shared
+    cache: dict[int, int] = {}
+    bad = 0
+    for i, j in enumerate(indices):
+        if j < 0:
+            continue
+        s_new = axis_new.sets[i]
+        t = cache.get(s_new)
+        if t is None:
+            t = cache[s_new] = _translate_bits(s_new, translate)
+        bad += t != axis_old.sets[j] & mask
+    return bad
