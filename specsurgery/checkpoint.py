@@ -74,6 +74,8 @@ def read_header(path: str) -> Header:
         raise UserError(f"{path}: error: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: error: is a folder, not a checkpoint") from None
+    except OSError as e:  # permission denied, I/O error, ...
+        raise UserError(f"{path}: error: cannot read: {e.strerror or e}") from None
     try:
         table = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -81,6 +83,8 @@ def read_header(path: str) -> Header:
     if not isinstance(table, dict):
         raise bad("the header is not a JSON object")
     metadata = table.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("the __metadata__ entry is not a table of strings")
     tensors: dict[str, TensorInfo] = {}
     data = size - 8 - n
     for name, info in table.items():
@@ -88,6 +92,8 @@ def read_header(path: str) -> Header:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise bad(f"tensor {name!r} has a malformed entry") from None
+        if not isinstance(dtype, str) or not all(_is_count(v) for v in (*shape, start, end)):
+            raise bad(f"tensor {name!r} has a malformed entry")
         count = 1
         for d in shape:
             count *= d
@@ -97,6 +103,10 @@ def read_header(path: str) -> Header:
     if META_SPEC not in metadata or META_MODEL not in metadata:
         raise UserError(f"{path}: error: this safetensors file has no embedded spec; it was not written by specsurgery")
     return Header(path, tensors, metadata, 8 + n)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def load_spec(header: Header):
@@ -134,10 +144,22 @@ def check_against(header: Header, graph) -> None:
 def atomic_file(path: str, mode: str = "wb") -> Iterator:
     """Write to a temporary file in the target's folder; rename on success only."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except (FileExistsError, NotADirectoryError):
+        blocker = folder
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        raise UserError(f"{path}: error: cannot write: {blocker} is a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"{path}: error: cannot write: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, mode) as f:
+            # mkstemp makes the file private (0600); give it the mode a plain open() would
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -180,7 +202,9 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
         f.write(header)
         names = iter(shapes)
         for name, tensor in tensors:
-            expected = next(names)
+            expected = next(names, None)
+            if expected is None:
+                raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
             if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
                 raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
             array = tensor.detach().to("cpu").float().contiguous().numpy()
@@ -188,6 +212,9 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
             written += array.nbytes
             if progress is not None:
                 progress(name, array.nbytes)
+        missing = next(names, None)
+        if missing is not None:  # never rename a short file into place
+            raise AssertionError(f"writer expected {missing} {shapes[missing]}, the tensors ran out")
     return written
 
 

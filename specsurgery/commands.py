@@ -76,3 +76,158 @@ def _map_parser(add) -> None:
 
 
 EXTRA_PARSERS.append(_map_parser)
+
+
+# ---------------------------------------------------------------------------
+# progress on a terminal
+
+
+class Progress:
+    """`apply: 12/40 tensors, 350.2 MB` on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True):
+        self.label, self.total, self.done, self.bytes = label, total, 0, 0
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, name: str, nbytes: int) -> None:
+        self.done += 1
+        self.bytes += nbytes
+        if self.enabled:
+            width = 30
+            filled = width * self.done // max(1, self.total)
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                             f"{self.done}/{self.total} tensors, {self.bytes / 1e6:,.1f} MB")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            sys.stderr.write("\n")
+
+
+# ---------------------------------------------------------------------------
+# plan, apply, verify
+
+
+def read_plan_file(path: str):
+    """A plan from JSON, validated against the published schema before use."""
+    import json
+
+    import jsonschema
+
+    from .surgery.plan import Plan, plan_json_schema
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: error: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: error: not JSON ({e})") from None
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(plan_json_schema()).iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "(plan)"
+        raise UserError(f"{path}: error: not a valid plan: {where.lstrip('.')}: {error.message}")
+    return Plan.model_validate(data)
+
+
+@command("plan", "work out the surgery from one spec version to another")
+def cmd_plan(args) -> int:
+    import json
+
+    from .checkpoint import atomic_file
+    from .sources import resolve_spec
+    from .surgery.diff import make_plan
+    from .surgery.plan import plan_json_schema, render_plan
+
+    if args.schema:
+        emit_json(plan_json_schema())
+        return 0
+    if not args.old or not args.new:
+        raise UserError("error: plan needs OLD and NEW (or --schema)")
+    old = resolve_spec(args.old, args.model)
+    new = resolve_spec(args.new, args.model)
+    plan = make_plan(old, new)
+    if args.output:
+        with atomic_file(args.output, "w") as f:
+            f.write(plan.model_dump_json(indent=1))
+    if args.json:
+        emit_json(json.loads(plan.model_dump_json()))
+    else:
+        print(render_plan(plan))
+        if args.output:
+            print(f"wrote {args.output}")
+    return 0
+
+
+@command("apply", "carry a checkpoint over to a new spec")
+def cmd_apply(args) -> int:
+    from .sources import resolve_spec
+    from .checkpoint import load_spec, read_header
+    from .surgery.apply import apply_plan
+    from .surgery.diff import make_plan
+
+    new = resolve_spec(args.new_spec, args.model)
+    if args.plan:
+        plan = read_plan_file(args.plan)
+    else:
+        plan = make_plan(load_spec(read_header(args.checkpoint)), new)
+    progress = Progress("apply", len(plan.params), enabled=not args.json)
+    try:
+        result = apply_plan(plan, args.checkpoint, new, args.output, seed=args.seed, progress=progress)
+    finally:
+        progress.close()
+    s = plan.summary
+    report = {**result, **s.model_dump(), "transfer_share": s.transfer_share}
+    if args.json:
+        emit_json(report)
+    else:
+        print(f"wrote {args.output}: {s.transferred:,} of {s.old_params:,} old parameters transferred "
+              f"({100 * s.transfer_share:.2f}%), {s.zeroed:,} zero, {s.fresh:,} fresh; function "
+              + ("preserved" if s.function_preserving else "NOT preserved"))
+        for r in s.reasons:
+            print(f"  {r.render()}")
+    return 0
+
+
+@command("verify", "run two checkpoints on the same random states and compare their heads")
+def cmd_verify(args) -> int:
+    from .surgery.verify import verify
+
+    report = verify(args.old, args.new, states=args.states, steps=args.steps, seed=args.seed)
+    report["tolerance"] = args.tol
+    report["ok"] = report["max"] <= args.tol
+    if args.json:
+        emit_json(report)
+    else:
+        rows = [[h, f"{d:.3g}", "ok" if d <= args.tol else "DIFFERS"] for h, d in report["heads"].items()]
+        print(f"{report['states']} random states ({report['steps']} step{'s' if report['steps'] > 1 else ''} each), tolerance {args.tol:g}")
+        print(table(rows, ["head", "max |old - new|", ""], right=(1,)))
+    return 0 if report["ok"] else 1
+
+
+def _surgery_parsers(add) -> None:
+    p = add("plan")
+    p.add_argument("old", nargs="?", metavar="OLD", help="old version: a .spec file, a checkpoint, or git:REV:path")
+    p.add_argument("new", nargs="?", metavar="NEW", help="new version: likewise")
+    _model_arg(p)
+    p.add_argument("-o", "--output", metavar="plan.json", help="also write the plan as JSON")
+    p.add_argument("--schema", action="store_true", help="print the plan's JSON Schema")
+
+    p = add("apply")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("new_spec", metavar="NEW_SPEC", help="a .spec file or git:REV:path")
+    p.add_argument("-o", "--output", metavar="OUT", required=True, help="the new checkpoint")
+    _model_arg(p)
+    p.add_argument("--plan", metavar="plan.json", help="apply this plan (validated) instead of planning anew")
+    p.add_argument("--seed", type=int, default=0, help="seed of fresh parameters (default 0)")
+
+    p = add("verify")
+    p.add_argument("old", metavar="OLD_CKPT")
+    p.add_argument("new", metavar="NEW_CKPT")
+    p.add_argument("--states", type=int, default=1000, help="random states (default 1000)")
+    p.add_argument("--steps", type=int, default=None, help="observations per state for lstm models (default 3)")
+    p.add_argument("--tol", type=float, default=1e-5, help="largest allowed difference (default 1e-5)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+EXTRA_PARSERS.append(_surgery_parsers)

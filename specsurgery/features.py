@@ -124,26 +124,29 @@ def featurise(schema: m.Schema, records: list, time: bool = False, validate: boo
     return out
 
 
-def random_record(schema: m.Schema, rng, entity_fill: float = 0.6) -> dict:
-    """A random observation of `schema` (values drawn from `rng`, a random.Random)."""
+def random_object(schema: m.Schema, group: m.Group, rng) -> dict:
+    """Random values for one observation of `group` (one entity of an entity set)."""
+    obj = {}
+    for f in group.features:
+        if f.is_category:
+            obj[f.name] = rng.choice(schema.vocab(f.vocab).item_names)
+        elif f.type == "float":
+            obj[f.name] = rng.gauss(0.0, 1.0)
+        elif f.type == "int":
+            obj[f.name] = rng.randint(-3, 3)
+        else:
+            obj[f.name] = rng.random() < 0.5
+    return obj
+
+
+def random_record(schema: m.Schema, rng, max_entities: int | None = None) -> dict:
+    """A random observation of `schema` (values drawn from `rng`, a random.Random);
+    an entity set holds a random number of entities, at most `max_entities`."""
     record: dict = {}
     for group in schema.groups:
-        def one() -> dict:
-            obj = {}
-            for f in group.features:
-                if f.is_category:
-                    obj[f.name] = rng.choice(schema.vocab(f.vocab).item_names)
-                elif f.type == "float":
-                    obj[f.name] = rng.gauss(0.0, 1.0)
-                elif f.type == "int":
-                    obj[f.name] = rng.randint(-3, 3)
-                else:
-                    obj[f.name] = rng.random() < 0.5
-            return obj
-
         if group.is_entity_set:
-            count = sum(rng.random() < entity_fill for _ in range(group.entities))
-            record[group.name] = [one() for _ in range(count)]
+            limit = group.entities if max_entities is None else min(group.entities, max_entities)
+            record[group.name] = [random_object(schema, group, rng) for _ in range(rng.randint(0, limit))]
         else:
-            record[group.name] = one()
+            record[group.name] = random_object(schema, group, rng)
     return record

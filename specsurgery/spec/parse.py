@@ -6,6 +6,7 @@ they are converted here, at the boundary, so no lark exception reaches a user.
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 from pathlib import Path as FsPath
 from typing import Optional
@@ -59,21 +60,131 @@ def _syntax_diagnostic(error: lark.UnexpectedInput, text: str, path: str) -> Dia
     span = m.Span(file=path, line=line, column=column, end_line=line, end_column=column + 1)
     if isinstance(error, lark.UnexpectedCharacters):
         char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
-        return Diagnostic(f"unexpected character {char!r}", span)
+        allowed = set(error.allowed or ())
+        history = error.token_history or []
+        if char == '"' and allowed == {"STRING"}:
+            return Diagnostic("unterminated path: a quoted path must end with '\"' on the same line", span)
+        message = f"unexpected character {char!r}"
+        if history:
+            message += f" after {str(history[-1])!r}"
+        hint = None
+        if char == "-" and history and history[-1].type == "NAME" and error.pos_in_stream == history[-1].end_pos:
+            hint = "names hold letters, digits and '_' only"
+        return Diagnostic(message, span, hint)
     if isinstance(error, lark.UnexpectedToken):
-        token = error.token
-        if token.type == "$END":
-            got = "the end of the file"
-        else:
-            got = repr(str(token))
-            span = span.model_copy(update={"end_column": column + max(1, len(str(token)))})
-        expected = sorted(_TERMINAL_WORDS.get(t, repr(t)) for t in error.expected if not t.startswith("__"))
-        if len(expected) > 6:
-            return Diagnostic(f"unexpected {got}", span)
-        return Diagnostic(f"unexpected {got}, expected {_or_list(expected)}", span)
+        return _token_diagnostic(error, span, text, path)
     if isinstance(error, lark.UnexpectedEOF):
         return Diagnostic("unexpected end of the file", span)
     return Diagnostic(str(error).splitlines()[0], span)
+
+
+_BLOCK_WORDS = {"schema", "model", "group", "vocab", "use"}
+_CLOSERS = {"LPAR": "RPAR", "LBRACE": "RBRACE", "LSQB": "RSQB"}
+_TYPES = {"FLOAT", "INT_TYPE", "BOOL", "CATEGORY"}
+
+
+def _token_diagnostic(error: lark.UnexpectedToken, span: m.Span, text: str, path: str) -> Diagnostic:
+    """Turn lark's "unexpected token" into what the user most likely got wrong.
+
+    The parser's value stack holds the tokens read so far that are not yet part
+    of a finished rule; any opening bracket on it is still open, and the tokens
+    before that bracket say what it belongs to (a group, a call, ...).
+    """
+    token = error.token
+    at_end = token.type == "$END"
+    got = "the end of the file" if at_end else repr(str(token))
+    if not at_end:
+        span = span.model_copy(update={"end_column": span.column + max(1, len(str(token)))})
+    state = error.interactive_parser.parser_state if error.interactive_parser else None
+    tokens = [v for v in (state.value_stack if state else ()) if isinstance(v, Token)]
+    prev = tokens[-1] if tokens else None
+    opened = _open_brackets(tokens)
+    owner = _owner(tokens, opened[-1]) if opened else None
+    expected_types = {t for t in error.expected if not t.startswith("__")}
+    expected = _or_list(sorted(_TERMINAL_WORDS.get(t, repr(t)) for t in expected_types))
+
+    def at(tok: Token, width: Optional[int] = None) -> m.Span:
+        return m.Span(file=path, line=tok.line, column=tok.column, end_line=tok.line,
+                      end_column=tok.column + (len(str(tok)) if width is None else width))
+
+    # A block keyword where a block cannot start: the block above lacks its '}'.
+    keyword = None
+    if str(token) in _BLOCK_WORDS and token.type != "NAME":
+        keyword = token
+    elif prev is not None and prev.type == "NAME" and str(prev) in _BLOCK_WORDS and token.line == prev.line:
+        keyword = prev  # read as a feature or statement name; what follows gives it away
+    if keyword is not None and opened and opened[-1].type == "LBRACE":
+        return Diagnostic(f"{owner} (line {opened[-1].line}) is not closed: expected '}}' before {str(keyword)!r}",
+                          at(keyword))
+    bracket = opened[-1] if opened else None
+    closer = _TERMINAL_WORDS[_CLOSERS[bracket.type]] if bracket is not None else None
+    # The end of the file inside a block or a call: point at what was left open.
+    if at_end and opened:
+        return Diagnostic(f"the {str(bracket)!r} of {owner} has no matching {closer} before the end of the file",
+                          at(bracket))
+    # A stray closing brace with nothing open.
+    if token.type == "RBRACE" and not any(b.type == "LBRACE" for b in opened):
+        return Diagnostic("unmatched '}': every block above is already closed", span,
+                          "remove it, or look for a '{' missing above")
+    # `1.5`: only whole numbers exist in the language.
+    if token.type == "DOT" and prev is not None and prev.type == "INT" and token.start_pos == prev.end_pos:
+        match = re.match(r"\.[0-9]*", text[token.start_pos:])
+        number = str(prev) + match.group(0)
+        call = bracket is not None and bracket.type == "LPAR" and owner not in ("category",) and not owner.startswith("model ")
+        where = f"{owner} takes" if call else "expected"
+        return Diagnostic(f"{where} whole numbers, got {number}", at(prev, len(number)))
+    # `mana: double`
+    if expected_types and expected_types <= _TYPES and token.type == "NAME":
+        feature = str(tokens[-2]) if len(tokens) >= 2 and tokens[-1].type == "COLON" else None
+        if feature and owner and owner.startswith("group "):
+            feature = f"{owner[6:]}.{feature}"
+        what = f" for feature {feature}" if feature else ""
+        return Diagnostic(f"unknown type {str(token)!r}{what}", span, "types: float, int, bool, category(VOCAB)")
+    # A call or list left open at the end of a line: point where the closer is missing.
+    if (opened and opened[-1].type in ("LPAR", "LSQB") and _CLOSERS[opened[-1].type] in expected_types
+            and prev is not None and token.line > prev.end_line):
+        end = m.Span(file=path, line=prev.end_line, column=prev.end_column, end_line=prev.end_line,
+                     end_column=prev.end_column + 1)
+        return Diagnostic(f"the {str(bracket)!r} of {owner} is not closed: expected {expected} after {str(prev)!r}, "
+                          f"found {got} on line {token.line}", end)
+    after = f" after {str(prev)!r}" if prev is not None else ""
+    if len(expected_types) > 6:
+        return Diagnostic(f"unexpected {got}{after}", span)
+    return Diagnostic(f"expected {expected}{after}, found {got}", span)
+
+
+def _open_brackets(tokens: list[Token]) -> list[Token]:
+    stack: list[Token] = []
+    closers = set(_CLOSERS.values())
+    for tok in tokens:
+        if tok.type in _CLOSERS:
+            stack.append(tok)
+        elif tok.type in closers and stack:
+            stack.pop()
+    return stack
+
+
+def _owner(tokens: list[Token], bracket: Token) -> str:
+    """What an open bracket belongs to, in words: "group hero", "linear", "vocab heroes"."""
+    i = next(k for k in range(len(tokens) - 1, -1, -1) if tokens[k] is bracket)
+    before = tokens[:i]
+    if bracket.type == "LPAR":
+        if len(before) >= 2 and before[-2].type == "MODEL":
+            return f"model {before[-1]}"
+        if before and before[-1].type == "CATEGORY":
+            return "category"
+        if before and before[-1].type == "NAME":
+            return str(before[-1])
+    if bracket.type == "LSQB":
+        if len(before) >= 3 and before[-3].type == "VOCAB":
+            return f"vocab {before[-2]}"
+        if len(before) >= 2 and before[-2].type == "GROUP":
+            return f"group {before[-1]}"
+    if bracket.type == "LBRACE":
+        for k in range(len(before) - 1, -1, -1):
+            if before[k].type in ("GROUP", "SCHEMA", "MODEL") and k + 1 < len(before):
+                return f"{str(before[k])} {before[k + 1]}"
+    return "the line above"
 
 
 def _or_list(words: list[str]) -> str:

@@ -1,0 +1,41 @@
+"""Where a spec can come from: a .spec file, a checkpoint, or git:REV:path."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .errors import UserError
+from .spec import model as m
+from .spec.load import load
+
+
+def is_checkpoint(arg: str) -> bool:
+    return arg.endswith(".safetensors")
+
+
+def resolve_spec(arg: str, model: Optional[str] = None) -> m.ModelSpec:
+    """The model a command argument names (with --model when a file has several)."""
+    if is_checkpoint(arg):
+        from .checkpoint import load_spec, read_header
+
+        return load_spec(read_header(arg))  # a checkpoint holds one model; --model is for spec files
+    from .workflow.git import reader_at, split_git_path
+
+    git = split_git_path(arg)
+    if git is not None:
+        rev, path = git
+        loaded = load([f"git:{rev}:{path}"], reader=reader_at(rev))
+    else:
+        if not os.path.exists(arg):
+            raise UserError(f"{arg}: error: no such file")
+        loaded = load([arg])
+    return _pick(loaded, model, arg)
+
+
+def _pick(loaded, model: Optional[str], arg: str) -> m.ModelSpec:
+    own = list(loaded.model_files)
+    if model is not None:
+        return loaded.model(model)
+    if len(own) == 1:
+        return loaded.models[own[0]]
+    raise UserError(f"{arg}: error: choose a model with --model (models: {', '.join(own) or 'none'})")
