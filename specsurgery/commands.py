@@ -231,3 +231,32 @@ def _surgery_parsers(add) -> None:
 
 
 EXTRA_PARSERS.append(_surgery_parsers)
+
+
+# ---------------------------------------------------------------------------
+# check (the pre-commit hook)
+
+
+@command("check", "pre-commit hook: can each staged spec change be carried out?")
+def cmd_check(args) -> int:
+    from .workflow.check import check
+    from .workflow.policy import load_policy
+
+    policy = load_policy().override(allow_lossy=args.allow_lossy, min_transfer=args.min_transfer)
+    report = check(args.files or None, policy=policy)
+    if args.json:
+        emit_json({k: v for k, v in report.items() if k != "text"})
+    else:
+        stream = sys.stderr if report["exit"] else sys.stdout
+        print(report["text"], file=stream)
+    return report["exit"]
+
+
+def _check_parser(add) -> None:
+    p = add("check")
+    p.add_argument("files", nargs="*", metavar="FILE", help="spec files (default: every staged .spec)")
+    p.add_argument("--allow-lossy", action="store_true", default=None, help="allow changes that do not preserve the function")
+    p.add_argument("--min-transfer", type=float, default=None, metavar="SHARE", help="least share of old parameters to carry over")
+
+
+EXTRA_PARSERS.append(_check_parser)

@@ -61,7 +61,7 @@ def _json_path(parts: Iterable[Any]) -> str:
     out = ""
     for part in parts:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(record)"
+    return out
 
 
 _VALIDATORS: dict = {}
@@ -75,7 +75,11 @@ def validate_record(schema: m.Schema, record: Any, where: str = "record") -> Non
         validator = _VALIDATORS[schema] = jsonschema.Draft202012Validator(record_schema(schema))
     error = jsonschema.exceptions.best_match(validator.iter_errors(record))
     if error is not None:
-        raise UserError(f"{where}: {_json_path(error.absolute_path)}: {error.message}")
+        message = error.message
+        if error.validator == "maxItems":  # jsonschema's own message prints the whole list
+            message = f"{len(error.instance)} entities, at most {error.validator_value} allowed"
+        path = _json_path(error.absolute_path)
+        raise UserError(f"{where}: {path}: {message}" if path else f"{where}: {message}")
 
 
 def featurise(schema: m.Schema, records: list, time: bool = False, validate: bool = True) -> dict:
@@ -92,7 +96,8 @@ def featurise(schema: m.Schema, records: list, time: bool = False, validate: boo
         flat, lead = list(records), (len(records),)
     if validate:
         for i, record in enumerate(flat):
-            validate_record(schema, record, where=f"record {i}")
+            where = f"record {i // lead[1]}, step {i % lead[1]}" if time else f"record {i}"
+            validate_record(schema, record, where=where)
     out: dict[str, torch.Tensor] = {}
     for group in schema.groups:
         numeric = group.numeric_features

@@ -33,13 +33,16 @@ def _renames(items: Iterable, what: str, where: str) -> list[Diagnostic]:
         if item.was is None:
             continue
         if item.was == item.name:
-            out.append(Diagnostic(f"{what} {item.name!r} says it was {item.was!r}, its own name", item.span))
+            out.append(Diagnostic(f"{what} {item.name!r} says it was {item.was!r}, its own name", item.span,
+                                  f"`was` names the old name of a renamed thing; drop `was {item.was}`"))
         elif item.was in names:
             out.append(Diagnostic(
                 f"{what} {item.name!r} was {item.was!r}, but {item.was!r} still exists in {where}", item.span,
                 "a rename names the old name of a thing that is gone; drop `was` or the old one"))
         elif item.was in olds:
-            out.append(Diagnostic(f"{item.was!r} was renamed twice in {where} (to {olds[item.was].name!r} and {item.name!r})", item.span))
+            out.append(Diagnostic(
+                f"{item.was!r} was renamed twice in {where} (to {olds[item.was].name!r} and {item.name!r})", item.span,
+                f"its weights can follow one new name only; keep `was {item.was}` on one of them"))
         olds.setdefault(item.was, item)
     return out
 

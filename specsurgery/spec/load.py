@@ -56,8 +56,10 @@ def load(paths: list[str], reader: Reader = read_disk) -> Loaded:
     loaded = Loaded()
     diagnostics: list[Diagnostic] = []
     own: dict[str, tuple[list[m.Schema], list[m.Model]]] = {}
+    broken_use = False  # a `use` that failed hides what it would have defined
 
     def visit(path: str, stack: tuple[str, ...], use_span: Optional[m.Span]) -> None:
+        nonlocal broken_use
         key = os.path.normpath(path)
         if key in stack:
             cycle = " -> ".join(list(stack[stack.index(key):]) + [key])
@@ -71,6 +73,7 @@ def load(paths: list[str], reader: Reader = read_disk) -> Loaded:
             if use_span is None:
                 raise
             diagnostics.append(Diagnostic(f"cannot use {path!r}: {str(e).split('error: ', 1)[-1]}", use_span))
+            broken_use = True
             return
         SOURCES[path] = text
         spec_file = parse_text(text, path)  # a syntax error stops here, as it should
@@ -83,37 +86,44 @@ def load(paths: list[str], reader: Reader = read_disk) -> Loaded:
         visit(path, (), None)
 
     schema_where: dict[str, m.Schema] = {}
+    bad_schemas: set[str] = set()
     for key, (schemas, models) in own.items():
         for schema in schemas:
             if schema.name in schema_where:
-                first = schema_where[schema.name].span
-                diagnostics.append(Diagnostic(f"schema {schema.name!r} is defined twice (first at {first})", schema.span))
+                first = _where(schema_where[schema.name].span, schema.span)
+                diagnostics.append(Diagnostic(f"schema {schema.name!r} is defined twice (first {first})", schema.span))
                 continue
             schema_where[schema.name] = schema
-            diagnostics.extend(check_schema(schema))
+            errors = check_schema(schema)
+            if errors:
+                bad_schemas.add(schema.name)
+            diagnostics.extend(errors)
     model_where: dict[str, m.Model] = {}
     for key, (schemas, models) in own.items():
         for model in models:
             if model.name in model_where:
-                first = model_where[model.name].span
-                diagnostics.append(Diagnostic(f"model {model.name!r} is defined twice (first at {first})", model.span))
+                first = _where(model_where[model.name].span, model.span)
+                diagnostics.append(Diagnostic(f"model {model.name!r} is defined twice (first {first})", model.span))
                 continue
             model_where[model.name] = model
             diagnostics.extend(check_model_names(model))
             schema = schema_where.get(model.schema_name)
             if schema is None:
+                if broken_use:
+                    continue  # most likely defined by the file that could not be used; that error says it
                 known = ", ".join(schema_where) or "none"
                 diagnostics.append(Diagnostic(f"model {model.name} reads unknown schema {model.schema_name!r} (schemas: {known})", model.schema_span))
                 continue
             loaded.models[model.name] = m.ModelSpec(schema=schema, model=model)
             loaded.model_files[model.name] = key
     loaded.schemas = schema_where
-    if diagnostics:
-        raise SpecError(diagnostics)
-    # Shapes and names inside models: every model is typed, all errors reported.
+    # Shapes and names inside models: every model whose schema is sound is typed,
+    # so one run reports the errors of schemas and models together.
     from ..ir import build_graph
 
     for name, spec in loaded.models.items():
+        if spec.schema.name in bad_schemas:
+            continue
         try:
             build_graph(spec)
         except SpecError as e:
@@ -121,6 +131,10 @@ def load(paths: list[str], reader: Reader = read_disk) -> Loaded:
     if diagnostics:
         raise SpecError(diagnostics)
     return loaded
+
+
+def _where(first: m.Span, again: m.Span) -> str:
+    return f"on line {first.line}" if first.file == again.file else f"at {first}"
 
 
 def load_text(text: str, path: str = "<string>") -> Loaded:

@@ -70,6 +70,8 @@ def _syntax_diagnostic(error: lark.UnexpectedInput, text: str, path: str) -> Dia
         hint = None
         if char == "-" and history and history[-1].type == "NAME" and error.pos_in_stream == history[-1].end_pos:
             hint = "names hold letters, digits and '_' only"
+        elif char in "+*/":
+            hint = "there are no operators; write add(a, b) or mul(a, b)"
         return Diagnostic(message, span, hint)
     if isinstance(error, lark.UnexpectedToken):
         return _token_diagnostic(error, span, text, path)
@@ -220,7 +222,7 @@ class _ToSpec(Transformer):
         )
 
     def use_decl(self, meta, children):
-        return m.Use(path=str(children[0])[1:-1], span=self._s(meta))
+        return m.Use(path=str(children[0])[1:-1], span=_span(self.file, children[0]))  # the caret goes under the path
 
     def schema(self, meta, children):
         name, *items = children

@@ -5,7 +5,7 @@
     models = "models"        # checkpoint folder
     min_transfer = 0.9       # share of old parameters a change must carry over
     allow_lossy = false      # allow changes that do not preserve the function
-    verify_states = 1000     # random states build verifies surgery on
+    verify_states = 200      # random states build verifies surgery on
     tolerance = 1e-5         # largest allowed output difference when preserved
 
 Command-line flags override it.
@@ -26,7 +26,7 @@ class Policy:
     models: str = "models"
     min_transfer: float = 0.0
     allow_lossy: bool = False
-    verify_states: int = 1000
+    verify_states: int = 200
     tolerance: float = 1e-5
     root: str = "."  # the folder of the pyproject.toml it came from
 

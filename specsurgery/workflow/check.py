@@ -1,0 +1,105 @@
+"""`specsurgery check`: the pre-commit hook.
+
+For each staged .spec (and each spec that `use`s a changed one) it compares
+the staged text with HEAD and reports, per model, the surgery the change
+implies; it fails when a spec does not load, or a change breaks the policy.
+Everything here stays clear of torch: the hook runs on every commit.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import Optional
+
+from ..errors import SpecError, UserError
+from ..spec.load import load
+from ..surgery.diff import make_plan
+from .git import _git, reader_at, repo_root
+from .policy import Policy, load_policy
+from .surgery_step import policy_verdict
+
+_USE = re.compile(r'^\s*use\s+"([^"\n]*)"', re.MULTILINE)
+
+
+def staged_specs(root: str) -> list[str]:
+    result = _git(["diff", "--cached", "--name-only", "--diff-filter=ACMR", "--", "*.spec"], root)
+    return [line for line in result.stdout.decode().splitlines() if line]
+
+
+def tracked_specs(root: str) -> list[str]:
+    result = _git(["ls-files", "--cached", "--", "*.spec"], root)
+    return [line for line in result.stdout.decode().splitlines() if line]
+
+
+def with_dependents(root: str, changed: list[str]) -> list[str]:
+    """`changed` plus every tracked spec that uses one of them, directly or not."""
+    read = reader_at("", root)
+    uses: dict[str, set[str]] = {}
+    for path in tracked_specs(root):
+        try:
+            text = read(path)
+        except UserError:
+            continue
+        uses[path] = {os.path.normpath(os.path.join(os.path.dirname(path), u)) for u in _USE.findall(text)}
+    out = list(dict.fromkeys(os.path.normpath(p) for p in changed))
+    grew = True
+    while grew:
+        grew = False
+        for path, used in uses.items():
+            if path not in out and used & set(out):
+                out.append(path)
+                grew = True
+    return out
+
+
+def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cwd: str = ".") -> dict:
+    root = repo_root(cwd)
+    policy = policy or load_policy(root)
+    if files:
+        rel = [os.path.relpath(os.path.abspath(os.path.join(cwd, f)), root) for f in files if f.endswith(".spec")]
+    else:
+        rel = staged_specs(root)
+    targets = with_dependents(root, rel)
+    lines: list[str] = []
+    failed = False
+    results = []
+    staged, head = reader_at("", root), reader_at("HEAD", root)
+    for path in targets:
+        try:
+            new = load([path], staged)
+        except SpecError as e:
+            lines.append(e.render())
+            failed = True
+            results.append({"file": path, "ok": False, "error": e.render()})
+            continue
+        except UserError:  # not in the index (deleted): nothing to check
+            continue
+        try:
+            old = load([f"git:HEAD:{path}"], head)  # spans name the revision they point into
+        except (SpecError, UserError):
+            old = None
+        for name, spec in new.models.items():
+            if os.path.normpath(new.model_files[name]) != os.path.normpath(path):
+                continue
+            where = f"{path}:{spec.model.span.line}:{spec.model.span.column}"
+            if old is None or name not in old.models:
+                lines.append(f"{where}: model {name}: new, nothing to carry over")
+                results.append({"file": path, "model": name, "ok": True, "new": True})
+                continue
+            plan = make_plan(old.models[name], spec)
+            s = plan.summary
+            verdict = "function preserved" if s.function_preserving else "function NOT preserved"
+            lines.append(f"{where}: model {name}: {100 * s.transfer_share:.2f}% transferred "
+                         f"({s.transferred:,} of {s.old_params:,}), {s.zeroed:,} zeroed, {s.fresh:,} fresh, {verdict}")
+            for r in s.reasons:
+                lines.append(r.render() if r.line else f"{where}: {r.message}")
+            problems = policy_verdict(s, policy)
+            for p in problems:
+                lines.append(f"{where}: error: model {name}: {p}")
+            failed |= bool(problems)
+            results.append({"file": path, "model": name, "ok": not problems, "summary": s.model_dump(),
+                            "problems": problems})
+    if not targets:
+        lines.append("no spec changes to check")
+    return {"ok": not failed, "results": results, "text": "\n".join(lines), "exit": 1 if failed else 0}

@@ -1,0 +1,100 @@
+"""One model's surgery inside `specsurgery build`: plan, policy, apply, verify, swap.
+
+Order of writes, so that killing the process at any moment leaves the model's
+checkpoint whole (old or new, never torn or missing):
+  1. the old checkpoint is linked (or copied, atomically) into history/;
+  2. the new one is streamed into a staging file beside the target and renamed
+     into place by apply's atomic writer only after verification passed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+from ..checkpoint import atomic_file, load_spec, read_header
+from ..spec import model as m
+from ..surgery.diff import make_plan
+from ..surgery.plan import render_plan
+from .policy import Policy
+
+
+def history_path(target: str, spec_text: str) -> str:
+    from .build import spec_hash
+
+    folder = os.path.join(os.path.dirname(target), "history")
+    stem = os.path.basename(target).removesuffix(".safetensors")
+    return os.path.join(folder, f"{stem}-{spec_hash(spec_text)}.safetensors")
+
+
+def keep_in_history(target: str, spec_text: str) -> str:
+    path = history_path(target, spec_text)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        os.link(target, tmp)  # the target is only ever replaced by rename, so a link keeps the old bytes
+        os.replace(tmp, path)
+    except OSError:
+        with atomic_file(path) as out, open(target, "rb") as src:
+            shutil.copyfileobj(src, out, 16 * 1024 * 1024)
+    return path
+
+
+def policy_verdict(summary, policy: Policy) -> list[str]:
+    """Why the policy refuses this change (empty: allowed)."""
+    problems = []
+    if not summary.function_preserving and not policy.allow_lossy:
+        problems.append("the change does not preserve the function (allow it with --allow-lossy or allow_lossy = true)")
+    if summary.transfer_share < policy.min_transfer:
+        problems.append(f"only {100 * summary.transfer_share:.2f}% of the old parameters carry over; "
+                        f"the policy asks for min_transfer = {policy.min_transfer:g}")
+    return problems
+
+
+def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, dry_run: bool = False,
+                 progress: bool = True) -> dict:
+    header = read_header(target)
+    old_spec = load_spec(header)
+    plan = make_plan(old_spec, spec)
+    s = plan.summary
+    row = {"transferred": s.transferred, "old_params": s.old_params, "zeroed": s.zeroed, "fresh": s.fresh,
+           "dropped": s.dropped, "function_preserving": s.function_preserving,
+           "reasons": [r.model_dump() for r in s.reasons]}
+    problems = policy_verdict(s, policy)
+    if problems:
+        lines = [f"{target}: refused surgery for model {spec.model.name}:"] + [f"  {p}" for p in problems]
+        lines += [f"  {r.render()}" for r in s.reasons]
+        return {**row, "action": "refused", "refused": True, "detail": "\n".join(lines)}
+    if dry_run:
+        return {**row, "action": "would operate", "detail": render_plan(plan)}
+
+    from ..commands import Progress
+    from ..surgery.apply import apply_plan
+    from ..surgery.verify import verify
+
+    kept = keep_in_history(target, header.spec_text)
+    staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged")
+    bar = Progress(f"surgery {spec.model.name}", len(plan.params), enabled=progress)
+    try:
+        apply_plan(plan, kept, spec, staged, seed=seed, progress=bar)
+    finally:
+        bar.close()
+    detail = [f"  surgery: {s.transferred:,} of {s.old_params:,} old parameters transferred "
+              f"({100 * s.transfer_share:.2f}%), {s.zeroed:,} zero, {s.fresh:,} fresh; previous kept as {kept}"]
+    if s.function_preserving and policy.verify_states > 0:
+        report = verify(kept, staged, states=policy.verify_states, seed=seed)
+        row["verified"] = report["max"]
+        if report["max"] > policy.tolerance:
+            os.unlink(staged)
+            return {**row, "action": "refused", "refused": True,
+                    "detail": f"{target}: surgery for model {spec.model.name} failed verification: "
+                              f"largest difference {report['max']:.3g} > tolerance {policy.tolerance:g}; nothing changed"}
+        detail.append(f"  verified on {report['states']} random states: largest difference {report['max']:.3g}")
+    else:
+        for r in s.reasons:
+            detail.append(f"  lossy (allowed): {r.render()}")
+    os.replace(staged, target)
+    return {**row, "action": "operated", "history": kept, "detail": "\n".join(detail)}
