@@ -147,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
 EXTRA_PARSERS: list[Callable] = []
 
 
+OPTIONAL = {"torch": "torch", "matplotlib": "plot"}  # optional module -> the extra that installs it
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from . import commands  # noqa: F401  (registers map, plan, apply, verify, check)
 
@@ -166,6 +169,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as e:  # a bug: say so plainly, keep the traceback for those who ask
+        if isinstance(e, ModuleNotFoundError) and e.name in OPTIONAL:
+            print(f"specsurgery: error: {args.command} needs {e.name}: pip install 'specsurgery[{OPTIONAL[e.name]}]'",
+                  file=sys.stderr)
+            return 1
         if os.environ.get("SPECSURGERY_DEBUG"):
             raise
         print(f"specsurgery: internal error: {type(e).__name__}: {e}\n"
