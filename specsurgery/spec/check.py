@@ -16,8 +16,9 @@ def _duplicates(items: Iterable, what: str, where: str) -> list[Diagnostic]:
     out = []
     for item in items:
         if item.name in seen:
-            first = seen[item.name].span.line
-            out.append(Diagnostic(f"{what} {item.name!r} is defined twice in {where} (first on line {first})", item.span))
+            first = seen[item.name].span
+            at = f"at column {first.column}" if first.line == item.span.line else f"on line {first.line}"
+            out.append(Diagnostic(f"{what} {item.name!r} is defined twice in {where} (first {at})", item.span))
         else:
             seen[item.name] = item
     return out

@@ -99,11 +99,15 @@ def _token_diagnostic(error: lark.UnexpectedToken, span: m.Span, text: str, path
         span = span.model_copy(update={"end_column": span.column + max(1, len(str(token)))})
     state = error.interactive_parser.parser_state if error.interactive_parser else None
     tokens = [v for v in (state.value_stack if state else ()) if isinstance(v, Token)]
-    prev = tokens[-1] if tokens else None
+    if error.token_history:
+        prev = error.token_history[-1]
+    else:
+        prev = _previous_token(text, len(text) if at_end else token.start_pos)
     opened = _open_brackets(tokens)
-    owner = _owner(tokens, opened[-1]) if opened else None
+    bracket = opened[-1] if opened else None
+    kind, owner = _owner(tokens, bracket) if bracket is not None else (None, None)
     expected_types = {t for t in error.expected if not t.startswith("__")}
-    expected = _or_list(sorted(_TERMINAL_WORDS.get(t, repr(t)) for t in expected_types))
+    expected = _or_list(sorted(_TERMINAL_WORDS.get(t, repr(t)) for t in expected_types)) or "something else"
 
     def at(tok: Token, width: Optional[int] = None) -> m.Span:
         return m.Span(file=path, line=tok.line, column=tok.column, end_line=tok.line,
@@ -113,46 +117,62 @@ def _token_diagnostic(error: lark.UnexpectedToken, span: m.Span, text: str, path
     keyword = None
     if str(token) in _BLOCK_WORDS and token.type != "NAME":
         keyword = token
-    elif prev is not None and prev.type == "NAME" and str(prev) in _BLOCK_WORDS and token.line == prev.line:
-        keyword = prev  # read as a feature or statement name; what follows gives it away
-    if keyword is not None and opened and opened[-1].type == "LBRACE":
-        return Diagnostic(f"{owner} (line {opened[-1].line}) is not closed: expected '}}' before {str(keyword)!r}",
+    elif (prev is not None and prev.type == "NAME" and str(prev) in _BLOCK_WORDS and token.line == prev.line
+          and not text[text.rfind("\n", 0, prev.start_pos) + 1:prev.start_pos].strip()):
+        keyword = prev  # read as a feature or statement name at the start of a line; what follows gives it away
+    in_block = bracket is not None and bracket.type == "LBRACE"
+    if keyword is not None and in_block and (keyword is prev or "RBRACE" in expected_types):
+        return Diagnostic(f"{owner} (line {bracket.line}) is not closed: expected '}}' before {str(keyword)!r}",
                           at(keyword))
-    bracket = opened[-1] if opened else None
-    closer = _TERMINAL_WORDS[_CLOSERS[bracket.type]] if bracket is not None else None
     # The end of the file inside a block or a call: point at what was left open.
-    if at_end and opened:
+    if at_end and bracket is not None:
+        closer = _TERMINAL_WORDS[_CLOSERS[bracket.type]]
         return Diagnostic(f"the {str(bracket)!r} of {owner} has no matching {closer} before the end of the file",
                           at(bracket))
     # A stray closing brace with nothing open.
-    if token.type == "RBRACE" and not any(b.type == "LBRACE" for b in opened):
+    if token.type == "RBRACE" and not opened:
         return Diagnostic("unmatched '}': every block above is already closed", span,
                           "remove it, or look for a '{' missing above")
     # `1.5`: only whole numbers exist in the language.
     if token.type == "DOT" and prev is not None and prev.type == "INT" and token.start_pos == prev.end_pos:
         match = re.match(r"\.[0-9]*", text[token.start_pos:])
         number = str(prev) + match.group(0)
-        call = bracket is not None and bracket.type == "LPAR" and owner not in ("category",) and not owner.startswith("model ")
-        where = f"{owner} takes" if call else "expected"
+        where = f"{owner} takes" if kind == "call" else "expected"
         return Diagnostic(f"{where} whole numbers, got {number}", at(prev, len(number)))
-    # `mana: double`
-    if expected_types and expected_types <= _TYPES and token.type == "NAME":
+    # The next thing starts a new line, so the culprit is at the end of the line
+    # before: point there.
+    new_line = (prev is not None and token.line > prev.end_line
+                and (at_end or token.type in ("RBRACE", "NAME") or str(token) in _BLOCK_WORDS | {"out"}))
+    end = prev and m.Span(file=path, line=prev.end_line, column=prev.end_column, end_line=prev.end_line,
+                          end_column=prev.end_column + 1)
+    # `mana: double`, `mana:` (no type)
+    if expected_types and expected_types <= _TYPES and (token.type == "NAME" or new_line):
         feature = str(tokens[-2]) if len(tokens) >= 2 and tokens[-1].type == "COLON" else None
-        if feature and owner and owner.startswith("group "):
-            feature = f"{owner[6:]}.{feature}"
+        if feature and kind == "group":
+            feature = f"{owner.split()[1]}.{feature}"
         what = f" for feature {feature}" if feature else ""
+        if new_line:
+            return Diagnostic(f"missing type{what}", end, "types: float, int, bool, category(VOCAB)")
         return Diagnostic(f"unknown type {str(token)!r}{what}", span, "types: float, int, bool, category(VOCAB)")
-    # A call or list left open at the end of a line: point where the closer is missing.
-    if (opened and opened[-1].type in ("LPAR", "LSQB") and _CLOSERS[opened[-1].type] in expected_types
-            and prev is not None and token.line > prev.end_line):
-        end = m.Span(file=path, line=prev.end_line, column=prev.end_column, end_line=prev.end_line,
-                     end_column=prev.end_column + 1)
-        return Diagnostic(f"the {str(bracket)!r} of {owner} is not closed: expected {expected} after {str(prev)!r}, "
-                          f"found {got} on line {token.line}", end)
+    in_list = bracket is not None and bracket.type in ("LPAR", "LSQB") and _CLOSERS[bracket.type] in expected_types
+    if new_line and in_list:
+        found = f"found {got} on line {token.line}"
+        if bracket.type == "LPAR":  # calls are written on one line: most likely never closed
+            return Diagnostic(f"the '(' of {owner} is not closed: expected {expected} after {str(prev)!r}, {found}", end)
+        return Diagnostic(f"expected {expected} after {str(prev)!r} in {owner}, {found}", end)
     after = f" after {str(prev)!r}" if prev is not None else ""
     if len(expected_types) > 6:
         return Diagnostic(f"unexpected {got}{after}", span)
     return Diagnostic(f"expected {expected}{after}, found {got}", span)
+
+
+def _previous_token(text: str, pos: int) -> Optional[Token]:
+    """The token before `pos` (lark's error only knows it when its lexer failed)."""
+    try:
+        *_, last = _parser().lex(text[:pos])
+    except (lark.LarkError, ValueError):
+        return None
+    return last
 
 
 def _open_brackets(tokens: list[Token]) -> list[Token]:
@@ -166,30 +186,31 @@ def _open_brackets(tokens: list[Token]) -> list[Token]:
     return stack
 
 
-def _owner(tokens: list[Token], bracket: Token) -> str:
-    """What an open bracket belongs to, in words: "group hero", "linear", "vocab heroes"."""
-    i = next(k for k in range(len(tokens) - 1, -1, -1) if tokens[k] is bracket)
-    before = tokens[:i]
+def _owner(tokens: list[Token], bracket: Token) -> tuple[Optional[str], str]:
+    """What an open bracket belongs to: (kind, words), e.g. ("group", "group hero"), ("call", "linear")."""
+    before = tokens[:next(k for k in range(len(tokens) - 1, -1, -1) if tokens[k] is bracket)]
     if bracket.type == "LPAR":
         if len(before) >= 2 and before[-2].type == "MODEL":
-            return f"model {before[-1]}"
+            return "model", f"model {before[-1]}"
         if before and before[-1].type == "CATEGORY":
-            return "category"
+            return "category", "category"
         if before and before[-1].type == "NAME":
-            return str(before[-1])
+            return "call", str(before[-1])
     if bracket.type == "LSQB":
         if len(before) >= 3 and before[-3].type == "VOCAB":
-            return f"vocab {before[-2]}"
+            return "vocab", f"vocab {before[-2]}"
         if len(before) >= 2 and before[-2].type == "GROUP":
-            return f"group {before[-1]}"
+            return "group", f"group {before[-1]}"
     if bracket.type == "LBRACE":
-        for k in range(len(before) - 1, -1, -1):
-            if before[k].type in ("GROUP", "SCHEMA", "MODEL") and k + 1 < len(before):
-                return f"{str(before[k])} {before[k + 1]}"
-    return "the line above"
+        for k in range(len(before) - 2, -1, -1):
+            if before[k].type in ("GROUP", "SCHEMA", "MODEL"):
+                return str(before[k]), f"{before[k]} {before[k + 1]}"
+    return None, f"line {bracket.line}"
 
 
 def _or_list(words: list[str]) -> str:
+    if not words:
+        return ""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 

@@ -48,6 +48,9 @@ class Renames:
         old = self.scopes.get(stmt, stmt)
         return f"{old}.{rest}" if rest else old
 
+    def __bool__(self) -> bool:
+        return bool(self.scopes) or any(k != v for k, v in self.features.items())
+
     def key(self, key):
         kind = key[0]
         if kind == "feature":
@@ -150,6 +153,8 @@ def _runs(indices: list[int]) -> tuple[Run, ...]:
 
 
 def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
+    if not renames and new_keys == old_keys:
+        return list(range(len(new_keys)))  # the common case, and the large axes: nothing moved
     old_index = {k: i for i, k in enumerate(_numbered(base_key(k) for k in old_keys))}
     return [old_index.get(k, -1) for k in _numbered(base_key(renames.key(k)) for k in new_keys)]
 
@@ -248,7 +253,8 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
                 missing = [k for k in old_in.keys if base_key(k) not in new_in_base]
                 if missing:
                     unit_taint |= {missing_reason(node, missing)}
-                changed = [k for k in new_in_keys if base_key(k) in {base_key(o) for o in old_in.keys} and k not in old_keys]
+                old_in_base = {base_key(o) for o in old_in.keys}
+                changed = [k for k in new_in_keys if k not in old_keys and base_key(k) in old_in_base]
                 if changed:
                     unit_taint |= {check.add(f"{node.scope} reads {_describe_key(changed[0])} through a changed path "
                                              f"(an op around it changed)", node.span)}
@@ -326,6 +332,7 @@ def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
     params: list[ParamPlan] = []
     used_old: set[str] = set()
     unproven = 0
+    matched_axes: dict = {}
     for name, p in new.params.items():
         source = renames.scope(name)
         q = old.params.get(source)
@@ -335,9 +342,14 @@ def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
         used_old.add(source)
         axes = []
         for axis_new, axis_old, role in zip(p.axes, q.axes, p.roles):
-            indices = match_axis(axis_new.keys, axis_old.keys, renames)
-            unproven += _unproven(indices, axis_new, axis_old, shared)
-            axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=_runs(indices)))
+            # Parameters of one op share axis objects (an LSTM's four row axes): match each once.
+            cache_key = (id(axis_new), id(axis_old))
+            if cache_key not in matched_axes:
+                indices = match_axis(axis_new.keys, axis_old.keys, renames)
+                matched_axes[cache_key] = (indices, _runs(indices), _unproven(indices, axis_new, axis_old, shared))
+            indices, runs, bad = matched_axes[cache_key]
+            unproven += bad
+            axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=runs))
         matched = [a.matched for a in axes]
         out_matched = 1
         for a, n in zip(axes, p.shape):
@@ -365,27 +377,28 @@ def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
                 new_spec=canonical(new_spec), params=tuple(params), dropped=dropped, summary=summary)
 
 
-def _shared_features(old: InteractionMap, new: InteractionMap, renames: Renames) -> tuple[int, dict[int, int]]:
-    """Bits of old features the new version still has, and new bit -> old bit."""
+def _shared_features(old: InteractionMap, new: InteractionMap, renames: Renames) -> tuple[int, list[tuple[int, int, int]]]:
+    """Bits of old features the new version still has, and new -> old bit runs
+    (new_start, old_start, length): features move in blocks, so few runs."""
     old_index = old.features.index
-    translate = {}
+    pairs = [(i, old_index.get(renames.feature(name))) for i, name in enumerate(new.features.names)]
+    pairs = [(i, j) for i, j in pairs if j is not None]
+    runs: list[list[int]] = []
+    for i, j in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == j:
+            runs[-1][2] += 1
+        else:
+            runs.append([i, j, 1])
     shared = 0
-    for i, name in enumerate(new.features.names):
-        j = old_index.get(renames.feature(name))
-        if j is not None:
-            translate[i] = j
-            shared |= 1 << j
-    return shared, translate
+    for _, j, n in runs:
+        shared |= ((1 << n) - 1) << j
+    return shared, [tuple(r) for r in runs]
 
 
-def _translate_bits(bits: int, translate: dict[int, int]) -> int:
+def _translate_bits(bits: int, runs: list[tuple[int, int, int]]) -> int:
     out = 0
-    i = 0
-    while bits:
-        if bits & 1 and i in translate:
-            out |= 1 << translate[i]
-        bits >>= 1
-        i += 1
+    for i, j, n in runs:
+        out |= ((bits >> i) & ((1 << n) - 1)) << j
     return out
 
 
