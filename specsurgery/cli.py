@@ -94,14 +94,17 @@ def cmd_schema(args) -> int:
     from .spec.load import load
 
     loaded = load([args.spec])
+    names = ", ".join(loaded.schemas)
+    if not loaded.schemas:
+        raise UserError(f"{args.spec}: error: no schema in this file")
     if args.schema:
         if args.schema not in loaded.schemas:
-            raise UserError(f"error: no schema {args.schema!r} in {args.spec} (schemas: {', '.join(loaded.schemas) or 'none'})")
+            raise UserError(f"{args.spec}: error: no schema {args.schema!r} (schemas: {names})")
         schema = loaded.schemas[args.schema]
     elif len(loaded.schemas) == 1:
         schema = next(iter(loaded.schemas.values()))
     else:
-        raise UserError(f"error: {args.spec} has several schemas; choose one with --schema ({', '.join(loaded.schemas)})")
+        raise UserError(f"{args.spec}: error: several schemas; choose one with --schema ({names})")
     json.dump(record_schema(schema), sys.stdout, indent=None if args.json else 2)
     sys.stdout.write("\n")
     return 0

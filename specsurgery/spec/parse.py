@@ -41,7 +41,8 @@ def grammar_text() -> str:
 
 @functools.lru_cache(maxsize=None)
 def _parser() -> Lark:
-    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    # cache=True keeps the compiled LALR tables in a temp file keyed by the grammar text.
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=True)
 
 
 def parse_text(text: str, path: str = "<string>") -> m.SpecFile:

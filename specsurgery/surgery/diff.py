@@ -328,7 +328,7 @@ def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
     new_graph = new_map.graph if new_map else build_graph(new_spec)
     old = old_map or shadow_map(old_graph)
     new = new_map or shadow_map(new_graph)
-    shared = _shared_features(old, new, renames)
+    shared = shared_features(old, new, renames)
     params: list[ParamPlan] = []
     used_old: set[str] = set()
     unproven = 0
@@ -377,7 +377,7 @@ def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
                 new_spec=canonical(new_spec), params=tuple(params), dropped=dropped, summary=summary)
 
 
-def _shared_features(old: InteractionMap, new: InteractionMap, renames: Renames) -> tuple[int, list[tuple[int, int, int]]]:
+def shared_features(old: InteractionMap, new: InteractionMap, renames: Renames) -> tuple[int, list[tuple[int, int, int]]]:
     """Bits of old features the new version still has, and new -> old bit runs
     (new_start, old_start, length): features move in blocks, so few runs."""
     old_index = old.features.index
@@ -395,7 +395,7 @@ def _shared_features(old: InteractionMap, new: InteractionMap, renames: Renames)
     return shared, [tuple(r) for r in runs]
 
 
-def _translate_bits(bits: int, runs: list[tuple[int, int, int]]) -> int:
+def translate_bits(bits: int, runs: list[tuple[int, int, int]]) -> int:
     out = 0
     for i, j, n in runs:
         out |= ((bits >> i) & ((1 << n) - 1)) << j
@@ -413,6 +413,6 @@ def _unproven(indices, axis_new, axis_old, shared) -> int:
         s_new = axis_new.sets[i]
         t = cache.get(s_new)
         if t is None:
-            t = cache[s_new] = _translate_bits(s_new, translate)
+            t = cache[s_new] = translate_bits(s_new, translate)
         bad += t != axis_old.sets[j] & mask
     return bad

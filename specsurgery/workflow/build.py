@@ -13,6 +13,7 @@ from typing import Optional
 
 from ..checkpoint import read_header, write_checkpoint
 from ..discover import load_each, spec_files
+from ..errors import UserError
 from ..ir import build_graph
 from ..spec.canonical import canonical
 from .policy import load_policy
@@ -37,6 +38,8 @@ def build(paths: Optional[list[str]] = None, out: Optional[str] = None, dry_run:
     files = spec_files(paths or [policy.path(policy.specs)])
     out_dir = out or policy.path(policy.models)
     models = load_each(files)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # say so before building anything
+        raise UserError(f"{out_dir}: error: cannot write checkpoints here: it is a file, not a folder")
     rows = []
     for name, (loaded, file) in models.items():
         spec = loaded.models[name]
