@@ -130,14 +130,17 @@ def build_graph(spec: m.ModelSpec) -> Graph:
     b = _Builder(spec, table)
     defined: dict[str, int] = {}  # statement -> node
     failed: set[str] = set()
-    lines = {s.name: s.span.line for s in model.statements}
+    lines: dict[str, int] = {}
+    for s in model.statements:
+        lines.setdefault(s.name, s.span.line)  # where each name is first defined
     outputs: dict[str, int] = {}
 
     def input_path(path: m.Path, stmt: str) -> int:
         parts = path.parts
         group = schema.group(parts[1])
         if group is None:
-            b.error(f"schema {schema.name} has no group {parts[1]!r}", path.span)
+            b.error(f"schema {schema.name} has no group {parts[1]!r}", path.span,
+                    "groups: " + ", ".join(g.name for g in schema.groups))
         if len(parts) == 2:
             numeric = group.numeric_features
             if not numeric:
@@ -155,7 +158,8 @@ def build_graph(spec: m.ModelSpec) -> Graph:
             b.error(f"{path} is not a feature: paths are INPUT.group or INPUT.group.feature", path.span)
         feature = group.feature(parts[2])
         if feature is None:
-            b.error(f"group {group.name} has no feature {parts[2]!r}", path.span)
+            b.error(f"group {group.name} has no feature {parts[2]!r}", path.span,
+                    "features: " + ", ".join(f.name for f in group.features))
         entities = group.name if group.is_entity_set else None
         label = f"{feature.type} {group.name}.{feature.name}"
         if feature.is_category:
@@ -172,6 +176,8 @@ def build_graph(spec: m.ModelSpec) -> Graph:
 
     def path_value(path: m.Path, stmt: str) -> int:
         head = path.parts[0]
+        if head in failed:
+            raise _Skip()  # already reported
         if head == model.input_name:
             if len(path.parts) == 1:
                 b.error(f"{head} is the whole observation; read a group ({head}.GROUP) or a feature", path.span)
@@ -231,7 +237,9 @@ def build_graph(spec: m.ModelSpec) -> Graph:
                 allowed = ", ".join(op.keywords) or "none"
                 b.error(f"{op.name} has no keyword {k.name!r} (keywords: {allowed})", k.span)
             if type(k.value) is not type(op.keywords[k.name]):
-                b.error(f"{op.name} keyword {k.name} takes {type(op.keywords[k.name]).__name__.replace('bool', 'true or false')}", k.span)
+                wanted = type(op.keywords[k.name]).__name__.replace("bool", "true or false")
+                got = str(k.value).lower() if isinstance(k.value, bool) else k.value
+                b.error(f"{op.name} keyword {k.name} takes {wanted}, got {got}", k.span)
             kw[k.name] = k.value
         inputs = []
         for arg in tensors:
@@ -273,8 +281,8 @@ def build_graph(spec: m.ModelSpec) -> Graph:
                 index = call_value(stmt.expr, stmt.name, name_ops(stmt))
             value = b.nodes[index].value
             if value.is_category:
-                b.error(f"{stmt.name} is a category ({value.describe()}), not a tensor", stmt.expr.span,
-                        "use embed or onehot")
+                b.error(f"statement {stmt.name} would hold {value.describe()}, which is not a tensor", stmt.expr.span,
+                        f"read it through embed({stmt.expr}, DIM) or onehot({stmt.expr})")
             if stmt.out and value.entities:
                 b.error(f"output head {stmt.name} ranges over entity set {value.entities}; pool it first", stmt.expr.span)
             defined[stmt.name] = index

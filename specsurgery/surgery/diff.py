@@ -39,6 +39,7 @@ from .plan import AxisMap, DroppedParam, ParamPlan, Plan, Reason, Run, Summary
 class Renames:
     features: dict[str, str] = field(default_factory=dict)  # new feature name -> old
     scopes: dict[str, str] = field(default_factory=dict)  # new statement -> old
+    _any: Optional[bool] = None
 
     def feature(self, name: str) -> str:
         return self.features.get(name, name)
@@ -49,7 +50,10 @@ class Renames:
         return f"{old}.{rest}" if rest else old
 
     def __bool__(self) -> bool:
-        return bool(self.scopes) or any(k != v for k, v in self.features.items())
+        """Whether anything was renamed (asked per axis, so counted once)."""
+        if self._any is None:
+            self._any = bool(self.scopes) or any(k != v for k, v in self.features.items())
+        return self._any
 
     def key(self, key):
         kind = key[0]
@@ -152,15 +156,49 @@ def _runs(indices: list[int]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+def _parts(key) -> list:
+    """The old values a new add/mul value may stand for: each side, recursively."""
+    if key[0] in ("add", "mul"):
+        return [key[1], key[2], *_parts(key[1]), *_parts(key[2])]
+    return []
+
+
 def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
     if not renames and new_keys == old_keys:
         return list(range(len(new_keys)))  # the common case, and the large axes: nothing moved
     old_index = {k: i for i, k in enumerate(_numbered(base_key(k) for k in old_keys))}
-    return [old_index.get(k, -1) for k in _numbered(base_key(renames.key(k)) for k in new_keys)]
+    translated = [renames.key(k) for k in new_keys]
+    indices = [old_index.get(k, -1) for k in _numbered(base_key(k) for k in translated)]
+    # A value newly joined by add or mul (`h` -> `add(h, g)`) still carries the
+    # old one: its weights are kept (the function check says what changed).
+    if -1 in indices:
+        free: dict = {}
+        taken = set(indices)
+        for (k, n), i in old_index.items():
+            if i not in taken:
+                free.setdefault(k, []).append(i)
+        for j, key in enumerate(translated):
+            if indices[j] < 0:
+                for part in _parts(key):
+                    spare = free.get(base_key(part))
+                    if spare:
+                        indices[j] = spare.pop(0)
+                        break
+    return indices
 
 
 # ---------------------------------------------------------------------------
 # 4. the function check
+
+
+def _describe_source(key) -> str:
+    """What made a value, without the unit: `g.linear`, `feature hero.mana`."""
+    key = base_key(key)
+    if key[0] == "unit":
+        return key[1]
+    if key[0] == "feature":
+        return f"feature {key[1]}"
+    return f"{key[0]}({_describe_source(key[1])}, {_describe_source(key[2])})"
 
 
 def _describe_key(key) -> str:
@@ -212,6 +250,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         old_keys.update(axis.keys)
     old_params = old.params
     old_scopes = {n.scope: n for n in old_graph.nodes if n.params}
+    old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
     # taint[node][i]: names of the reasons index i no longer computes what it did
     taint: dict[int, list[frozenset]] = {}
     empty = frozenset()
@@ -248,15 +287,19 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             new_in = new.values[node.inputs[0]] if node.inputs else None
             old_in = old.values[old_node.inputs[0]] if old_node.inputs else None
             if new_in is not None and old_in is not None:
-                new_in_keys = {renames.key(k) for k in new_in.keys}
+                new_in_keys = [renames.key(k) for k in new_in.keys]
                 new_in_base = {base_key(k) for k in new_in_keys}
+                for k in new_in_keys:
+                    new_in_base.update(base_key(p) for p in _parts(k))
                 missing = [k for k in old_in.keys if base_key(k) not in new_in_base]
                 if missing:
                     unit_taint |= {missing_reason(node, missing)}
-                old_in_base = {base_key(o) for o in old_in.keys}
+                if old_node.inputs[0] not in old_bases:
+                    old_bases[old_node.inputs[0]] = {base_key(o) for o in old_in.keys}
+                old_in_base = old_bases[old_node.inputs[0]]
                 changed = [k for k in new_in_keys if k not in old_keys and base_key(k) in old_in_base]
                 if changed:
-                    unit_taint |= {check.add(f"{node.scope} reads {_describe_key(changed[0])} through a changed path "
+                    unit_taint |= {check.add(f"{node.scope} reads {_describe_source(changed[0])} through a changed path "
                                              f"(an op around it changed)", node.span)}
                 for t in ins[0]:
                     unit_taint |= t
@@ -277,8 +320,8 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
                 ka, kb = renames.key(a.keys[i]), renames.key(b.keys[i])
                 if (ka in old_keys) != (kb in old_keys):
                     old_side, new_side = (ka, kb) if ka in old_keys else (kb, ka)
-                    t = t | {check.add(f"{node.op} joins a new input ({_describe_key(new_side)}) to "
-                                       f"{_describe_key(old_side)}", node.span)}
+                    t = t | {check.add(f"{node.op} joins a new input ({_describe_source(new_side)}) to "
+                                       f"{_describe_source(old_side)}", node.span)}
                 out.append(t)
             taint[node.index] = out
             continue
@@ -296,11 +339,15 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         old_value = old.values[old_graph.outputs[old_head]]
         new_value = new.values[index]
         new_keys = [renames.key(k) for k in new_value.keys]
+        stmt = next(s for s in new_graph.model.statements if s.name == head)
+        gone = [k for k in old_value.keys if k not in set(new_keys)]
+        if gone and len(new_value) >= len(old_value):
+            reasons.add(check.add(f"output head {head} no longer computes {_describe_source(gone[0])}"
+                                  + (f" (and {len(gone) - 1} more outputs)" if len(gone) > 1 else ""), stmt.span))
         for i, k in enumerate(new_keys):
             if k in old_keys:
                 reasons |= set(taint[index][i])
         if len(new_value) < len(old_value):
-            stmt = next(s for s in new_graph.model.statements if s.name == head)
             reasons.add(check.add(f"output head {head} narrowed from {len(old_value)} to {len(new_value)}", stmt.span))
     for head in old_heads:
         if head not in {renames.scopes.get(h, h) for h in new_graph.outputs}:

@@ -18,7 +18,8 @@ from ..checkpoint import check_against, load_spec, open_tensors, read_header
 from ..features import featurise, random_object, random_record
 from ..ir import build_graph
 from ..spec import model as m
-from .diff import Renames, find_renames
+from ..backends.shadow import shadow_map
+from .diff import Renames, find_renames, match_axis
 
 
 def load_module(path: str) -> tuple[m.ModelSpec, SpecModule]:
@@ -103,7 +104,25 @@ def verify(old_path: str, new_path: str, states: int = 1000, steps: Optional[int
     rng = random.Random(seed)
     draw_schema = _shared_items(old_spec.schema, new_spec.schema, renames)
     table = _correspondence(new_spec.schema, renames)
-    heads = [h for h in new_module.graph.outputs if renames.scopes.get(h, h) in old_module.graph.outputs]
+    # Compare each head output by output: a widened head's new outputs have no
+    # old counterpart, a reordered one's move (matched by key, as the plan does).
+    old_graph, new_graph = old_module.graph, new_module.graph
+    old_phi, new_phi = shadow_map(old_graph), shadow_map(new_graph)
+    columns = {}
+    for h, index in new_graph.outputs.items():
+        old_head = renames.scopes.get(h, h)
+        if old_head not in old_graph.outputs:
+            continue
+        old_keys = old_phi.values[old_graph.outputs[old_head]].keys
+        matched = match_axis(new_phi.values[index].keys, old_keys, renames)
+        pairs = [(j, i) for j, i in enumerate(matched) if i >= 0]
+        # Outputs whose derivation changed have no key match: pair the rest by position.
+        spare_old = [i for i in range(len(old_keys)) if i not in set(matched)]
+        spare_new = [j for j, i in enumerate(matched) if i < 0]
+        pairs += list(zip(spare_new, spare_old))
+        if pairs:
+            columns[h] = (torch.tensor([j for j, _ in pairs]), torch.tensor([i for _, i in pairs]))
+    heads = list(columns)
     worst = {h: 0.0 for h in heads}
     done = 0
     with torch.no_grad():
@@ -119,7 +138,9 @@ def verify(old_path: str, new_path: str, states: int = 1000, steps: Optional[int
             out_old = old_module(featurise(old_spec.schema, old_records, time=old_module.graph.has_time, validate=False))
             out_new = new_module(featurise(new_spec.schema, new_records, time=new_module.graph.has_time, validate=False))
             for h in heads:
-                diff = (out_old[renames.scopes.get(h, h)] - out_new[h]).abs().max().item()
+                new_cols, old_cols = columns[h]
+                old_out = out_old[renames.scopes.get(h, h)].index_select(-1, old_cols)
+                diff = (old_out - out_new[h].index_select(-1, new_cols)).abs().max().item()
                 worst[h] = max(worst[h], diff)
             done += n
     return {"states": states, "steps": steps, "heads": worst, "max": max(worst.values(), default=0.0)}
