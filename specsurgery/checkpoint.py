@@ -176,10 +176,50 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator:
         raise
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """A float32 tensor exactly as it lies in another checkpoint: written by
+    copying its bytes file to file (in the kernel where it can), never loaded."""
+
+    path: str
+    offset: int  # from the start of the file
+    nbytes: int
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, header: Header, name: str) -> "StoredTensor":
+        info = header.tensors[name]
+        return cls(header.path, header.data_start + info.start, info.end - info.start, info.shape)
+
+    def copy_to(self, out) -> int:
+        out.flush()
+        with open(self.path, "rb") as src:
+            left, offset = self.nbytes, self.offset
+            try:
+                while left:
+                    n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
+                    if n == 0:
+                        raise UserError(f"{self.path}: error: not a valid checkpoint: it ended early")
+                    left -= n
+                    offset += n
+            except OSError:  # a file system that cannot: copy through a buffer
+                src.seek(offset)
+                while left:
+                    chunk = src.read(min(left, 16 << 20))
+                    if not chunk:
+                        raise UserError(f"{self.path}: error: not a valid checkpoint: it ended early") from None
+                    out.write(chunk)
+                    left -= len(chunk)
+                out.flush()
+        os.lseek(out.fileno(), 0, os.SEEK_END)
+        return self.nbytes
+
+
 def write_checkpoint(path: str, spec_text: str, model_name: str,
                      shapes: dict[str, tuple[int, ...]], tensors: Iterable, progress=None,
                      extra_metadata: Optional[dict[str, str]] = None) -> int:
-    """Stream `tensors` (name, float32 tensor) in the order of `shapes`; returns bytes written.
+    """Stream `tensors` (name, float32 tensor or StoredTensor) in the order of `shapes`;
+    returns bytes written.
 
     The header is laid out from `shapes` first, so tensors can be produced and
     written one at a time and dropped: memory holds one tensor, not the model.
@@ -207,11 +247,15 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
                 raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
             if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
                 raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
-            array = tensor.detach().to("cpu").float().contiguous().numpy()
-            f.write(memoryview(array).cast("B"))
-            written += array.nbytes
+            if isinstance(tensor, StoredTensor):
+                nbytes = tensor.copy_to(f)
+            else:
+                array = tensor.detach().to("cpu").float().contiguous().numpy()
+                f.write(memoryview(array).cast("B"))
+                nbytes = array.nbytes
+            written += nbytes
             if progress is not None:
-                progress(name, array.nbytes)
+                progress(name, nbytes)
         missing = next(names, None)
         if missing is not None:  # never rename a short file into place
             raise AssertionError(f"writer expected {missing} {shapes[missing]}, the tensors ran out")

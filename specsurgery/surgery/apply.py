@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import check_against, load_spec, open_tensors, read_header, write_checkpoint
+from ..checkpoint import StoredTensor, open_tensors, read_header, write_checkpoint
 from ..errors import UserError
 from ..ir import build_graph
 from ..ops import OPS, OUT
@@ -20,53 +20,33 @@ from ..spec.canonical import canonical
 from .plan import ParamPlan, Plan
 
 
-def _index(axis) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new indices, old indices) of the matched part of an axis."""
-    new, old = [], []
-    for r in axis.runs:
-        new.extend(range(r.new, r.new + r.length))
-        old.extend(range(r.old, r.old + r.length))
-    return torch.tensor(new, dtype=torch.long), torch.tensor(old, dtype=torch.long)
-
-
-def _select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
-    if index.numel() == tensor.shape[dim] and bool((index == torch.arange(index.numel())).all()):
-        return tensor  # the whole axis in order: no copy
-    return tensor.index_select(dim, index)
-
-
-def _place(target: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    if index.numel() == target.shape[dim] and bool((index == torch.arange(index.numel())).all()):
-        return source if source.shape == target.shape else target.copy_(source)
-    return target.index_copy_(dim, index, source)
-
-
 def build_tensor(p: ParamPlan, node, local: str, read_old: Callable[[str], torch.Tensor],
                  generator: torch.Generator) -> torch.Tensor:
+    """The new tensor: old blocks copied run by run, new inputs zero, new units fresh."""
     op = OPS[node.op]
     if p.source is None:
         tensor = torch.empty(p.shape)
         op.init(node, local, tensor, generator)
         return tensor
-    old = read_old(p.source)
-    if p.action == "copied":
-        return old
     if len(p.shape) > 2:
         raise AssertionError(f"{p.name}: parameters of rank {len(p.shape)} are not supported")
-    maps = [_index(a) for a in p.axes]
-    # Copy: select the old indices axis by axis, then place them at their new ones.
-    source = old
-    for dim, (_, old_idx) in enumerate(maps):
-        source = _select(source, dim, old_idx)
+    old = read_old(p.source)
+    block = torch.zeros(p.shape)
+    # Runs are contiguous on both sides: slices, no index tensors, one new buffer.
     if len(p.shape) == 1:
-        block = _place(torch.zeros(p.shape), 0, maps[0][0], source)
+        for r in p.axes[0].runs:
+            block[r.new:r.new + r.length] = old[r.old:r.old + r.length]
     else:
-        rows = torch.zeros(maps[0][0].numel(), p.shape[1])
-        rows = _place(rows, 1, maps[1][0], source)
-        block = _place(torch.zeros(p.shape), 0, maps[0][0], rows)
-    # Fresh: new units on the output axis start at the op's init.
+        for r in p.axes[0].runs:
+            for c in p.axes[1].runs:
+                block[r.new:r.new + r.length, c.new:c.new + c.length] = old[r.old:r.old + r.length, c.old:c.old + c.length]
+    del old
+    # New units on the output axis start at the op's init.
     out_dim = next(k for k, a in enumerate(p.axes) if a.role == OUT)
-    new_units = sorted(set(range(p.shape[out_dim])) - set(maps[out_dim][0].tolist()))
+    matched = [False] * p.shape[out_dim]
+    for r in p.axes[out_dim].runs:
+        matched[r.new:r.new + r.length] = [True] * r.length
+    new_units = [i for i, m in enumerate(matched) if not m]
     if new_units:
         slab_shape = list(p.shape)
         slab_shape[out_dim] = len(new_units)
@@ -76,16 +56,31 @@ def build_tensor(p: ParamPlan, node, local: str, read_old: Callable[[str], torch
     return block
 
 
+def _check_old_tensors(header, plan: Plan) -> None:
+    """Refuse a checkpoint whose tensors do not match its (the plan's) old spec."""
+    expected = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
+    expected.update({d.name: tuple(d.shape) for d in plan.dropped})
+    problems = [f"{n} is missing" for n in expected if n not in header.tensors]
+    problems += [f"{n} has shape {list(header.tensors[n].shape)}, the spec says {list(shape)}"
+                 for n, shape in expected.items() if n in header.tensors and header.tensors[n].shape != shape]
+    problems += [f"{n} is {header.tensors[n].dtype}, expected F32" for n in expected
+                 if n in header.tensors and header.tensors[n].dtype != "F32"]
+    problems += [f"{n} is not in the spec" for n in header.tensors if n not in expected]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise UserError(f"{header.path}: error: the tensors do not match the embedded spec: {shown}")
+
+
 def apply_plan(plan: Plan, checkpoint: str, new_spec: m.ModelSpec, out: str, seed: int = 0,
                progress: Optional[Callable[[str, int], None]] = None) -> dict:
     """Write the surgered checkpoint to `out`; the old spec comes from `checkpoint` itself."""
     header = read_header(checkpoint)
-    old_spec = load_spec(header)
-    if canonical(old_spec) != plan.old_spec:
+    # Both texts are canonical: equal text means the same spec, no need to parse it again.
+    if header.spec_text != plan.old_spec:
         raise UserError(f"{checkpoint}: error: the plan was made for another old spec than the one in this checkpoint")
     if canonical(new_spec) != plan.new_spec:
         raise UserError("error: the plan was made for another new spec than the one given")
-    check_against(header, build_graph(old_spec))
+    _check_old_tensors(header, plan)
     new_graph = build_graph(new_spec)
     parameters = new_graph.parameters()
     if [p.name for p in plan.params] != list(parameters):
@@ -97,7 +92,10 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec: m.ModelSpec, out: str, see
     def produce():
         for p in plan.params:
             node, local = parameters[p.name]
-            yield p.name, build_tensor(p, node, local, tensors.get_tensor, generator)
+            if p.action == "copied":  # unchanged: its bytes go file to file
+                yield p.name, StoredTensor.of(header, p.source)
+            else:
+                yield p.name, build_tensor(p, node, local, tensors.get_tensor, generator)
 
     written = write_checkpoint(out, plan.new_spec, new_spec.model.name, shapes, produce(), progress=progress)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes)}
