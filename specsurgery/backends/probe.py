@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from ..ir import Graph
 from .torch import SpecModule, mask_key
@@ -108,8 +108,10 @@ def gradient_map(graph: Graph, method: str = "gradient", batch: int = 16, seed: 
     params = {k: v.detach() for k, v in module.named_parameters()}
 
     def loss(p, inputs):
+        # The sum of every statement, not only the heads: a statement that
+        # reaches no head still has parameters that meet features.
         single = {k: v.unsqueeze(0) for k, v in inputs.items()}
-        outputs = functional_call(module, p, (single,))
+        outputs = module(single, params=p, statements=True)
         return sum(o.sum() for o in outputs.values())
 
     per_sample = vmap(grad(loss), in_dims=(None, 0))

@@ -52,7 +52,14 @@ class SpecModule(nn.Module):
     def op_params(self, scope: str) -> dict[str, torch.Tensor]:
         return dict(_nest(self, scope)._parameters)
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, inputs: dict[str, torch.Tensor], params: Optional[dict[str, torch.Tensor]] = None,
+                statements: bool = False) -> dict[str, torch.Tensor]:
+        """Heads (or, with `statements`, every statement's value) for `inputs`.
+
+        `params` (checkpoint name -> tensor) replaces the module's own, which
+        is how the probe takes per-sample gradients (torch.func) without
+        looking parameters up by attribute: a statement may be called `forward`.
+        """
         graph = self.graph
         ctx = RunContext(masks={g.name: inputs[mask_key(g.name)] for g in graph.entity_sets()},
                          probe_variant=self.probe_variant or "gradient")
@@ -64,11 +71,17 @@ class SpecModule(nn.Module):
                 xs = [inputs[node.attrs["group"]]]
             elif node.op == "category":
                 xs = [inputs[f"{node.attrs['group']}.{node.attrs['feature']}"]]
-            params = self.op_params(node.scope) if node.params else {}
-            return (op.probe if probing else op.forward)(node, params, xs, ctx)
+            if not node.params:
+                own = {}
+            elif params is None:
+                own = self.op_params(node.scope)
+            else:
+                own = {local: params[f"{node.scope}.{local}"] for local in node.params}
+            return (op.probe if probing else op.forward)(node, own, xs, ctx)
 
         values = walk(graph, visit)
-        return {head: values[index] for head, index in graph.outputs.items()}
+        chosen = graph.statements if statements else graph.outputs
+        return {name: values[index] for name, index in chosen.items()}
 
 
 def mask_key(group: str) -> str:

@@ -55,6 +55,10 @@ class Renames:
             self._any = bool(self.scopes) or any(k != v for k, v in self.features.items())
         return self._any
 
+    def keys(self, keys) -> list:
+        """`key` of each, skipped when nothing was renamed (the common, large case)."""
+        return [self.key(k) for k in keys] if self else list(keys)
+
     def key(self, key):
         kind = key[0]
         if kind == "feature":
@@ -167,7 +171,7 @@ def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
     if not renames and new_keys == old_keys:
         return list(range(len(new_keys)))  # the common case, and the large axes: nothing moved
     old_index = {k: i for i, k in enumerate(_numbered(base_key(k) for k in old_keys))}
-    translated = [renames.key(k) for k in new_keys]
+    translated = renames.keys(new_keys)
     indices = [old_index.get(k, -1) for k in _numbered(base_key(k) for k in translated)]
     # A value newly joined by add or mul (`h` -> `add(h, g)`) still carries the
     # old one: its weights are kept (the function check says what changed).
@@ -287,7 +291,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             new_in = new.values[node.inputs[0]] if node.inputs else None
             old_in = old.values[old_node.inputs[0]] if old_node.inputs else None
             if new_in is not None and old_in is not None:
-                new_in_keys = [renames.key(k) for k in new_in.keys]
+                new_in_keys = renames.keys(new_in.keys)
                 new_in_base = {base_key(k) for k in new_in_keys}
                 for k in new_in_keys:
                     new_in_base.update(base_key(p) for p in _parts(k))
@@ -338,7 +342,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             continue
         old_value = old.values[old_graph.outputs[old_head]]
         new_value = new.values[index]
-        new_keys = [renames.key(k) for k in new_value.keys]
+        new_keys = renames.keys(new_value.keys)
         stmt = next(s for s in new_graph.model.statements if s.name == head)
         gone = [k for k in old_value.keys if k not in set(new_keys)]
         if gone and len(new_value) >= len(old_value):
