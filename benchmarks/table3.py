@@ -15,7 +15,7 @@ What runs at which size is printed with the figures:
     sample of features at full size and extrapolated to all features;
   * interactions found and transfer of the gradient rows come from complete
     maps of the same pair with every layer width divided by --scale (default
-    8: the same schema and features, the same architecture, ~1/50 of the
+    16: the same schema and features, the same architecture, ~1/200 of the
     parameters); the boolean row is given at both sizes.
 Then the product's own plan at full size: time to plan, time and peak memory
 to apply to a full-size checkpoint, and the verified output difference.
@@ -210,7 +210,7 @@ def child_peak(code: str) -> tuple[float, float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=int, default=8, help="width divisor of the pair the gradient rows are measured on")
+    parser.add_argument("--scale", type=int, default=16, help="width divisor of the pair the gradient rows are measured on")
     parser.add_argument("--sample", type=int, default=6, help="features timed for the full-size gradient map")
     parser.add_argument("--batch", type=int, default=32, help="features per probe batch at the scaled size")
     parser.add_argument("--states", type=int, default=1000, help="random states the full-size surgery is verified on")
