@@ -51,6 +51,18 @@ class Loaded:
         return self.models[name]
 
 
+def _first_of_each(kind: str, items: list, diagnostics: list[Diagnostic]) -> dict:
+    """Name -> the first definition; each later one is reported as defined twice."""
+    first: dict = {}
+    for item in items:
+        if item.name in first:
+            where = _where(first[item.name].span, item.span)
+            diagnostics.append(Diagnostic(f"{kind} {item.name!r} is defined twice (first {where})", item.span))
+        else:
+            first[item.name] = item
+    return first
+
+
 def load(paths: list[str], reader: Reader = read_disk) -> Loaded:
     """Parse and check `paths` and what they `use`; raise SpecError with every error."""
     loaded = Loaded()
@@ -85,37 +97,26 @@ def load(paths: list[str], reader: Reader = read_disk) -> Loaded:
     for path in paths:
         visit(path, (), None)
 
-    schema_where: dict[str, m.Schema] = {}
+    schema_where = _first_of_each("schema", [s for schemas, _ in own.values() for s in schemas], diagnostics)
     bad_schemas: set[str] = set()
-    for key, (schemas, models) in own.items():
-        for schema in schemas:
-            if schema.name in schema_where:
-                first = _where(schema_where[schema.name].span, schema.span)
-                diagnostics.append(Diagnostic(f"schema {schema.name!r} is defined twice (first {first})", schema.span))
-                continue
-            schema_where[schema.name] = schema
-            errors = check_schema(schema)
-            if errors:
-                bad_schemas.add(schema.name)
-            diagnostics.extend(errors)
-    model_where: dict[str, m.Model] = {}
-    for key, (schemas, models) in own.items():
-        for model in models:
-            if model.name in model_where:
-                first = _where(model_where[model.name].span, model.span)
-                diagnostics.append(Diagnostic(f"model {model.name!r} is defined twice (first {first})", model.span))
-                continue
-            model_where[model.name] = model
-            diagnostics.extend(check_model_names(model))
-            schema = schema_where.get(model.schema_name)
-            if schema is None:
-                if broken_use:
-                    continue  # most likely defined by the file that could not be used; that error says it
-                known = ", ".join(schema_where) or "none"
-                diagnostics.append(Diagnostic(f"model {model.name} reads unknown schema {model.schema_name!r} (schemas: {known})", model.schema_span))
-                continue
-            loaded.models[model.name] = m.ModelSpec(schema=schema, model=model)
-            loaded.model_files[model.name] = key
+    for schema in schema_where.values():
+        errors = check_schema(schema)
+        if errors:
+            bad_schemas.add(schema.name)
+        diagnostics.extend(errors)
+    home = {id(model): key for key, (_, models) in own.items() for model in models}
+    model_where = _first_of_each("model", [mo for _, models in own.values() for mo in models], diagnostics)
+    for model in model_where.values():
+        diagnostics.extend(check_model_names(model))
+        schema = schema_where.get(model.schema_name)
+        if schema is None:
+            if broken_use:
+                continue  # most likely defined by the file that could not be used; that error says it
+            known = ", ".join(schema_where) or "none"
+            diagnostics.append(Diagnostic(f"model {model.name} reads unknown schema {model.schema_name!r} (schemas: {known})", model.schema_span))
+            continue
+        loaded.models[model.name] = m.ModelSpec(schema=schema, model=model)
+        loaded.model_files[model.name] = home[id(model)]
     loaded.schemas = schema_where
     # Shapes and names inside models: every model whose schema is sound is typed,
     # so one run reports the errors of schemas and models together.
