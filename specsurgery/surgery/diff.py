@@ -456,14 +456,11 @@ def translate_bits(bits: int, runs: list[tuple[int, int, int]]) -> int:
 def _unproven(indices, axis_new, axis_old, shared) -> int:
     """Matched indices whose features, among those both versions have, differ."""
     mask, translate = shared
-    cache: dict[int, int] = {}
-    bad = 0
+    # Few distinct (new set, old set) pairs stand behind many indices: test each pair once.
+    pairs: dict[tuple[int, int], int] = {}
+    old_sets, new_sets = axis_old.sets, axis_new.sets
     for i, j in enumerate(indices):
-        if j < 0:
-            continue
-        s_new = axis_new.sets[i]
-        t = cache.get(s_new)
-        if t is None:
-            t = cache[s_new] = translate_bits(s_new, translate)
-        bad += t != axis_old.sets[j] & mask
-    return bad
+        if j >= 0:
+            key = (new_sets[i], old_sets[j])
+            pairs[key] = pairs.get(key, 0) + 1
+    return sum(n for (s_new, s_old), n in pairs.items() if translate_bits(s_new, translate) != s_old & mask)
