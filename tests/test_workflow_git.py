@@ -292,6 +292,31 @@ def test_check_first_commit_everything_is_new(tmp_path):
     assert first_line(result) == f"{model_at(OLD)}: model p: new, nothing to carry over"
 
 
+@pytest.mark.parametrize("how", ["staged", "user_of_changed_spec"])
+def test_check_spec_with_non_ascii_name(tmp_path, how):
+    name = "specs/modèle.spec"
+    if how == "staged":
+        root = make_repo(tmp_path / "proj", {"pyproject.toml": PYPROJECT_PLAIN, name: OLD})
+        stage(root, {name: REMOVE})
+        result = run("check", cwd=root)
+    else:
+        root = make_repo(tmp_path / "proj", {"pyproject.toml": PYPROJECT_PLAIN, "specs/schema.spec": SCHEMA,
+                                             name: USER})
+        stage(root, {"specs/schema.spec": SCHEMA_REMOVE})
+        result = run("check", "specs/schema.spec", cwd=root)  # as pre-commit calls it
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.startswith(f"{name}:") and "hero.mana was removed" in result.stderr, result.stderr
+
+
+def test_check_follows_a_renamed_spec(tmp_path):
+    root = new_repo(tmp_path / "proj")
+    git("mv", "specs/x.spec", "specs/policy.spec", cwd=root)
+    stage(root, {"specs/policy.spec": REMOVE})
+    result = run("check", cwd=root)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "hero.mana was removed" in result.stderr
+
+
 @pytest.mark.parametrize("broken, needle", [
     (edit(OLD, "    mana: float\n", "    mana float\n"), "mana float"),          # syntax
     (edit(OLD, "linear(obs.units, 8)", "linear(obs.nounits, 8)"), "obs.nounits"),  # no such group
@@ -541,10 +566,6 @@ def test_build_dry_run_fresh_and_policy_folders(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: keep_in_history() returns an existing history/<model>-<spechash>.safetensors without checking that it "
-    "holds the checkpoint being replaced, and build then applies the surgery to that stale file: a checkpoint "
-    "trained since an earlier surgery from the same spec is lost (neither in history nor carried over)"))
 def test_build_never_loses_the_checkpoint_it_replaces(project):
     """spec A (built) -> B -> back to A -> train -> B again: the trained weights must survive."""
     import numpy as np

@@ -35,6 +35,7 @@ class SpecModule(nn.Module):
     """`forward(inputs)` takes featurised tensors and returns a dict of heads."""
 
     def __init__(self, graph: Graph, seed: Optional[int] = 0, probe_variant: Optional[str] = None):
+        """`seed` makes the init reproducible; None leaves parameters uninitialised (to load them)."""
         super().__init__()
         self.graph = graph
         self.probe_variant = probe_variant  # None: the model as written; else a gradient-map probe
@@ -45,8 +46,9 @@ class SpecModule(nn.Module):
             holder = _nest(self, node.scope)
             for name, spec in node.params.items():
                 tensor = torch.empty(spec.shape)
-                with torch.no_grad():
-                    OPS[node.op].init(node, name, tensor, generator)
+                if seed is not None:  # None: weights are about to be loaded, skip the init
+                    with torch.no_grad():
+                        OPS[node.op].init(node, name, tensor, generator)
                 holder._parameters[name] = nn.Parameter(tensor)
 
     def op_params(self, scope: str) -> dict[str, torch.Tensor]:

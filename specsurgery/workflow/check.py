@@ -22,14 +22,29 @@ from .surgery_step import policy_verdict
 _USE = re.compile(r'^\s*use\s+"([^"\n]*)"', re.MULTILINE)
 
 
+def _paths(result) -> list[str]:
+    # -z: paths exactly as they are (git quotes non-ASCII names otherwise)
+    return [p for p in result.stdout.decode("utf-8", "surrogateescape").split("\0") if p]
+
+
 def staged_specs(root: str) -> list[str]:
-    result = _git(["diff", "--cached", "--name-only", "--diff-filter=ACMR", "--", "*.spec"], root)
-    return [line for line in result.stdout.decode().splitlines() if line]
+    return _paths(_git(["diff", "--cached", "-z", "--name-only", "--diff-filter=ACMR", "--", "*.spec"], root))
 
 
 def tracked_specs(root: str) -> list[str]:
-    result = _git(["ls-files", "--cached", "--", "*.spec"], root)
-    return [line for line in result.stdout.decode().splitlines() if line]
+    return _paths(_git(["ls-files", "-z", "--cached", "--", "*.spec"], root))
+
+
+def head_renames(root: str) -> dict[str, str]:
+    """Staged path -> its path at HEAD, for specs git sees as moved."""
+    out = _git(["diff", "--cached", "-z", "-M", "--name-status", "--diff-filter=R", "--", "*.spec"], root)
+    fields = _paths(out)
+    renames = {}
+    while len(fields) >= 3:
+        _status, old, new = fields[:3]
+        renames[new] = old
+        fields = fields[3:]
+    return renames
 
 
 def with_dependents(root: str, changed: list[str]) -> list[str]:
@@ -65,6 +80,7 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
     failed = False
     results = []
     staged, head = reader_at("", root), reader_at("HEAD", root)
+    moved = head_renames(root)
     for path in targets:
         try:
             new = load([path], staged)
@@ -76,7 +92,8 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
         except UserError:  # not in the index (deleted): nothing to check
             continue
         try:
-            old = load([f"git:HEAD:{path}"], head)  # spans name the revision they point into
+            head_path = moved.get(path, path)  # a spec renamed in this commit keeps its history
+            old = load([f"git:HEAD:{head_path}"], head)  # spans name the revision they point into
         except (SpecError, UserError):
             old = None
         for name, spec in new.models.items():

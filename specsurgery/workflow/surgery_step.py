@@ -8,6 +8,8 @@ checkpoint whole (old or new, never torn or missing):
 """
 from __future__ import annotations
 
+import filecmp
+import glob
 import os
 import shutil
 
@@ -26,10 +28,22 @@ def history_path(target: str, spec_text: str) -> str:
     return os.path.join(folder, f"{stem}-{spec_hash(spec_text)}.safetensors")
 
 
+def _same_bytes(a: str, b: str) -> bool:
+    if os.path.samefile(a, b):
+        return True
+    return os.path.getsize(a) == os.path.getsize(b) and filecmp.cmp(a, b, shallow=False)
+
+
 def keep_in_history(target: str, spec_text: str) -> str:
+    """Keep the target in history/, named by its spec's hash. The same spec can
+    come back with other (trained) weights: then a numbered name, never the old file."""
     path = history_path(target, spec_text)
-    if os.path.exists(path):
-        return path
+    n = 1
+    while os.path.exists(path):
+        if _same_bytes(path, target):
+            return path
+        n += 1
+        path = history_path(target, spec_text).removesuffix(".safetensors") + f".{n}.safetensors"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     try:
@@ -77,6 +91,8 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
 
     kept = keep_in_history(target, header.spec_text)
     staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged")
+    for leftover in glob.glob(glob.escape(staged) + "*"):  # from a build killed mid-write
+        os.unlink(leftover)
     bar = Progress(f"surgery {spec.model.name}", len(plan.params), enabled=progress)
     try:
         apply_plan(plan, kept, spec, staged, seed=seed, progress=bar)
