@@ -259,19 +259,20 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
     taint: dict[int, list[frozenset]] = {}
     empty = frozenset()
 
-    def missing_reason(scope_node, missing_keys) -> str:
+    def missing_reasons(scope_node, missing_keys) -> frozenset:
+        """One reason per removed feature (each at its own line), one for the rest."""
         features = sorted({base_key(k)[1] for k in missing_keys if base_key(k)[0] == "feature"})
         others = [k for k in missing_keys if base_key(k)[0] != "feature"]
-        if features:
-            name = features[0]
-            more = f" (and {len(features) - 1} more)" if len(features) > 1 else ""
-            return check.add(f"feature {name}{more} was removed, but {scope_node.scope} read it: "
-                             f"the function changes wherever it was non-zero", old_feature_spans.get(name))
+        out = {check.add(f"feature {name} was removed, but {scope_node.scope} read it: "
+                         f"the function changes wherever it was non-zero", old_feature_spans.get(name))
+               for name in features}
         scopes = sorted({base_key(k)[1] for k in others if base_key(k)[0] == "unit"})
         if scopes:
-            return check.add(f"{scope_node.scope} no longer reads {len(others)} of its old inputs "
-                             f"({', '.join(scopes[:3])}): their weights are dropped", scope_node.span)
-        return check.add(f"{scope_node.scope} no longer reads {_describe_key(others[0])}", scope_node.span)
+            out.add(check.add(f"{scope_node.scope} no longer reads {len(others)} of its old inputs "
+                              f"({', '.join(scopes[:3])}): their weights are dropped", scope_node.span))
+        elif others:
+            out.add(check.add(f"{scope_node.scope} no longer reads {_describe_key(others[0])}", scope_node.span))
+        return frozenset(out)
 
     for node in new_graph.nodes:
         value = new.values[node.index]
@@ -297,7 +298,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
                     new_in_base.update(base_key(p) for p in _parts(k))
                 missing = [k for k in old_in.keys if base_key(k) not in new_in_base]
                 if missing:
-                    unit_taint |= {missing_reason(node, missing)}
+                    unit_taint |= missing_reasons(node, missing)
                 if old_node.inputs[0] not in old_bases:
                     old_bases[old_node.inputs[0]] = {base_key(o) for o in old_in.keys}
                 old_in_base = old_bases[old_node.inputs[0]]
