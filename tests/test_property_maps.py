@@ -59,13 +59,7 @@ SETTINGS = settings(max_examples=40, deadline=None, database=None,
 WANTED = frozenset(OPS) | {"entity set", "lstm"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster than several fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exercised(graph: Graph) -> set[str]:

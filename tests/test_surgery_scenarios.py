@@ -124,13 +124,7 @@ RENAME_CORE = [("core = lstm(concat(h, u), 8)", "trunk was core = lstm(concat(h,
                ("out v = linear(core, 1)", "out v = linear(trunk, 1)")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is several times faster than many fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
