@@ -6,24 +6,10 @@ read as avg-pool) must be equal element for element, for every parameter and
 every input feature; each weaker probe ("gradient-random", "gradient-positive")
 may only miss interactions, never invent one: its map is a subset.
 
-Two known bugs of specsurgery make the property fail on specs as generated
-(minimal reproducers and the xfail(strict=True) tests at the end):
-
-  * gradient_map crashes when a statement (or an `as` alias) is named like an
-    attribute of the torch module (`forward`, `training`, `graph`, `type`,
-    `_parameters`, ...): torch.func.functional_call walks parameter names
-    with getattr, which finds the attribute instead of the submodule;
-  * a statement that reaches no output head: Φ says its parameters meet their
-    input features (they do, w ⊙ x happens), but the probe's loss is the sum
-    of the heads only, so every gradient there is zero.
-
-`test_maps_agree` therefore checks a spec equivalent to the drawn one for
-mapping purposes: such names get a suffix and every statement reaching no
-head is made to reach one (a plain one becomes a head, an entity-set one gets
-a `sumpool` head). It first proves that this leaves Φ of every parameter
-unchanged, then compares all parameters. `test_maps_agree_as_generated` is
-the property on the specs exactly as drawn, xfail(strict=False) until the
-bugs are fixed.
+The regression tests at the end are the minimal cases the property found
+before they were fixed: a statement named like an attribute of a torch module
+(`forward`, `training`), and a statement that reaches no head (the probe's
+loss now sums every statement, not only the heads).
 """
 from __future__ import annotations
 
@@ -32,16 +18,12 @@ from typing import Optional
 
 import numpy as np
 import pytest
-import torch
-from hypothesis import HealthCheck, Phase, example, given, settings
-from torch import nn
+from hypothesis import HealthCheck, example, given, settings
 
 from specsurgery.backends.probe import gradient_map
 from specsurgery.backends.shadow import InteractionMap, shadow_map
-from specsurgery.backends.torch import SpecModule
 from specsurgery.ir import Graph, build_graph
 from specsurgery.spec import model as m
-from specsurgery.spec.canonical import canonical
 from specsurgery.spec.load import load_text
 
 try:  # tests/ as a package or as a rootdir-relative folder
@@ -57,6 +39,7 @@ SETTINGS = settings(max_examples=40, deadline=None, database=None,
 
 # What a run must exercise: every op of the language, an entity set, an lstm.
 WANTED = frozenset(OPS) | {"entity set", "lstm"}
+SEEN: collections.Counter = collections.Counter()  # what the run exercised
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,89 +114,6 @@ def map_mismatches(graph: Graph, phi: InteractionMap, names: Optional[dict[str, 
 # the equivalent spec that steps around the two known bugs
 
 # getattr on the module finds these before the submodules of the same name.
-_TOP_ATTRS = frozenset(dir(SpecModule)) | frozenset(vars(nn.Module())) | {"graph", "probe_variant"}
-_SCOPE_ATTRS = frozenset(dir(nn.Module)) | frozenset(vars(nn.Module()))
-
-
-def _rewrite(expr, path_fn, call_fn):
-    if isinstance(expr, m.Path):
-        return path_fn(expr)
-    if isinstance(expr, m.Call):
-        args = tuple(_rewrite(a, path_fn, call_fn) for a in expr.args)
-        return call_fn(expr.model_copy(update={"args": args}))
-    return expr
-
-
-def _live_nodes(graph: Graph) -> set[int]:
-    live = set(graph.outputs.values())
-    stack = list(live)
-    while stack:
-        for i in graph.nodes[stack.pop()].inputs:
-            if i not in live:
-                live.add(i)
-                stack.append(i)
-    return live
-
-
-def mappable(spec: m.ModelSpec) -> tuple[m.ModelSpec, dict[str, str]]:
-    """The spec with colliding names suffixed and every statement reaching a head;
-    also new parameter name -> original parameter name."""
-    model = spec.model
-    taken = {s.name for s in model.statements} | {model.input_name}
-
-    def fresh(base: str, attrs) -> str:
-        name = base + "_s"
-        while name in taken or name in attrs:
-            name += "_"
-        taken.add(name)
-        return name
-
-    statements = {s.name: fresh(s.name, _TOP_ATTRS) if s.name in _TOP_ATTRS else s.name for s in model.statements}
-
-    def path_fn(p: m.Path) -> m.Path:
-        if p.parts[0] != model.input_name and p.parts[0] in statements:
-            return p.model_copy(update={"parts": (statements[p.parts[0]],) + p.parts[1:]})
-        return p
-
-    def call_fn(c: m.Call) -> m.Call:
-        if c.alias in _SCOPE_ATTRS:
-            return c.model_copy(update={"alias": fresh(c.alias, _SCOPE_ATTRS)})
-        return c
-
-    renamed = tuple(s.model_copy(update={"name": statements[s.name], "was": None,
-                                         "expr": _rewrite(s.expr, path_fn, call_fn)})
-                    for s in model.statements)
-    spec2 = spec.model_copy(update={"model": model.model_copy(update={"statements": renamed})})
-    graph = build_graph(spec2)
-    live = _live_nodes(graph)
-    final: list[m.Statement] = []
-    for s in renamed:
-        node = graph.nodes[graph.statements[s.name]]
-        if node.index in live:
-            final.append(s)
-        elif node.value.entities is None:
-            final.append(s.model_copy(update={"out": True}))
-        else:
-            final.append(s)
-            final.append(m.Statement(name=fresh("live", _TOP_ATTRS), out=True,
-                                     expr=m.Call(op="sumpool", args=(m.Path(parts=(s.name,)),))))
-    spec3 = spec2.model_copy(update={"model": model.model_copy(update={"statements": tuple(final)})})
-    spec3 = load_text(canonical(spec3), "<mappable>").model(model.name)  # still a valid spec
-
-    # Parameter names, in graph order, correspond one to one (no op was added
-    # inside a statement, the sumpool heads have no parameters).
-    old_names = list(build_graph(spec).parameters())
-    new_names = list(build_graph(spec3).parameters())
-    assert len(old_names) == len(new_names)
-    return spec3, dict(zip(new_names, old_names))
-
-
-# ---------------------------------------------------------------------------
-# the properties
-
-SEEN: collections.Counter = collections.Counter()
-
-
 def _with_covering_examples(test):
     for pair in COVERING:
         test = example(pair)(test)
@@ -228,16 +128,7 @@ def _maps_agree(pair):
     graph = build_graph(spec)
     SEEN.update(exercised(graph))
     SEEN["examples"] += 1
-    phi = shadow_map(graph)
-    spec2, names = mappable(spec)
-    graph2 = build_graph(spec2)
-    phi2 = shadow_map(graph2)
-    # The stand-in has the same Φ, parameter for parameter, axis for axis.
-    assert graph2.features == graph.features
-    for new, old in names.items():
-        assert phi2.params[new].shape == phi.params[old].shape, (new, old)
-        assert [a.sets for a in phi2.params[new].axes] == [a.sets for a in phi.params[old].axes], (new, old)
-    problems = map_mismatches(graph2, phi2, names)
+    problems = map_mismatches(graph, shadow_map(graph))
     assert not problems, "\n" + text + "\n".join(problems[:10])
 
 
@@ -250,22 +141,8 @@ def test_maps_agree():
     assert not missing, f"the run never exercised {sorted(missing)} (seen: {dict(SEEN)})"
 
 
-@pytest.mark.xfail(strict=False, reason="bugs: gradient_map crashes on statement/alias names that are torch "
-                                        "module attributes (forward, training, type, _parameters, ...), and "
-                                        "misses every interaction of statements that reach no head; see "
-                                        "test_gradient_map_* below")
-@settings(SETTINGS, phases=[Phase.explicit, Phase.generate])  # fails fast: the reproducers are below
-@given(specs())
-def test_maps_agree_as_generated(pair):
-    """The property on the specs exactly as drawn."""
-    text, spec = pair
-    graph = build_graph(spec)
-    problems = map_mismatches(graph, shadow_map(graph))
-    assert not problems, "\n" + text + "\n".join(problems[:10])
-
-
 # ---------------------------------------------------------------------------
-# the minimal reproducers found by the properties
+# regressions: the minimal cases the property once failed on
 
 ONE = "schema s {\n  group g {\n    x: float\n  }\n}\n\n"
 
@@ -274,20 +151,12 @@ def _graph(body: str) -> Graph:
     return build_graph(load_text(ONE + "model m(obs: s) {\n" + body + "\n}\n", "<min>").model())
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="bug: probe's functional_call resolves `forward.linear.weight` with getattr and finds "
-                          "SpecModule.forward (a method), not the submodule; any statement named like a module "
-                          "attribute (forward, training, type, graph, cuda, _parameters ...) or an alias like "
-                          "`as training` crashes `specsurgery map --method gradient`")
 @pytest.mark.parametrize("body", ["  out forward = linear(obs.g, 1)", "  out h = linear(obs.g, 1) as training"])
 def test_gradient_map_of_statement_named_like_a_module_attribute(body):
     graph = _graph(body)
     assert map_mismatches(graph, shadow_map(graph)) == []
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="bug: the probe's loss sums the heads only, so a statement that reaches no head gets "
-                          "all-zero gradients while Φ says h.linear.weight[0, 0] and h.linear.bias[0] meet g.x")
 def test_gradient_map_of_statement_reaching_no_head():
     graph = _graph("  h = linear(obs.g, 1)\n  out o = obs.g")
     assert map_mismatches(graph, shadow_map(graph)) == []

@@ -1,7 +1,7 @@
 """The torch back end: an IR graph as an nn.Module to train.
 
-Parameters live in one submodule per op scope, so `state_dict()` keys are the
-language's parameter names (`hero_h.linear.weight`), the checkpoint's keys.
+Parameters are held flat under the language's parameter names
+(`hero_h.linear.weight`), so `state_dict()` keys are the checkpoint's keys.
 """
 from __future__ import annotations
 
@@ -14,23 +14,6 @@ from ..ir import Graph, walk
 from ..ops import OPS, RunContext
 
 
-class _Scope(nn.Module):
-    """Holds the parameters of one op application."""
-
-
-def _nest(root: nn.Module, dotted: str) -> nn.Module:
-    # Written into _modules directly: statement names like "forward" or
-    # "training" are fine spec names and must not clash with nn.Module's.
-    module = root
-    for part in dotted.split("."):
-        child = module._modules.get(part)
-        if child is None:
-            child = _Scope()
-            module._modules[part] = child
-        module = child
-    return module
-
-
 class SpecModule(nn.Module):
     """`forward(inputs)` takes featurised tensors and returns a dict of heads."""
 
@@ -41,18 +24,17 @@ class SpecModule(nn.Module):
         self.probe_variant = probe_variant  # None: the model as written; else a gradient-map probe
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         for node in graph.nodes:
-            if not node.params:
-                continue
-            holder = _nest(self, node.scope)
             for name, spec in node.params.items():
                 tensor = torch.empty(spec.shape)
                 if seed is not None:  # None: weights are about to be loaded, skip the init
                     with torch.no_grad():
                         OPS[node.op].init(node, name, tensor, generator)
-                holder._parameters[name] = nn.Parameter(tensor)
+                # Flat, under the checkpoint's own names: statement names like
+                # "forward" or "training" must not meet nn.Module's attributes.
+                self._parameters[f"{node.scope}.{name}"] = nn.Parameter(tensor)
 
-    def op_params(self, scope: str) -> dict[str, torch.Tensor]:
-        return dict(_nest(self, scope)._parameters)
+    def op_params(self, node) -> dict[str, torch.Tensor]:
+        return {local: self._parameters[f"{node.scope}.{local}"] for local in node.params}
 
     def forward(self, inputs: dict[str, torch.Tensor], params: Optional[dict[str, torch.Tensor]] = None,
                 statements: bool = False) -> dict[str, torch.Tensor]:
@@ -76,7 +58,7 @@ class SpecModule(nn.Module):
             if not node.params:
                 own = {}
             elif params is None:
-                own = self.op_params(node.scope)
+                own = self.op_params(node)
             else:
                 own = {local: params[f"{node.scope}.{local}"] for local in node.params}
             return (op.probe if probing else op.forward)(node, own, xs, ctx)
