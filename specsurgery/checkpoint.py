@@ -176,10 +176,32 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator:
         raise
 
 
+def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
+    """Append `nbytes` of src (from `offset`) to dst at its position: in the kernel
+    where the file system can (copy_file_range), through a buffer where not."""
+    left = nbytes
+    try:
+        while left:
+            n = os.copy_file_range(src_fd, dst_fd, left, offset)
+            if n == 0:
+                break
+            left -= n
+            offset += n
+    except OSError:
+        pass
+    while left:
+        chunk = os.pread(src_fd, min(left, 16 << 20), offset)
+        if not chunk:
+            raise UserError("error: a checkpoint ended early while copying from it (truncated?)")
+        os.write(dst_fd, chunk)
+        left -= len(chunk)
+        offset += len(chunk)
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """A float32 tensor exactly as it lies in another checkpoint: written by
-    copying its bytes file to file (in the kernel where it can), never loaded."""
+    copying its bytes file to file, never loaded."""
 
     path: str
     offset: int  # from the start of the file
@@ -192,34 +214,16 @@ class StoredTensor:
         return cls(header.path, header.data_start + info.start, info.end - info.start, info.shape)
 
     def copy_to(self, out) -> int:
-        out.flush()
         with open(self.path, "rb") as src:
-            left, offset = self.nbytes, self.offset
-            try:
-                while left:
-                    n = os.copy_file_range(src.fileno(), out.fileno(), left, offset)
-                    if n == 0:
-                        raise UserError(f"{self.path}: error: not a valid checkpoint: it ended early")
-                    left -= n
-                    offset += n
-            except OSError:  # a file system that cannot: copy through a buffer
-                src.seek(offset)
-                while left:
-                    chunk = src.read(min(left, 16 << 20))
-                    if not chunk:
-                        raise UserError(f"{self.path}: error: not a valid checkpoint: it ended early") from None
-                    out.write(chunk)
-                    left -= len(chunk)
-                out.flush()
-        os.lseek(out.fileno(), 0, os.SEEK_END)
+            copy_range(src.fileno(), out.fileno(), self.offset, self.nbytes)
         return self.nbytes
 
 
 def write_checkpoint(path: str, spec_text: str, model_name: str,
                      shapes: dict[str, tuple[int, ...]], tensors: Iterable, progress=None,
                      extra_metadata: Optional[dict[str, str]] = None) -> int:
-    """Stream `tensors` (name, float32 tensor or StoredTensor) in the order of `shapes`;
-    returns bytes written.
+    """Stream `tensors` (name, float32 tensor, or an object with `shape` and
+    `copy_to(file)` such as StoredTensor) in the order of `shapes`; returns bytes written.
 
     The header is laid out from `shapes` first, so tensors can be produced and
     written one at a time and dropped: memory holds one tensor, not the model.
@@ -247,8 +251,10 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
                 raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
             if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
                 raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
-            if isinstance(tensor, StoredTensor):
+            if hasattr(tensor, "copy_to"):  # writes itself at the file's end (fd level)
+                f.flush()
                 nbytes = tensor.copy_to(f)
+                os.lseek(f.fileno(), 0, os.SEEK_END)
             else:
                 array = tensor.detach().to("cpu").float().contiguous().numpy()
                 f.write(memoryview(array).cast("B"))

@@ -7,11 +7,13 @@ files as they were.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import StoredTensor, open_tensors, read_header, write_checkpoint
+from ..checkpoint import StoredTensor, copy_range, open_tensors, read_header, write_checkpoint
 from ..errors import UserError
 from ..ir import build_graph
 from ..ops import OPS, OUT
@@ -56,6 +58,65 @@ def build_tensor(p: ParamPlan, node, local: str, read_old: Callable[[str], torch
     return block
 
 
+@dataclass
+class SplicedRows:
+    """A grown 2-D parameter written row by row: each old row's column runs copied
+    file to file from the old checkpoint, zeros between them, fresh rows from
+    the op's init. Used for large parameters, so the new tensor is never built
+    in memory (an LSTM's input weight at OpenAI Five size is 350 MB)."""
+
+    plan: ParamPlan
+    source: StoredTensor
+    fresh: Optional[torch.Tensor]  # [unmatched rows, columns], in row order
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.plan.shape)
+
+    def copy_to(self, out) -> int:
+        rows, cols = self.plan.shape
+        old_cols = self.source.shape[1]
+        row_map = self.plan.axes[0].old_indices()
+        col_runs = sorted(self.plan.axes[1].runs, key=lambda r: r.new)
+        zeros = bytes(4 * cols)
+        fresh = self.fresh.contiguous().numpy() if self.fresh is not None else None
+        dst = out.fileno()
+        k = 0
+        with open(self.source.path, "rb") as src_file:
+            src = src_file.fileno()
+            for r in range(rows):
+                old_row = row_map[r]
+                if old_row < 0:
+                    os.write(dst, fresh[k].tobytes())
+                    k += 1
+                    continue
+                at = 0
+                base = self.source.offset + 4 * old_row * old_cols
+                for c in col_runs:
+                    if c.new > at:
+                        os.write(dst, zeros[: 4 * (c.new - at)])
+                    copy_range(src, dst, base + 4 * c.old, 4 * c.length)
+                    at = c.new + c.length
+                if at < cols:
+                    os.write(dst, zeros[: 4 * (cols - at)])
+        return 4 * rows * cols
+
+
+SPLICE_FROM = 1 << 20  # elements: below this, building the tensor in memory is as fast
+
+
+def _spliced(p: ParamPlan, node, local: str, header, generator: torch.Generator) -> Optional[SplicedRows]:
+    """Stream a large 2-D parameter whose rows are its output units, else None."""
+    if len(p.shape) != 2 or p.axes[0].role != OUT or p.shape[0] * p.shape[1] < SPLICE_FROM:
+        return None
+    unmatched = p.shape[0] - p.axes[0].matched
+    fresh = None
+    if unmatched:
+        fresh = torch.empty(unmatched, p.shape[1])
+        OPS[node.op].init(node, local, fresh, generator)
+    return SplicedRows(p, StoredTensor.of(header, p.source), fresh)
+
+
 def _check_old_tensors(header, plan: Plan) -> None:
     """Refuse a checkpoint whose tensors do not match its (the plan's) old spec."""
     expected = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
@@ -94,8 +155,9 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec: m.ModelSpec, out: str, see
             node, local = parameters[p.name]
             if p.action == "copied":  # unchanged: its bytes go file to file
                 yield p.name, StoredTensor.of(header, p.source)
-            else:
-                yield p.name, build_tensor(p, node, local, tensors.get_tensor, generator)
+                continue
+            spliced = _spliced(p, node, local, header, generator) if p.source is not None else None
+            yield p.name, spliced or build_tensor(p, node, local, tensors.get_tensor, generator)
 
     written = write_checkpoint(out, plan.new_spec, new_spec.model.name, shapes, produce(), progress=progress)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes)}
