@@ -33,6 +33,18 @@ class SpecModule(nn.Module):
                 # "forward" or "training" must not meet nn.Module's attributes.
                 self._parameters[f"{node.scope}.{name}"] = nn.Parameter(tensor)
 
+    def load_tensors(self, read) -> None:
+        """Set every parameter from `read(name)` (a checkpoint's tensors, by name).
+
+        nn.Module.load_state_dict would look for submodules at each dot of the
+        name; parameters here are flat under the checkpoint's own names."""
+        with torch.no_grad():
+            for name, param in self._parameters.items():
+                tensor = read(name)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ValueError(f"{name}: shape {list(tensor.shape)}, the spec says {list(param.shape)}")
+                param.copy_(tensor)
+
     def op_params(self, node) -> dict[str, torch.Tensor]:
         return {local: self._parameters[f"{node.scope}.{local}"] for local in node.params}
 

@@ -168,26 +168,34 @@ def _parts(key) -> list:
 
 
 def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
+    """New index -> old index (or -1): by exact key, then through element-wise
+    wrappers, then a value newly joined by add or mul by the old value it carries."""
     if not renames and new_keys == old_keys:
         return list(range(len(new_keys)))  # the common case, and the large axes: nothing moved
-    old_index = {k: i for i, k in enumerate(_numbered(base_key(k) for k in old_keys))}
     translated = renames.keys(new_keys)
-    indices = [old_index.get(k, -1) for k in _numbered(base_key(k) for k in translated)]
-    # A value newly joined by add or mul (`h` -> `add(h, g)`) still carries the
-    # old one: its weights are kept (the function check says what changed).
-    if -1 in indices:
-        free: dict = {}
+    # Exact keys first: relu(x) and x both carry x, and must not be paired by order.
+    exact = {k: i for i, k in enumerate(_numbered(old_keys))}
+    indices = [exact.get(k, -1) for k in _numbered(translated)]
+
+    def fill(candidates) -> None:
+        """Match still-unmatched new indices to free old ones, by `candidates(key)`."""
         taken = set(indices)
-        for (k, n), i in old_index.items():
+        free: dict = {}
+        for i, k in enumerate(old_keys):
             if i not in taken:
-                free.setdefault(k, []).append(i)
+                free.setdefault(base_key(k), []).append(i)
         for j, key in enumerate(translated):
             if indices[j] < 0:
-                for part in _parts(key):
-                    spare = free.get(base_key(part))
+                for candidate in candidates(key):
+                    spare = free.get(base_key(candidate))
                     if spare:
                         indices[j] = spare.pop(0)
                         break
+
+    if -1 in indices:
+        fill(lambda key: [key])  # relu -> tanh on the path keeps the weights (the check says it changed)
+    if -1 in indices:
+        fill(_parts)  # `h` -> `add(h, g)`: still carries h
     return indices
 
 

@@ -29,7 +29,7 @@ def load_module(path: str) -> tuple[m.ModelSpec, SpecModule]:
     check_against(header, graph)
     module = SpecModule(graph, seed=None)
     tensors = open_tensors(path)
-    module.load_state_dict({name: tensors.get_tensor(name) for name in graph.parameters()})
+    module.load_tensors(tensors.get_tensor)
     module.eval()
     return spec, module
 
