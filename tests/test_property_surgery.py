@@ -21,11 +21,12 @@ Edits that change the function by construction are not made (the edit is
 redrawn): one that changes the width of a layernorm's axis or of an add / mul
 (layernorm statistics change; add / mul then fails to load) and one that pairs
 other indices in an add / mul. The decision is made from the two graphs, not
-from the plan, so the plan's claim is always checked. Two known bugs, each with
-an xfail(strict=True) reproducer at the end, are stepped around the same way:
-reordering concat arguments that hold two ops of one kind (their automatic
-names `linear`, `linear_2` swap) or a value and an activation of it
-(`concat(relu(x), x)`: matching cannot tell them apart).
+from the plan, so the plan's claim is always checked. Reordering concat
+arguments that hold two unnamed ops of one kind is stepped around the same way:
+their automatic names (`linear_2`, `linear_3`) swap, so the weights follow the
+names (the language numbers ops by appearance; `as` names them for good); an
+xfail(strict=True) reproducer at the end says so. `concat(relu(x), x)`
+reordered, once a bug, is a regression test there.
 
 verify() reads one step's `was` only, so first and last are compared through a
 copy of the last checkpoint whose spec says, with `was`, what each renamed
