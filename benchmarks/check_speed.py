@@ -19,6 +19,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from specsurgery.spec.load import ParseCache  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,19 +46,42 @@ def main() -> None:
         subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
         subprocess.run(git + ["add", "."], cwd=repo, check=True)
         subprocess.run(git + ["commit", "-qm", "five"], cwd=repo, check=True)
+        # five.spec went in through the hook too: its parse is in the hook's cache.
+        subprocess.run([script, "check", "specs/five.spec"], cwd=repo, capture_output=True)
         with open(os.path.join(ROOT, "specs", "five_next.spec"), encoding="utf-8") as f:
             changed = f.read().replace("model five_next(obs: five)", "model five(obs: five)")
         with open(os.path.join(repo, "specs", "five.spec"), "w", encoding="utf-8") as f:
             f.write(changed)
         subprocess.run(git + ["add", "specs/five.spec"], cwd=repo, check=True)
+        cache = os.path.join(repo, ".git", "specsurgery", "parsed")
+        staged_entry = ParseCache(cache)._path(changed)
+
+        def forget_staged():  # the change is new to the hook: parsed from text
+            if os.path.exists(staged_entry):
+                os.unlink(staged_entry)
+
+        def forget_all():  # a clone whose hook never ran: both versions parsed from text
+            shutil.rmtree(cache, ignore_errors=True)
+
+        def timed(prepare) -> tuple[float, subprocess.CompletedProcess]:
+            times, result = [], None
+            for _ in range(args.repeat):
+                prepare()
+                start = time.perf_counter()
+                result = subprocess.run([script, "check"], cwd=repo, capture_output=True, text=True)
+                times.append(time.perf_counter() - start)
+            return statistics.median(times), result
 
         wall([script, "check"], repo, 1)  # warm the page cache and lark's grammar cache
-        check_s, result = wall([script, "check"], repo, args.repeat)
+        check_s, result = timed(forget_staged)
+        cold_s, _ = timed(forget_all)
         bare_s, _ = wall([sys.executable, "-c", "pass"], repo, args.repeat)
         torch_s, _ = wall([sys.executable, "-c", "import torch"], repo, max(1, args.repeat // 2))
     print(result.stdout.strip() or result.stderr.strip())
     print(f"specsurgery check (five.spec -> five_next change, whole process): {check_s:.2f} s "
-          f"(median of {args.repeat}; requirement: within 1 s)")
+          f"(median of {args.repeat}; the staged text parsed, HEAD's read from the hook's cache as after "
+          f"any commit made through the hook; requirement: within 1 s)")
+    print(f"  with no cache at all (both versions parsed): {cold_s:.2f} s")
     print(f"baselines in the same run: bare python {bare_s:.2f} s ({check_s / bare_s:.1f}x), "
           f"python -c 'import torch' {torch_s:.2f} s (check / import torch = {check_s / torch_s:.2f})")
 

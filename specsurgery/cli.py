@@ -12,7 +12,11 @@ import os
 import sys
 from typing import Callable, Optional
 
-from .errors import SpecError, UserError
+# The command has no use for pydantic plugins, and looking them up (entry points
+# through importlib.metadata) costs the pre-commit hook time on every commit.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
+from .errors import SpecError, UserError  # noqa: E402
 
 COMMANDS: dict[str, Callable] = {}
 

@@ -122,8 +122,25 @@ class _Builder:
         raise _Skip()
 
 
+_BUILT: dict[int, tuple[m.ModelSpec, "Graph"]] = {}  # id(spec) -> (spec, graph), the last few
+
+
 def build_graph(spec: m.ModelSpec) -> Graph:
-    """Type every statement; all errors of the model are reported together."""
+    """Type every statement; all errors of the model are reported together.
+
+    Loading a spec types it (to report errors) and planning needs its graph
+    again: the last few graphs are kept, by the identity of their (frozen) spec."""
+    hit = _BUILT.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    graph = _build_graph(spec)
+    if len(_BUILT) >= 8:
+        _BUILT.pop(next(iter(_BUILT)))
+    _BUILT[id(spec)] = (spec, graph)
+    return graph
+
+
+def _build_graph(spec: m.ModelSpec) -> Graph:
     schema, model = spec.schema, spec.model
     table = feature_table(schema)
     bits = table.index

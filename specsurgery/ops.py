@@ -18,6 +18,8 @@ planning run in a pre-commit hook that must not pay for `import torch`.
 from __future__ import annotations
 
 import math
+from functools import cached_property
+from itertools import chain, repeat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -70,9 +72,13 @@ class Axis:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @cached_property
+    def distinct(self) -> frozenset:
+        return frozenset(self.sets)
+
     def union(self) -> int:
         total = 0
-        for s in set(self.sets):
+        for s in self.distinct:
             total |= s
         return total
 
@@ -417,7 +423,9 @@ class LSTM(Op):
         z_all = seen_x
         for s in set(h):
             z_all |= s
-        rows = tuple(("unit", node.scope, gate, k) for gate in LSTM_GATES for k in range(units))
+        n = 4 * units  # ("unit", scope, gate, k) per row, built in C: 16,384 rows at Five's size
+        rows = tuple(zip(repeat("unit", n), repeat(node.scope, n),
+                         (gate for gate in LSTM_GATES for _ in range(units)), chain.from_iterable(repeat(range(units), 4))))
         hidden_keys = unit_keys(node.scope, units)
         empty_rows = Axis(rows, (0,) * len(rows))
         bias_rows = Axis(rows, (z_all,) * len(rows))

@@ -224,7 +224,9 @@ def _or_list(words: list[str]) -> str:
 
 
 def _span(path: str, meta_or_token) -> m.Span:
-    return m.Span(
+    # The most made node of all; its fields come straight from lark's ints, so
+    # pydantic's validation is skipped (model_construct).
+    return m.Span.model_construct(
         file=path,
         line=meta_or_token.line,
         column=meta_or_token.column,

@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -149,6 +150,8 @@ def _numbered(keys) -> list[tuple]:
 
 
 def _runs(indices: list[int]) -> tuple[Run, ...]:
+    if indices and indices[0] == 0 and indices[-1] == len(indices) - 1 and indices == list(range(len(indices))):
+        return (Run(new=0, old=0, length=len(indices)),)
     runs: list[Run] = []
     start = None
     for i, old in enumerate(indices + [-1]):
@@ -465,11 +468,11 @@ def translate_bits(bits: int, runs: list[tuple[int, int, int]]) -> int:
 def _unproven(indices, axis_new, axis_old, shared) -> int:
     """Matched indices whose features, among those both versions have, differ."""
     mask, translate = shared
-    # Few distinct (new set, old set) pairs stand behind many indices: test each pair once.
-    pairs: dict[tuple[int, int], int] = {}
     old_sets, new_sets = axis_old.sets, axis_new.sets
-    for i, j in enumerate(indices):
-        if j >= 0:
-            key = (new_sets[i], old_sets[j])
-            pairs[key] = pairs.get(key, 0) + 1
+    # Few distinct (new set, old set) pairs stand behind many indices: count
+    # them (in C), then test each distinct pair once.
+    if len(indices) == len(old_sets) and indices == list(range(len(indices))):
+        pairs = collections.Counter(zip(new_sets, old_sets))
+    else:
+        pairs = collections.Counter((new_sets[i], old_sets[j]) for i, j in enumerate(indices) if j >= 0)
     return sum(n for (s_new, s_old), n in pairs.items() if translate_bits(s_new, translate) != s_old & mask)

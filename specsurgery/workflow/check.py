@@ -13,9 +13,9 @@ import subprocess
 from typing import Optional
 
 from ..errors import SpecError, UserError
-from ..spec.load import load
+from ..spec.load import ParseCache, load
 from ..surgery.diff import make_plan
-from .git import _git, reader_at, repo_root
+from .git import _git, git_dir, reader_at, repo_root
 from .policy import Policy, load_policy
 from .surgery_step import policy_verdict
 
@@ -80,10 +80,11 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
     failed = False
     results = []
     staged, head = reader_at("", root), reader_at("HEAD", root)
+    cache = ParseCache(os.path.join(git_dir(root), "specsurgery", "parsed"))
     moved = head_renames(root)
     for path in targets:
         try:
-            new = load([path], staged)
+            new = load([path], staged, cache)
         except SpecError as e:
             lines.append(e.render())
             failed = True
@@ -93,7 +94,7 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
             continue
         try:
             head_path = moved.get(path, path)  # a spec renamed in this commit keeps its history
-            old = load([f"git:HEAD:{head_path}"], head)  # spans name the revision they point into
+            old = load([f"git:HEAD:{head_path}"], head, cache)  # spans name the revision they point into
         except (SpecError, UserError):
             old = None
         for name, spec in new.models.items():

@@ -26,6 +26,13 @@ def repo_root(cwd: str = ".") -> str:
     return result.stdout.decode().strip()
 
 
+def git_dir(cwd: str = ".") -> str:
+    result = _git(["rev-parse", "--absolute-git-dir"], cwd)
+    if result.returncode != 0:
+        raise UserError(f"error: {os.path.abspath(cwd)} is not inside a git repository")
+    return result.stdout.decode().strip()
+
+
 def split_git_path(arg: str) -> Optional[tuple[str, str]]:
     """`git:REV:path` -> (REV, path), else None. REV may be empty (the index)."""
     if not arg.startswith("git:"):
