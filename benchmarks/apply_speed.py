@@ -24,6 +24,7 @@ Timings use time.perf_counter; nothing is asserted.
 """
 from __future__ import annotations
 
+from measure import vm_status  # noqa: E402  (benchmarks/ is the script folder)
 import json
 import os
 import resource
@@ -44,14 +45,6 @@ REPS = 3
 MB = 1024 * 1024
 
 
-def vm_status() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0]) / 1024.0
-    return out
 
 
 def load_model(path: str):

@@ -33,6 +33,7 @@ next to the figures.
 """
 from __future__ import annotations
 
+from measure import vm_status  # noqa: E402  (benchmarks/ is the script folder)
 import json
 import os
 import resource
@@ -56,15 +57,6 @@ PROBE_BUDGET = 90.0  # s of probing before the projection is acted on
 # helpers
 
 
-def vm_status() -> dict[str, float]:
-    """VmHWM / VmRSS of this process in MB (from /proc/self/status)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, value = line.split(":", 1)
-                out[key] = int(value.split()[0]) / 1024.0
-    return out
 
 
 def children_maxrss_mb() -> float:
