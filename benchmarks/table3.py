@@ -251,9 +251,7 @@ def main() -> None:
     print(f"scaled pair (widths / {args.scale}): {so_graph.parameter_count():,} -> {sn_graph.parameter_count():,} parameters, "
           f"same {len(so_graph.features):,} / {len(sn_graph.features):,} features")
     rows = {}
-    t = time.perf_counter()
     small_bool = map_only_transfer(so_phi, sn_phi, axis_sets_from_boolean(so_phi), axis_sets_from_boolean(sn_phi), renames)
-    small_bool_s = time.perf_counter() - t
     for method in ("gradient-positive", "gradient-random", "gradient"):
         old_sets, old_found, old_s = gradient_axis_sets(so_graph, method, args.batch)
         new_sets, new_found, new_s = gradient_axis_sets(sn_graph, method, args.batch)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import COMMANDS, EXTRA_PARSERS, command, emit_json, table
+from .cli import EXTRA_PARSERS, command, emit_json, table
 from .errors import UserError
 
 

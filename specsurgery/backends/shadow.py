@@ -12,7 +12,7 @@ views are asked for (the pre-commit hook plans without either).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -235,9 +235,3 @@ def plot_bins(phi: InteractionMap, width: int = 1200) -> tuple[np.ndarray, list[
             if bits >> f & 1:
                 picture[f, c] = True
     return picture, spans
-
-
-def iter_feature_masks(phi: InteractionMap, param: str) -> Iterator[tuple[int, np.ndarray]]:
-    p = phi.params[param]
-    for f in range(len(phi.features)):
-        yield f, p.mask(1 << f)

@@ -83,7 +83,3 @@ class SpecModule(nn.Module):
 def mask_key(group: str) -> str:
     """The input key of an entity set's mask (1 for a real entity, 0 for padding)."""
     return f"{group}#mask"
-
-
-def build_module(graph: Graph, seed: Optional[int] = 0) -> SpecModule:
-    return SpecModule(graph, seed=seed)

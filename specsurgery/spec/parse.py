@@ -347,9 +347,3 @@ class _ToSpec(Transformer):
 
     def path(self, meta, children):
         return m.Path(parts=tuple(str(c) for c in children), span=self._s(meta))
-
-
-def read_spec_file(path: str, text: Optional[str] = None) -> m.SpecFile:
-    if text is None:
-        text = FsPath(path).read_text(encoding="utf-8")
-    return parse_text(text, path)

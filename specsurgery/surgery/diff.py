@@ -26,7 +26,7 @@ from typing import Optional
 from ..backends.shadow import InteractionMap, shadow_map
 from ..errors import Diagnostic, SpecError
 from ..ir import Graph, build_graph, feature_name
-from ..ops import IN, OUT, base_key
+from ..ops import OUT, base_key
 from ..spec import model as m
 from ..spec.canonical import canonical
 from .plan import AxisMap, DroppedParam, ParamPlan, Plan, Reason, Run, Summary
@@ -263,7 +263,6 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
     old_keys = set()
     for axis in old.values.values():
         old_keys.update(axis.keys)
-    old_params = old.params
     old_scopes = {n.scope: n for n in old_graph.nodes if n.params}
     old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
     # taint[node][i]: names of the reasons index i no longer computes what it did

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from typing import Optional
 
 from ..errors import SpecError, UserError
