@@ -292,7 +292,7 @@ def main() -> None:
           f"planning took {plan_s:.2f} s (with both maps made)")
     if args.quick:
         return
-    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+    with tempfile.TemporaryDirectory(prefix="specsurgery-table3-") as tmp:
         old_ckpt, new_ckpt = os.path.join(tmp, "five.safetensors"), os.path.join(tmp, "five_next.safetensors")
         setup = ("import sys; sys.path.insert(0, '.')\n"
                  "from specsurgery.spec.load import load\nfrom specsurgery.ir import build_graph\n")
