@@ -124,7 +124,11 @@ def load_spec(header: Header):
 
 def check_against(header: Header, graph) -> None:
     """Refuse a checkpoint whose tensors do not match its spec."""
-    expected = {name: tuple(node.params[local].shape) for name, (node, local) in graph.parameters().items()}
+    check_shapes(header, {name: tuple(node.params[local].shape) for name, (node, local) in graph.parameters().items()})
+
+
+def check_shapes(header: Header, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose tensors are not exactly `expected` (name -> shape), in F32."""
     found = {name: info.shape for name, info in header.tensors.items()}
     problems = []
     for name, shape in expected.items():

@@ -9,6 +9,7 @@ import sys
 
 from .cli import EXTRA_PARSERS, command, emit_json, table
 from .errors import UserError
+from .progress import Progress
 
 
 def _model_arg(p) -> None:
@@ -76,32 +77,6 @@ def _map_parser(add) -> None:
 
 
 EXTRA_PARSERS.append(_map_parser)
-
-
-# ---------------------------------------------------------------------------
-# progress on a terminal
-
-
-class Progress:
-    """`apply: 12/40 tensors, 350.2 MB` on stderr, only when stderr is a terminal."""
-
-    def __init__(self, label: str, total: int, enabled: bool = True):
-        self.label, self.total, self.done, self.bytes = label, total, 0, 0
-        self.enabled = enabled and sys.stderr.isatty()
-
-    def __call__(self, name: str, nbytes: int) -> None:
-        self.done += 1
-        self.bytes += nbytes
-        if self.enabled:
-            width = 30
-            filled = width * self.done // max(1, self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                             f"{self.done}/{self.total} tensors, {self.bytes / 1e6:,.1f} MB")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            sys.stderr.write("\n")
 
 
 # ---------------------------------------------------------------------------

@@ -88,7 +88,7 @@ class Graph:
         return [g for g in self.schema.groups if g.is_entity_set]
 
 
-def walk(graph: Graph, visit: Callable[[Node, list[Any]], Any], outputs_only: bool = True) -> dict[int, Any]:
+def walk(graph: Graph, visit: Callable[[Node, list[Any]], Any]) -> dict[int, Any]:
     """Run `visit(node, input_values)` over the graph in order; node index -> value."""
     values: dict[int, Any] = {}
     for node in graph.nodes:

@@ -29,13 +29,5 @@ def resolve_spec(arg: str, model: Optional[str] = None) -> m.ModelSpec:
         if not os.path.exists(arg):
             raise UserError(f"{arg}: error: no such file")
         loaded = load([arg])
-    return _pick(loaded, model, arg)
+    return loaded.model(model, where=arg)
 
-
-def _pick(loaded, model: Optional[str], arg: str) -> m.ModelSpec:
-    own = list(loaded.model_files)
-    if model is not None:
-        return loaded.model(model)
-    if len(own) == 1:
-        return loaded.models[own[0]]
-    raise UserError(f"{arg}: error: choose a model with --model (models: {', '.join(own) or 'none'})")

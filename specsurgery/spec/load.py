@@ -42,14 +42,16 @@ class Loaded:
     models: dict[str, m.ModelSpec] = field(default_factory=dict)
     model_files: dict[str, str] = field(default_factory=dict)  # model -> the file that defines it
 
-    def model(self, name: Optional[str] = None) -> m.ModelSpec:
+    def model(self, name: Optional[str] = None, where: str = "") -> m.ModelSpec:
+        """The model `name`, or the only one; `where` (a path) starts the messages."""
+        head = f"{where}: error:" if where else "error:"
+        names = ", ".join(self.models) or "none"
         if name is None:
             if len(self.models) != 1:
-                names = ", ".join(self.models) or "none"
-                raise UserError(f"error: choose a model with --model (models: {names})")
+                raise UserError(f"{head} choose a model with --model (models: {names})")
             return next(iter(self.models.values()))
         if name not in self.models:
-            raise UserError(f"error: no model {name!r} (models: {', '.join(self.models) or 'none'})")
+            raise UserError(f"{head} no model {name!r} (models: {names})")
         return self.models[name]
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import StoredTensor, open_tensors, read_header, write_checkpoint
+from ..checkpoint import StoredTensor, check_shapes, open_tensors, read_header, write_checkpoint
 from ..errors import UserError
 from ..ir import build_graph
 from ..ops import OPS, OUT
@@ -140,15 +140,7 @@ def _check_old_tensors(header, plan: Plan) -> None:
     """Refuse a checkpoint whose tensors do not match its (the plan's) old spec."""
     expected = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
     expected.update({d.name: tuple(d.shape) for d in plan.dropped})
-    problems = [f"{n} is missing" for n in expected if n not in header.tensors]
-    problems += [f"{n} has shape {list(header.tensors[n].shape)}, the spec says {list(shape)}"
-                 for n, shape in expected.items() if n in header.tensors and header.tensors[n].shape != shape]
-    problems += [f"{n} is {header.tensors[n].dtype}, expected F32" for n in expected
-                 if n in header.tensors and header.tensors[n].dtype != "F32"]
-    problems += [f"{n} is not in the spec" for n in header.tensors if n not in expected]
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise UserError(f"{header.path}: error: the tensors do not match the embedded spec: {shown}")
+    check_shapes(header, expected)
 
 
 def apply_plan(plan: Plan, checkpoint: str, new_spec: m.ModelSpec, out: str, seed: int = 0,

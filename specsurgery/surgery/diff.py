@@ -247,9 +247,8 @@ def _old_feature_spans(spec: m.ModelSpec) -> dict[str, m.Span]:
 
 @dataclass
 class _Check:
-    old: InteractionMap
-    new: InteractionMap
-    renames: Renames
+    """Reasons by message (one each, in the order found), each with its span."""
+
     reasons: dict[str, Reason] = field(default_factory=dict)
 
     def add(self, message: str, span) -> str:
@@ -259,7 +258,7 @@ class _Check:
 
 def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: InteractionMap,
                    renames: Renames, old_feature_spans: dict[str, m.Span]) -> list[Reason]:
-    check = _Check(old, new, renames)
+    check = _Check()
     old_keys = set()
     for axis in old.values.values():
         old_keys.update(axis.keys)

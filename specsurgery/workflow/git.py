@@ -44,9 +44,9 @@ def split_git_path(arg: str) -> Optional[tuple[str, str]]:
     return rev, path
 
 
-def show(rev: str, path: str, cwd: str = ".") -> Optional[str]:
+def show(rev: str, path: str, cwd: str = ".", root: Optional[str] = None) -> Optional[str]:
     """The text of `path` (relative to cwd) at `rev` ('' for the staged index); None if absent."""
-    root = repo_root(cwd)
+    root = root or repo_root(cwd)
     rel = os.path.relpath(os.path.abspath(os.path.join(cwd, path)), root)
     result = _git(["show", f"{rev}:{rel}"], root)
     if result.returncode != 0:
@@ -60,10 +60,11 @@ def show(rev: str, path: str, cwd: str = ".") -> Optional[str]:
 def reader_at(rev: str, cwd: str = "."):
     """A spec Reader that reads every path (and what it uses) at `rev`."""
     prefix = f"git:{rev}:"
+    root = repo_root(cwd)
 
     def read(path: str) -> str:
         plain = path[len(prefix):] if path.startswith(prefix) else path
-        text = show(rev, plain, cwd)
+        text = show(rev, plain, cwd, root)
         if text is None:
             raise UserError(f"{path}: error: no such file at revision {rev or 'the index'}")
         return text

@@ -85,7 +85,7 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
     if dry_run:
         return {**row, "action": "would operate", "detail": render_plan(plan)}
 
-    from ..commands import Progress
+    from ..progress import Progress
     from ..surgery.apply import apply_plan
     from ..surgery.verify import verify
 
