@@ -213,7 +213,7 @@ def plot(path: str, n1: int, n2: int, pre: list, post: list, scratch: list, old_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from specsurgery.checkpoint import atomic_file
+    from specsurgery.files import atomic_file
 
     def xy(curve, shift=0):
         return [step + shift for step, _ in curve], [loss for _, loss in curve]

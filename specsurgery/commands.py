@@ -1,15 +1,124 @@
-"""Sub-commands of the later stages: map, plan, apply, verify, check.
+"""The sub-commands: each a runner (arguments -> exit status) and its parser.
 
-Each registers its parser in cli.EXTRA_PARSERS and its runner in cli.COMMANDS;
-heavy imports (torch) stay inside the runners that need them.
+Each registers its runner in COMMANDS and its parser in PARSERS; heavy imports
+(torch) stay inside the runners that need them, so `check` never pays for torch.
 """
 from __future__ import annotations
 
+import json
 import sys
+from typing import Callable
 
-from .cli import EXTRA_PARSERS, command, emit_json, table
+from .render import emit_json, table
 from .errors import UserError
 from .progress import Progress
+
+
+COMMANDS: dict[str, Callable] = {}
+PARSERS: list[Callable] = []  # each adds its sub-command(s) through `add(name)`
+
+
+def command(name: str, help: str):
+    def register(fn):
+        fn.help = help
+        COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------------------
+# build, inspect, schema
+
+
+@command("build", "compile spec files into checkpoints (with surgery when a spec changed)")
+def cmd_build(args) -> int:
+    from .workflow.build import build
+
+    report = build(args.paths or None, out=args.out, dry_run=args.dry_run, allow_lossy=args.allow_lossy,
+                   seed=args.seed, progress=not args.json)
+    if args.json:
+        emit_json(report)
+    else:
+        print(report["text"])
+    return report["exit"]
+
+
+@command("inspect", "print a checkpoint's embedded spec and its parameters")
+def cmd_inspect(args) -> int:
+    from .checkpoint import META_VERSION, check_against, load_spec, read_header
+    from .ir import build_graph
+    from .spec.canonical import canonical
+
+    header = read_header(args.checkpoint)
+    spec = load_spec(header)
+    graph = build_graph(spec)
+    check_against(header, graph)
+    params = [(name, list(node.params[local].shape), _numel(node.params[local].shape))
+              for name, (node, local) in graph.parameters().items()]
+    if args.json:
+        emit_json({"checkpoint": args.checkpoint, "model": spec.model.name,
+                   "version": header.metadata.get(META_VERSION), "spec": canonical(spec),
+                   "parameters": [{"name": n, "shape": s, "count": c} for n, s, c in params],
+                   "total": sum(c for _, _, c in params)})
+        return 0
+    print(f"# {args.checkpoint}: model {spec.model.name}, written by specsurgery {header.metadata.get(META_VERSION)}")
+    print(canonical(spec))
+    rows = [[n, "x".join(map(str, s)), f"{c:,}"] for n, s, c in params]
+    rows.append(["total", "", f"{sum(c for _, _, c in params):,}"])
+    print(table(rows, ["parameter", "shape", "count"], right=(2,)))
+    return 0
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@command("schema", "print the JSON Schema that observation records must satisfy")
+def cmd_schema(args) -> int:
+    from .features import record_schema
+    from .spec.load import load
+
+    loaded = load([args.spec])
+    names = ", ".join(loaded.schemas)
+    if not loaded.schemas:
+        raise UserError(f"{args.spec}: error: no schema in this file")
+    if args.schema:
+        if args.schema not in loaded.schemas:
+            raise UserError(f"{args.spec}: error: no schema {args.schema!r} (schemas: {names})")
+        schema = loaded.schemas[args.schema]
+    elif len(loaded.schemas) == 1:
+        schema = next(iter(loaded.schemas.values()))
+    else:
+        raise UserError(f"{args.spec}: error: several schemas; choose one with --schema ({names})")
+    json.dump(record_schema(schema), sys.stdout, indent=None if args.json else 2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _first_parsers(add) -> None:
+    p = add("build")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="spec files or folders (default: the policy's spec folder, specs/)")
+    p.add_argument("--out", metavar="DIR", help="checkpoint folder (default: the policy's model folder, models/)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
+    p.add_argument("--allow-lossy", action="store_true", default=None, help="carry out surgery that does not preserve the function")
+    p.add_argument("--seed", type=int, default=0, help="seed of fresh parameters (default 0)")
+
+    p = add("inspect")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+
+    p = add("schema")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--schema", metavar="NAME", help="which schema, when the file has several")
+
+
+PARSERS.append(_first_parsers)
+
+
+# ---------------------------------------------------------------------------
 
 
 def _model_arg(p) -> None:
@@ -76,7 +185,7 @@ def _map_parser(add) -> None:
     p.add_argument("--plot", metavar="FILE.png", help="draw the map: features down, parameters across")
 
 
-EXTRA_PARSERS.append(_map_parser)
+PARSERS.append(_map_parser)
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +218,7 @@ def read_plan_file(path: str):
 def cmd_plan(args) -> int:
     import json
 
-    from .checkpoint import atomic_file
+    from .files import atomic_file
     from .sources import resolve_spec
     from .surgery.diff import make_plan
     from .surgery.plan import plan_json_schema, render_plan
@@ -205,7 +314,7 @@ def _surgery_parsers(add) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-EXTRA_PARSERS.append(_surgery_parsers)
+PARSERS.append(_surgery_parsers)
 
 
 # ---------------------------------------------------------------------------
@@ -234,4 +343,4 @@ def _check_parser(add) -> None:
     p.add_argument("--min-transfer", type=float, default=None, metavar="SHARE", help="least share of old parameters to carry over")
 
 
-EXTRA_PARSERS.append(_check_parser)
+PARSERS.append(_check_parser)

@@ -10,7 +10,29 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .spec.model import Span
+from pydantic import BaseModel, ConfigDict
+
+
+class Span(BaseModel):
+    """Where a spec node stands in its file (1-based line and column)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str = "<string>"
+    line: int = 0
+    column: int = 0
+    end_line: int = 0
+    end_column: int = 0
+
+    # Positions are metadata: two specs with the same text mean the same thing.
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Span)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ def plot_map(phi_or_gmap, path: str, title: str = "") -> None:
     ax.set_xlabel("parameters (columns along each one's input axis)")
     ax.set_title(title)
     fig.tight_layout()
-    from .checkpoint import atomic_file
+    from .files import atomic_file
 
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=110)

@@ -93,7 +93,7 @@ class ParseCache:
             return None
 
     def put(self, path: str, text: str, spec_file: m.SpecFile) -> None:
-        from ..checkpoint import atomic_file
+        from ..files import atomic_file
 
         try:
             with atomic_file(self._path(text), "w", durable=False) as f:

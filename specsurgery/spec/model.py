@@ -10,29 +10,11 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import Span
+
 
 class Node(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Span(Node):
-    """Where a node stands in its file (1-based line and column)."""
-
-    file: str = "<string>"
-    line: int = 0
-    column: int = 0
-    end_line: int = 0
-    end_column: int = 0
-
-    # Positions are metadata: two specs with the same text mean the same thing.
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Span)
-
-    def __hash__(self) -> int:
-        return 0
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}"
 
 
 NO_SPAN = Span()

@@ -7,7 +7,6 @@ kept in `DIR/history/`, named by its spec's content hash.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Optional
 
@@ -16,11 +15,8 @@ from ..discover import load_each, spec_files
 from ..errors import UserError
 from ..ir import build_graph
 from ..spec.canonical import canonical
+from ..render import table
 from .policy import load_policy
-
-
-def spec_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def write_fresh(graph, path: str, seed: int = 0, progress=None) -> int:
@@ -63,8 +59,6 @@ def build(paths: Optional[list[str]] = None, out: Optional[str] = None, dry_run:
 
 
 def _text(rows: list[dict]) -> str:
-    from ..cli import table
-
     if not rows:
         return "no models found"
     body = table([[r["model"], f"{r['parameters']:,}", r["action"], r["file"]] for r in rows],

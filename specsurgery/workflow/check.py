@@ -16,7 +16,7 @@ from ..spec.load import ParseCache, load
 from ..surgery.diff import make_plan
 from .git import _git, git_dir, reader_at, repo_root
 from .policy import Policy, load_policy
-from .surgery_step import policy_verdict
+from .policy import policy_verdict
 
 _USE = re.compile(r'^\s*use\s+"([^"\n]*)"', re.MULTILINE)
 

@@ -77,3 +77,14 @@ def load_policy(start: str = ".") -> Policy:
     if not 0.0 <= float(values.get("min_transfer", 0.0)) <= 1.0:
         raise UserError(f"{path}: error: [tool.specsurgery] min_transfer must be between 0 and 1")
     return Policy(root=root, **values)
+
+
+def policy_verdict(summary, policy: Policy) -> list[str]:
+    """Why the policy refuses this change (empty: allowed)."""
+    problems = []
+    if not summary.function_preserving and not policy.allow_lossy:
+        problems.append("the change does not preserve the function (allow it with --allow-lossy or allow_lossy = true)")
+    if summary.transfer_share < policy.min_transfer:
+        problems.append(f"only {100 * summary.transfer_share:.2f}% of the old parameters carry over; "
+                        f"the policy asks for min_transfer = {policy.min_transfer:g}")
+    return problems

@@ -9,20 +9,24 @@ checkpoint whole (old or new, never torn or missing):
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import glob
 import os
 import shutil
 
-from ..checkpoint import atomic_file, load_spec, read_header
+from ..checkpoint import load_spec, read_header
+from ..files import atomic_file
 from ..spec import model as m
 from ..surgery.diff import make_plan
 from ..surgery.plan import render_plan
-from .policy import Policy
+from .policy import Policy, policy_verdict
+
+
+def spec_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def history_path(target: str, spec_text: str) -> str:
-    from .build import spec_hash
-
     folder = os.path.join(os.path.dirname(target), "history")
     stem = os.path.basename(target).removesuffix(".safetensors")
     return os.path.join(folder, f"{stem}-{spec_hash(spec_text)}.safetensors")
@@ -55,17 +59,6 @@ def keep_in_history(target: str, spec_text: str) -> str:
         with atomic_file(path) as out, open(target, "rb") as src:
             shutil.copyfileobj(src, out, 16 * 1024 * 1024)
     return path
-
-
-def policy_verdict(summary, policy: Policy) -> list[str]:
-    """Why the policy refuses this change (empty: allowed)."""
-    problems = []
-    if not summary.function_preserving and not policy.allow_lossy:
-        problems.append("the change does not preserve the function (allow it with --allow-lossy or allow_lossy = true)")
-    if summary.transfer_share < policy.min_transfer:
-        problems.append(f"only {100 * summary.transfer_share:.2f}% of the old parameters carry over; "
-                        f"the policy asks for min_transfer = {policy.min_transfer:g}")
-    return problems
 
 
 def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, dry_run: bool = False,

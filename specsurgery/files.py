@@ -1,0 +1,73 @@
+"""Files written whole or not at all, and bytes copied file to file."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterator
+
+from .errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
+    """Write to a temporary file in the target's folder; rename on success only.
+
+    `durable` also fsyncs the file and its folder, so the rename survives a power
+    cut, not only a killed process (for benchmarks that compare like with like)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except (FileExistsError, NotADirectoryError):
+        blocker = folder
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        raise UserError(f"{path}: error: cannot write: {blocker} is a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"{path}: error: cannot write: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, mode) as f:
+            # mkstemp makes the file private (0600); give it the mode a plain open() would
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # make the rename itself durable
+            if not durable:
+                raise OSError
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
+    """Append `nbytes` of src (from `offset`) to dst at its position: in the kernel
+    where the file system can (copy_file_range), through a buffer where not."""
+    left = nbytes
+    try:
+        while left:
+            n = os.copy_file_range(src_fd, dst_fd, left, offset)
+            if n == 0:
+                break
+            left -= n
+            offset += n
+    except OSError:
+        pass
+    while left:
+        chunk = os.pread(src_fd, min(left, 16 << 20), offset)
+        if not chunk:
+            raise UserError("error: a checkpoint ended early while copying from it (truncated?)")
+        os.write(dst_fd, chunk)
+        left -= len(chunk)
+        offset += len(chunk)
