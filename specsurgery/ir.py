@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import Diagnostic, SpecError
-from .ops import INPUT_OPS, OPS, Node, OpError, Value
+from .ops import INPUT_OPS, OPS, READ_CATEGORY, READ_FEATURE, READ_GROUP, Node, OpError, Value
 from .spec import model as m
 
 
@@ -166,7 +166,7 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
             names = tuple(feature_name(group, f) for f in numeric)
             key = ("group", group.name)
             if key not in b.cache:
-                b.cache[key] = b.add("group", (), Value(len(names), group.name if group.is_entity_set else None,
+                b.cache[key] = b.add(READ_GROUP, (), Value(len(names), group.name if group.is_entity_set else None,
                                                         label=f"{'entity set' if group.is_entity_set else 'group'} {group.name}"),
                                      stmt, path.span, attrs={"group": group.name, "features": names,
                                                              "bits": tuple(1 << bits[n] for n in names)})
@@ -182,12 +182,12 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
         if feature.is_category:
             vocab = schema.vocab(feature.vocab)
             names = tuple(feature_name(group, feature, item) for item in vocab.item_names)
-            return b.add("category", (), Value(len(names), entities, vocab=vocab.name, label=label), stmt, path.span,
+            return b.add(READ_CATEGORY, (), Value(len(names), entities, vocab=vocab.name, label=label), stmt, path.span,
                          attrs={"group": group.name, "feature": feature.name, "features": names,
                                 "bits": tuple(1 << bits[n] for n in names)})
         column = group.numeric_features.index(feature)
         name = feature_name(group, feature)
-        return b.add("feature", (), Value(1, entities, label=label), stmt, path.span,
+        return b.add(READ_FEATURE, (), Value(1, entities, label=label), stmt, path.span,
                      attrs={"group": group.name, "feature": feature.name, "column": column,
                             "features": (name,), "bits": (1 << bits[name],)})
 
@@ -277,8 +277,8 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
             span = spans[e.argument].span if e.argument is not None and e.argument < len(spans) else call.span
             b.error(e.message, span)
         attrs = {"ints": [i.value for i in ints], **kw}
-        if op.name in ("maxpool", "avgpool", "sumpool"):
-            attrs["entities"] = values[0].entities
+        if op.surgery.layout.entities == "required":
+            attrs["entities"] = values[0].entities  # whose mask the forward reads
         scope = f"{stmt}.{scopes[id(call)]}"
         return b.add(op.name, tuple(inputs), value, stmt, call.span, scope=scope, attrs=attrs, params=params,
                      arg_spans=tuple(a.span for a in tensors))
@@ -313,4 +313,4 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
                                         "mark a statement as a head: out NAME = EXPR"))
     if b.diagnostics:
         raise SpecError(b.diagnostics)
-    return Graph(spec, b.nodes, outputs, defined, table, any(n.op == "lstm" for n in b.nodes))
+    return Graph(spec, b.nodes, outputs, defined, table, any(OPS[n.op].surgery.layout.time for n in b.nodes))

@@ -8,21 +8,28 @@ Each op says, in one class:
   * `probe`   its gradient-map variant (positive values stay positive, zero
               stays zero, so a non-zero gradient means an interaction);
   * `shadow`  its boolean rule (paper, Tables 1 and 2): per output index the
-              input features it carries and a structural key, per parameter
-              axis the same, from which the interaction map Φ is read.
+              input features it carries and a structural key (keys.py), per
+              parameter axis the same, from which the interaction map Φ is read;
+  * `surgery` its surgery meaning (a `Surgery`): how its outputs depend on its
+              inputs' indices, whether it maps 0 to 0 and is idempotent, what
+              it needs of the input layout, how it can start at zero or as the
+              identity. The function check and the plan ask this, never a name.
 
-Every rule is abstract on `Op`, so an op that forgets one fails at import.
+Every rule is required on `Op`: a method left abstract, or a `surgery` left
+undeclared, fails when the class is created (at import).
 torch is imported inside the torch rules only: parsing, checking, mapping and
 planning run in a pre-commit hook that must not pay for `import torch`.
 """
 from __future__ import annotations
 
+import enum
 import math
 from functools import cached_property
-from itertools import chain, repeat
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Mapping, Optional
+
+from . import keys as K
 
 # ---------------------------------------------------------------------------
 # values, parameters and shadow axes
@@ -116,25 +123,60 @@ class RunContext:
     probe_variant: str = "gradient"  # gradient | gradient-random | gradient-positive
 
 
-def unit_keys(scope: str, n: int, tag: Optional[str] = None) -> tuple:
-    return tuple(("unit", scope, tag, i) for i in range(n))
+# ---------------------------------------------------------------------------
+# the surgery meaning of an op
 
 
-# Keys of values made by element-wise ops record the op: ("relu", key). Matching
-# looks through these wrappers (`base_key`); the function check does not.
-WRAPPERS = frozenset({"relu", "tanh", "sigmoid", "gelu", "maxpool", "avgpool", "sumpool", "norm"})
+class Indices(enum.Enum):
+    """How an op's output indices depend on its inputs' indices."""
+
+    SOURCE = "source"  # reads the observation: its indices are input features
+    ELEMENTWISE = "elementwise"  # output index i is made of input index i alone (a pool: over entities)
+    CONCAT = "concat"  # the output's indices are the inputs' indices, one input after another
+    JOIN = "join"  # output index i joins index i of each of its inputs (add, mul)
+    MIXING = "mixing"  # every output index reads every input index, through the op's parameters
 
 
-def wrap_keys(op: str, axis: "Axis") -> "Axis":
-    return Axis(tuple((op, k) for k in axis.keys), axis.sets)
+@dataclass(frozen=True)
+class Layout:
+    """What an op needs of its input's layout, and what it does to it."""
+
+    entities: Literal["any", "required", "forbidden"]  # an entity axis on the input
+    pools: bool = False  # the output loses the entity axis
+    time: bool = False  # runs over a time axis: a model holding it takes [batch, time, ...]
 
 
-def base_key(key: tuple) -> tuple:
-    while key[0] in WRAPPERS:
-        key = key[-1]
-    if key[0] in ("add", "mul"):
-        return (key[0], base_key(key[1]), base_key(key[2]))
-    return key
+@dataclass(frozen=True)
+class Surgery:
+    """An op's surgery meaning. No field that decides a claim has a default:
+    an op must say whether it mixes, maps 0 to 0, or is idempotent."""
+
+    indices: Indices
+    zero_to_zero: bool  # f(0) = 0 (with its parameters as they are: a biased linear does not)
+    idempotent: bool  # f(f(x)) = f(x): relu after relu is one relu
+    layout: Layout
+    # MIXING: with every parameter at zero the output is zero, so a new branch can start here at zero.
+    starts_at_zero: bool = False
+    # MIXING: an old output changes when its input axis changes, whatever the weights of new
+    # inputs (layernorm's statistics); the phrase that says so ({old}, {new}: the axis sizes).
+    # None: new inputs meet weights that start at zero, and old outputs do not see them.
+    axis_change: Optional[str] = None
+    # JOIN: the value one side can hold and leave the other as it is (add: 0; mul: 1).
+    join_neutral: Optional[float] = None
+    # How each parameter starts so the op computes its input unchanged (linear: weight
+    # "identity", bias "zero"); None: it cannot be the identity.
+    identity: Optional[Mapping[str, Literal["identity", "zero"]]] = None
+
+    def __post_init__(self):
+        if (self.indices is Indices.JOIN) != (self.join_neutral is not None):
+            raise TypeError("a join (and only a join) declares join_neutral")
+        if self.indices is not Indices.MIXING and (self.starts_at_zero or self.axis_change or self.identity):
+            raise TypeError("starts_at_zero, axis_change and identity are for ops that mix through parameters")
+
+
+def wrap_axis(op: "Op", axis: Axis) -> Axis:
+    """The axis of an index-by-index op's output: each key wrapped by the op."""
+    return Axis(tuple(K.wrap(op.name, k, op.surgery.idempotent) for k in axis.keys), axis.sets)
 
 
 def _torch():
@@ -149,11 +191,26 @@ def _torch():
 
 class Op(ABC):
     name: str
+    surgery: Surgery  # required: see __init_subclass__
     n_tensors: Optional[int] = 1  # tensor arguments; None: one or more
     n_ints: int = 0  # integer arguments after them (widths)
     int_names: tuple[str, ...] = ()
     keywords: dict[str, Any] = {}
     takes_category: bool = False  # reads a category path instead of a tensor
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # a family helper (Elementwise, Pool): each op of the family is checked
+        # ABCMeta counts abstract methods only after this hook: look for them here.
+        missing = sorted(name for name in Op.__abstractmethods__
+                         if getattr(getattr(cls, name), "__isabstractmethod__", False))
+        if missing:
+            raise TypeError(f"op {cls.__name__} does not define {', '.join(missing)}")
+        if not isinstance(getattr(cls, "surgery", None), Surgery):
+            raise TypeError(f"op {cls.__name__} does not declare its surgery meaning (surgery = Surgery(...)): "
+                            "how its outputs depend on its inputs' indices, whether it maps 0 to 0, "
+                            "whether it is idempotent, what it needs of the input layout")
 
     @abstractmethod
     def infer(self, inputs: list[Value], ints: list[int], kw: dict[str, Any]) -> tuple[Value, dict[str, ParamSpec]]:
@@ -206,6 +263,7 @@ class GroupInput(Op):
 
     name = "group"
     n_tensors = 0
+    surgery = Surgery(Indices.SOURCE, zero_to_zero=True, idempotent=True, layout=Layout(entities="any"))
 
     def infer(self, inputs, ints, kw):
         raise AssertionError("inputs are typed by the IR builder")
@@ -218,7 +276,7 @@ class GroupInput(Op):
     probe = forward
 
     def shadow(self, node, xs):
-        keys = tuple(("feature", name) for name in node.attrs["features"])
+        keys = tuple(K.Feature(name) for name in node.attrs["features"])
         return Axis(keys, tuple(node.attrs["bits"])), {}
 
 
@@ -254,6 +312,8 @@ class Linear(Op):
     n_ints = 1
     int_names = ("units",)
     keywords = {"bias": True}
+    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False, layout=Layout(entities="any"),
+                      starts_at_zero=True, identity={"weight": "identity", "bias": "zero"})
 
     def infer(self, inputs, ints, kw):
         (x,), (units,) = inputs, ints
@@ -281,7 +341,7 @@ class Linear(Op):
         (x,) = xs
         units = node.params["weight"].shape[0]
         seen = x.union()  # every unit mixes every input (w ⊙ x, then a sum)
-        out = Axis(unit_keys(node.scope, units), (seen,) * units)
+        out = Axis(K.units(node.scope, units), (seen,) * units)
         params = {"weight": (Axis(out.keys, (0,) * units), x)}
         if "bias" in node.params:
             params["bias"] = (Axis(out.keys, (seen,) * units),)
@@ -293,6 +353,8 @@ class Embed(Op):
     n_ints = 1
     int_names = ("dim",)
     takes_category = True
+    surgery = Surgery(Indices.MIXING, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"),
+                      starts_at_zero=True)
 
     def infer(self, inputs, ints, kw):
         (x,), (dim,) = inputs, ints
@@ -313,12 +375,15 @@ class Embed(Op):
     def shadow(self, node, xs):
         (items,) = xs
         dim = node.params["weight"].shape[1]
-        out = Axis(unit_keys(node.scope, dim), (items.union(),) * dim)
+        out = Axis(K.units(node.scope, dim), (items.union(),) * dim)
         return out, {"weight": (items, Axis(out.keys, (0,) * dim))}
 
 
 class LayerNorm(Op):
     name = "layernorm"
+    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False, layout=Layout(entities="any"),
+                      starts_at_zero=True, axis_change="normalises over an axis that changed ({old} -> {new} indices): "
+                                                  "mean and variance change")
 
     def infer(self, inputs, ints, kw):
         (x,) = inputs
@@ -344,7 +409,7 @@ class LayerNorm(Op):
         (x,) = xs
         n = len(x)
         seen = x.union()  # mean and variance mix the whole axis (x ⊙ x)
-        out = Axis(tuple(("norm", node.scope, k) for k in x.keys), (seen,) * n)
+        out = Axis(tuple(K.Normed(node.scope, k) for k in x.keys), (seen,) * n)
         return out, {"weight": (Axis(x.keys, (seen,) * n),), "bias": (Axis(x.keys, (seen,) * n),)}
 
 
@@ -355,6 +420,9 @@ class LSTM(Op):
     name = "lstm"
     n_ints = 1
     int_names = ("units",)
+    # All parameters at zero: every gate is 1/2 and g = tanh(0) = 0, so c and h stay 0.
+    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False,
+                      layout=Layout(entities="forbidden", time=True), starts_at_zero=True)
 
     def infer(self, inputs, ints, kw):
         (x,), (units,) = inputs, ints
@@ -423,10 +491,8 @@ class LSTM(Op):
         z_all = seen_x
         for s in set(h):
             z_all |= s
-        n = 4 * units  # ("unit", scope, gate, k) per row, built in C: 16,384 rows at Five's size
-        rows = tuple(zip(repeat("unit", n), repeat(node.scope, n),
-                         (gate for gate in LSTM_GATES for _ in range(units)), chain.from_iterable(repeat(range(units), 4))))
-        hidden_keys = unit_keys(node.scope, units)
+        rows = tuple(key for gate in LSTM_GATES for key in K.units(node.scope, units, gate))
+        hidden_keys = K.units(node.scope, units)
         empty_rows = Axis(rows, (0,) * len(rows))
         bias_rows = Axis(rows, (z_all,) * len(rows))
         params = {
@@ -445,6 +511,7 @@ class LSTM(Op):
 class OneHot(Op):
     name = "onehot"
     takes_category = True
+    surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"))
 
     def infer(self, inputs, ints, kw):
         (x,) = inputs
@@ -468,6 +535,7 @@ class OneHot(Op):
 class Concat(Op):
     name = "concat"
     n_tensors = None
+    surgery = Surgery(Indices.CONCAT, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"))
 
     def infer(self, inputs, ints, kw):
         for i, x in enumerate(inputs):
@@ -514,23 +582,27 @@ class Elementwise(Op):
         return self.forward(node, params, xs, ctx)
 
     def shadow(self, node, xs):
-        return wrap_keys(self.name, xs[0]), {}
+        return wrap_axis(self, xs[0]), {}
 
 
 class Relu(Elementwise):
     name, torch_name = "relu", "relu"
+    surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=True, idempotent=True, layout=Layout(entities="any"))
 
 
 class Tanh(Elementwise):
     name, torch_name = "tanh", "tanh"
+    surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"))
 
 
 class Gelu(Elementwise):
     name, torch_name = "gelu", "gelu"
+    surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"))
 
 
 class Sigmoid(Elementwise):
     name, torch_name = "sigmoid", "sigmoid"
+    surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=False, idempotent=False, layout=Layout(entities="any"))
 
     def probe(self, node, params, xs, ctx):
         return _torch().sigmoid(xs[0]) - 0.5  # sigmoid(0) = 1/2 would invent a value from nothing
@@ -555,12 +627,14 @@ class Binary(Op):
 
     def shadow(self, node, xs):
         a, b = xs
-        keys = tuple((self.name, ka, kb) for ka, kb in zip(a.keys, b.keys))
+        keys = tuple(K.Joined(self.name, ka, kb) for ka, kb in zip(a.keys, b.keys))
         return Axis(keys, tuple(sa | sb for sa, sb in zip(a.sets, b.sets))), {}
 
 
 class Add(Binary):
     name = "add"
+    surgery = Surgery(Indices.JOIN, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"),
+                      join_neutral=0.0)
 
     def forward(self, node, params, xs, ctx):
         return xs[0] + xs[1]
@@ -570,6 +644,8 @@ class Add(Binary):
 
 class Mul(Binary):
     name = "mul"
+    surgery = Surgery(Indices.JOIN, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"),
+                      join_neutral=1.0)
 
     def forward(self, node, params, xs, ctx):
         return xs[0] * xs[1]
@@ -586,6 +662,10 @@ class Mul(Binary):
 class Pool(Op):
     """maxpool, avgpool, sumpool: reduce the entity axis, padding masked out."""
 
+    # Over entities; along the last axis, index by index. A set of zeros pools to zero.
+    surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=True, idempotent=False,
+                      layout=Layout(entities="required", pools=True))
+
     def infer(self, inputs, ints, kw):
         (x,) = inputs
         _tensor_input(self.name, x)
@@ -596,7 +676,7 @@ class Pool(Op):
     init = _no_params
 
     def shadow(self, node, xs):
-        return wrap_keys(self.name, xs[0]), {}  # entities are not told apart: each index keeps its set
+        return wrap_axis(self, xs[0]), {}  # entities are not told apart: each index keeps its set
 
     def _mask(self, node, x, ctx):
         return ctx.masks[node.attrs["entities"]].unsqueeze(-1).to(x.dtype)
@@ -644,5 +724,6 @@ OPS: dict[str, Op] = {
     )
 }
 
-INPUT_OPS = ("group", "feature", "category")
+INPUT_OPS = tuple(name for name, op in OPS.items() if op.surgery.indices is Indices.SOURCE)
 LANGUAGE_OPS = tuple(name for name in OPS if name not in INPUT_OPS)
+READ_GROUP, READ_FEATURE, READ_CATEGORY = GroupInput.name, FeatureInput.name, CategoryInput.name

@@ -56,7 +56,7 @@ from specsurgery.backends.shadow import InteractionMap, shadow_map
 from specsurgery.checkpoint import write_checkpoint
 from specsurgery.errors import SpecError, UserError
 from specsurgery.ir import Graph, build_graph
-from specsurgery.ops import base_key
+from specsurgery.keys import base as base_key
 from specsurgery.spec import model as m
 from specsurgery.spec.canonical import canonical
 from specsurgery.spec.load import load_text

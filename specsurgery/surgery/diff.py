@@ -9,11 +9,13 @@
 3. Fills. An element with an unmatched index on its output axis starts fresh;
    one whose output side is old but some input index is new starts at zero;
    all else is copied.
-4. Function check. A walk of the new graph marks each value index that no
-   longer computes what it did (a dropped input, a narrowed layer, a layernorm
-   over a changed axis, a new value joined by add or mul, a changed op on the
-   path); any old head index so marked makes the plan say the function is not
-   preserved, naming the spec lines to blame. Feature sets restricted to the
+4. Function check. One walk of the new graph marks each value index that no
+   longer computes what it did, asking each op what it means for surgery
+   (ops.Surgery: element-wise, mixing, concatenating or joining; whether a
+   changed input axis changes every output): a dropped input, a narrowed op,
+   a mixing op over a changed axis, a new value joined to an old one, a
+   changed op on the path. Any old head index so marked makes the plan say the
+   function is not preserved, naming the spec lines to blame. Feature sets restricted to the
    features both versions have must agree on every matched index (the proof
    that a match means the same thing).
 """
@@ -23,10 +25,11 @@ import collections
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .. import keys as K
 from ..backends.shadow import InteractionMap, shadow_map
 from ..errors import Diagnostic, SpecError
 from ..ir import Graph, build_graph, feature_name
-from ..ops import OUT, base_key
+from ..ops import OPS, OUT, Indices
 from ..spec import model as m
 from ..spec.canonical import canonical
 from .plan import AxisMap, DroppedParam, ParamPlan, Plan, Reason, Run, Summary
@@ -38,14 +41,20 @@ from .plan import AxisMap, DroppedParam, ParamPlan, Plan, Reason, Run, Summary
 
 @dataclass
 class Renames:
+    """How the new version's names read in the old one's terms."""
+
     features: dict[str, str] = field(default_factory=dict)  # new feature name -> old
     scopes: dict[str, str] = field(default_factory=dict)  # new statement -> old
+    ops: dict[str, str] = field(default_factory=dict)  # new op scope -> the old op it is (matched by what it does)
     _any: Optional[bool] = None
+    _memo: dict = field(default_factory=dict)
 
     def feature(self, name: str) -> str:
         return self.features.get(name, name)
 
     def scope(self, scope: str) -> str:
+        if scope in self.ops:
+            return self.ops[scope]
         stmt, _, rest = scope.partition(".")
         old = self.scopes.get(stmt, stmt)
         return f"{old}.{rest}" if rest else old
@@ -53,24 +62,27 @@ class Renames:
     def __bool__(self) -> bool:
         """Whether anything was renamed (asked per axis, so counted once)."""
         if self._any is None:
-            self._any = bool(self.scopes) or any(k != v for k, v in self.features.items())
+            self._any = (bool(self.scopes) or any(k != v for k, v in self.ops.items())
+                         or any(k != v for k, v in self.features.items()))
         return self._any
 
     def keys(self, keys) -> list:
         """`key` of each, skipped when nothing was renamed (the common, large case)."""
         return [self.key(k) for k in keys] if self else list(keys)
 
-    def key(self, key):
-        kind = key[0]
-        if kind == "feature":
-            return ("feature", self.feature(key[1]))
-        if kind == "unit":
-            return ("unit", self.scope(key[1]), key[2], key[3])
-        if kind == "norm":
-            return ("norm", self.scope(key[1]), self.key(key[2]))
-        if kind in ("add", "mul"):
-            return (kind, self.key(key[1]), self.key(key[2]))
-        return (kind, self.key(key[1]))
+    def key(self, key: K.Key) -> K.Key:
+        return K.transform(key, K.children, self._build, self._memo)
+
+    def _build(self, k: K.Key, memo: dict) -> K.Key:
+        if isinstance(k, K.Feature):
+            return K.Feature(self.feature(k.name))
+        if isinstance(k, K.Unit):
+            return K.Unit(self.scope(k.scope), k.tag, k.ordinal)
+        if isinstance(k, K.Wrapped):
+            return K.wrap(k.op, memo[k.inner], k.idempotent)
+        if isinstance(k, K.Normed):
+            return K.Normed(self.scope(k.scope), memo[k.inner])
+        return K.Joined(k.op, memo[k.left], memo[k.right])
 
 
 def _rename_error(message: str, span) -> Diagnostic:
@@ -163,13 +175,6 @@ def _runs(indices: list[int]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
-def _parts(key) -> list:
-    """The old values a new add/mul value may stand for: each side, recursively."""
-    if key[0] in ("add", "mul"):
-        return [key[1], key[2], *_parts(key[1]), *_parts(key[2])]
-    return []
-
-
 def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
     """New index -> old index (or -1): by exact key, then through element-wise
     wrappers, then a value newly joined by add or mul by the old value it carries."""
@@ -186,11 +191,11 @@ def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
         free: dict = {}
         for i, k in enumerate(old_keys):
             if i not in taken:
-                free.setdefault(base_key(k), []).append(i)
+                free.setdefault(K.base(k), []).append(i)
         for j, key in enumerate(translated):
             if indices[j] < 0:
                 for candidate in candidates(key):
-                    spare = free.get(base_key(candidate))
+                    spare = free.get(K.base(candidate))
                     if spare:
                         indices[j] = spare.pop(0)
                         break
@@ -198,32 +203,12 @@ def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
     if -1 in indices:
         fill(lambda key: [key])  # relu -> tanh on the path keeps the weights (the check says it changed)
     if -1 in indices:
-        fill(_parts)  # `h` -> `add(h, g)`: still carries h
+        fill(K.parts)  # `h` -> `add(h, g)`: still carries h
     return indices
 
 
 # ---------------------------------------------------------------------------
 # 4. the function check
-
-
-def _describe_source(key) -> str:
-    """What made a value, without the unit: `g.linear`, `feature hero.mana`."""
-    key = base_key(key)
-    if key[0] == "unit":
-        return key[1]
-    if key[0] == "feature":
-        return f"feature {key[1]}"
-    return f"{key[0]}({_describe_source(key[1])}, {_describe_source(key[2])})"
-
-
-def _describe_key(key) -> str:
-    key = base_key(key)
-    if key[0] == "feature":
-        return f"feature {key[1]}"
-    if key[0] == "unit":
-        gate = f" gate {key[2]}" if key[2] else ""
-        return f"{key[1]}{gate} unit {key[3]}"
-    return f"{key[0]} of {_describe_key(key[1])} and {_describe_key(key[2])}"
 
 
 def _reason(message: str, span) -> Reason:
@@ -258,91 +243,98 @@ class _Check:
 
 def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: InteractionMap,
                    renames: Renames, old_feature_spans: dict[str, m.Span]) -> list[Reason]:
+    """One walk of the new graph; each op says, through its `surgery`, how its
+    output indices depend on its inputs' (see the module's docstring, step 4)."""
     check = _Check()
     old_keys = set()
     for axis in old.values.values():
         old_keys.update(axis.keys)
-    old_scopes = {n.scope: n for n in old_graph.nodes if n.params}
+    old_ops = {n.scope: n for n in old_graph.nodes if n.params}
     old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
     # taint[node][i]: names of the reasons index i no longer computes what it did
     taint: dict[int, list[frozenset]] = {}
     empty = frozenset()
 
-    def missing_reasons(scope_node, missing_keys) -> frozenset:
+    def missing_reasons(node, missing_keys) -> frozenset:
         """One reason per removed feature (each at its own line), one for the rest."""
-        features = sorted({base_key(k)[1] for k in missing_keys if base_key(k)[0] == "feature"})
-        others = [k for k in missing_keys if base_key(k)[0] != "feature"]
-        out = {check.add(f"feature {name} was removed, but {scope_node.scope} read it: "
+        bases = [K.base(k) for k in missing_keys]
+        features = sorted({b.name for b in bases if isinstance(b, K.Feature)})
+        others = [k for k, b in zip(missing_keys, bases) if not isinstance(b, K.Feature)]
+        out = {check.add(f"feature {name} was removed, but {node.scope} read it: "
                          f"the function changes wherever it was non-zero", old_feature_spans.get(name))
                for name in features}
-        scopes = sorted({base_key(k)[1] for k in others if base_key(k)[0] == "unit"})
+        scopes = sorted({b.scope for b in map(K.base, others) if isinstance(b, K.Unit)})
         if scopes:
-            out.add(check.add(f"{scope_node.scope} no longer reads {len(others)} of its old inputs "
-                              f"({', '.join(scopes[:3])}): their weights are dropped", scope_node.span))
+            out.add(check.add(f"{node.scope} no longer reads {len(others)} of its old inputs "
+                              f"({', '.join(scopes[:3])}): their weights are dropped", node.span))
         elif others:
-            out.add(check.add(f"{scope_node.scope} no longer reads {_describe_key(others[0])}", scope_node.span))
+            out.add(check.add(f"{node.scope} no longer reads {K.base(others[0]).describe()}", node.span))
         return frozenset(out)
 
+    def mixing(node, ins) -> list[frozenset]:
+        """Every output reads every input index: one taint for all of them."""
+        width = len(new.values[node.index])
+        old_node = old_ops.get(renames.scope(node.scope))
+        if old_node is None:
+            return [empty] * width  # a new op: its outputs are new values
+        meaning = OPS[node.op].surgery
+        unit_taint: frozenset = empty
+        for new_input, old_input, in_taint in zip(node.inputs, old_node.inputs, ins):
+            new_in, old_in = new.values[new_input], old.values[old_input]
+            new_in_keys = renames.keys(new_in.keys)
+            new_in_base = {K.base(k) for k in new_in_keys}
+            for k in new_in_keys:
+                new_in_base.update(K.base(p) for p in K.parts(k))
+            missing = [k for k in old_in.keys if K.base(k) not in new_in_base]
+            if missing:
+                unit_taint |= missing_reasons(node, missing)
+            if old_input not in old_bases:
+                old_bases[old_input] = {K.base(o) for o in old_in.keys}
+            old_in_base = old_bases[old_input]
+            changed = [k for k in new_in_keys if k not in old_keys and K.base(k) in old_in_base]
+            if changed:
+                unit_taint |= {check.add(f"{node.scope} reads {K.source(changed[0])} through a changed path "
+                                         f"(an op around it changed)", node.span)}
+            for t in set(in_taint):
+                unit_taint |= t
+            if meaning.axis_change and (missing or len(new_in.keys) != len(old_in.keys)):
+                said = meaning.axis_change.format(old=len(old_in.keys), new=len(new_in.keys))
+                unit_taint |= {check.add(f"{node.op} {node.scope} {said}", node.span)}
+        old_width = len(old.values[old_node.index])
+        if width < old_width and not meaning.axis_change:
+            unit_taint |= {check.add(f"{node.scope} narrowed from {old_width} to {width} units", node.span)}
+        return [unit_taint] * width
+
+    def join(node, ins) -> list[frozenset]:
+        sides = [new.values[i] for i in node.inputs]
+        out = []
+        for i in range(len(new.values[node.index])):
+            t = empty.union(*(x[i] for x in ins))
+            side_keys = [renames.key(x.keys[i]) for x in sides]
+            known = [k in old_keys for k in side_keys]
+            if any(known) and not all(known):
+                old_side = side_keys[known.index(True)]
+                new_side = side_keys[known.index(False)]
+                t = t | {check.add(f"{node.op} joins a new input ({K.source(new_side)}) to "
+                                   f"{K.source(old_side)}", node.span)}
+            out.append(t)
+        return out
+
     for node in new_graph.nodes:
-        value = new.values[node.index]
+        indices = OPS[node.op].surgery.indices
         ins = [taint[i] for i in node.inputs]
-        if node.op in ("group", "feature", "category"):
-            taint[node.index] = [empty] * len(value)
-            continue
-        if node.params:
-            old_scope = renames.scope(node.scope)
-            old_node = old_scopes.get(old_scope)
-            width = len(value)
-            if old_node is None:
-                taint[node.index] = [empty] * width  # a new op: its outputs are new values
-                continue
-            # The op's input axis: which old inputs are gone, which matched ones changed.
-            unit_taint: frozenset = empty
-            new_in = new.values[node.inputs[0]] if node.inputs else None
-            old_in = old.values[old_node.inputs[0]] if old_node.inputs else None
-            if new_in is not None and old_in is not None:
-                new_in_keys = renames.keys(new_in.keys)
-                new_in_base = {base_key(k) for k in new_in_keys}
-                for k in new_in_keys:
-                    new_in_base.update(base_key(p) for p in _parts(k))
-                missing = [k for k in old_in.keys if base_key(k) not in new_in_base]
-                if missing:
-                    unit_taint |= missing_reasons(node, missing)
-                if old_node.inputs[0] not in old_bases:
-                    old_bases[old_node.inputs[0]] = {base_key(o) for o in old_in.keys}
-                old_in_base = old_bases[old_node.inputs[0]]
-                changed = [k for k in new_in_keys if k not in old_keys and base_key(k) in old_in_base]
-                if changed:
-                    unit_taint |= {check.add(f"{node.scope} reads {_describe_source(changed[0])} through a changed path "
-                                             f"(an op around it changed)", node.span)}
-                for t in ins[0]:
-                    unit_taint |= t
-                if node.op == "layernorm" and (missing or len(new_in.keys) != len(old_in.keys)):
-                    unit_taint |= {check.add(f"layernorm {node.scope} normalises over an axis that changed "
-                                             f"({len(old_in.keys)} -> {len(new_in.keys)} indices): mean and variance change", node.span)}
-            old_out = old.values[old_node.index]
-            old_width = len(old_out)
-            if width < old_width and node.op != "layernorm":
-                unit_taint |= {check.add(f"{node.scope} narrowed from {old_width} to {width} units", node.span)}
-            taint[node.index] = [unit_taint] * width
-            continue
-        if node.op in ("add", "mul"):
-            a, b = (new.values[i] for i in node.inputs)
-            out = []
-            for i in range(len(value)):
-                t = ins[0][i] | ins[1][i]
-                ka, kb = renames.key(a.keys[i]), renames.key(b.keys[i])
-                if (ka in old_keys) != (kb in old_keys):
-                    old_side, new_side = (ka, kb) if ka in old_keys else (kb, ka)
-                    t = t | {check.add(f"{node.op} joins a new input ({_describe_source(new_side)}) to "
-                                       f"{_describe_source(old_side)}", node.span)}
-                out.append(t)
-            taint[node.index] = out
-            continue
-        if node.op == "concat":
+        if indices is Indices.SOURCE:
+            taint[node.index] = [empty] * len(new.values[node.index])
+        elif indices is Indices.MIXING:
+            taint[node.index] = mixing(node, ins)
+        elif indices is Indices.JOIN:
+            taint[node.index] = join(node, ins)
+        elif indices is Indices.CONCAT:
             taint[node.index] = [t for x in ins for t in x]
-            continue
-        taint[node.index] = list(ins[0])  # element-wise ops and pools: index by index
+        elif indices is Indices.ELEMENTWISE:
+            taint[node.index] = list(ins[0])
+        else:
+            raise AssertionError(f"{node.op}: no function-check rule for {indices}")
 
     reasons: set[str] = set()
     old_heads = {s.name for s in old_graph.model.statements if s.out}
@@ -353,18 +345,20 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         old_value = old.values[old_graph.outputs[old_head]]
         new_value = new.values[index]
         new_keys = renames.keys(new_value.keys)
+        new_key_set = set(new_keys)
         stmt = next(s for s in new_graph.model.statements if s.name == head)
-        gone = [k for k in old_value.keys if k not in set(new_keys)]
+        gone = [k for k in old_value.keys if k not in new_key_set]
         if gone and len(new_value) >= len(old_value):
-            reasons.add(check.add(f"output head {head} no longer computes {_describe_source(gone[0])}"
+            reasons.add(check.add(f"output head {head} no longer computes {K.source(gone[0])}"
                                   + (f" (and {len(gone) - 1} more outputs)" if len(gone) > 1 else ""), stmt.span))
         for i, k in enumerate(new_keys):
             if k in old_keys:
                 reasons |= set(taint[index][i])
         if len(new_value) < len(old_value):
             reasons.add(check.add(f"output head {head} narrowed from {len(old_value)} to {len(new_value)}", stmt.span))
+    new_heads = {renames.scopes.get(h, h) for h in new_graph.outputs}
     for head in old_heads:
-        if head not in {renames.scopes.get(h, h) for h in new_graph.outputs}:
+        if head not in new_heads:
             stmt = next(s for s in old_graph.model.statements if s.name == head)
             reasons.add(check.add(f"output head {head} was removed", stmt.span))
     return [check.reasons[r] for r in check.reasons if r in reasons]

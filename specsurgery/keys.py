@@ -1,0 +1,202 @@
+"""Index keys: what one index of a value or parameter axis *is*.
+
+Surgery matches the indices of an old and a new axis by these keys (DESIGN.md,
+"The surgery plan"). A key is one of
+
+  Feature(name)              an input feature: `hero.mana`, `hero.hero_id=axe`
+  Unit(scope, tag, ordinal)  unit `ordinal` of the op at `scope` (`core.lstm`),
+                             inside the structural block `tag` (an LSTM gate)
+  Wrapped(op, inner)         what an index-by-index op (relu, a pool) made of `inner`
+  Normed(scope, inner)       index `inner` after the normalisation at `scope`
+  Joined(op, left, right)    index i of a two-input op (add, mul): both sides' index i
+
+Keys are small frozen values, built by the ops' shadow rules (ops.py) and read
+here and in surgery/, never taken apart by position. They are interned: equal
+keys are one object, so equality is identity and hashing is cached, whatever
+the depth (a chain of 100,000 statements nests keys 100,000 deep, and nothing
+here recurses on that depth).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional, Union
+
+_INTERNED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+
+
+class _Key:
+    __slots__ = ("_hash", "__weakref__")
+    _fields: tuple[str, ...] = ()
+
+    def __new__(cls, *fields):
+        signature = (cls, *fields)
+        found = _INTERNED.get(signature)
+        if found is not None:
+            return found
+        self = object.__new__(cls)
+        for name, value in zip(cls._fields, fields):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_hash", hash(signature))
+        _INTERNED[signature] = self
+        return self
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):
+        return (type(self), tuple(getattr(self, f) for f in self._fields))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(repr(getattr(self, f)) for f in self._fields)})"
+
+
+class Feature(_Key):
+    __slots__ = ("name",)
+    _fields = ("name",)
+
+    def __new__(cls, name: str):
+        return super().__new__(cls, name)
+
+    def describe(self) -> str:
+        return f"feature {self.name}"
+
+
+class Unit(_Key):
+    __slots__ = ("scope", "tag", "ordinal")
+    _fields = ("scope", "tag", "ordinal")
+
+    def __new__(cls, scope: str, tag: Optional[str], ordinal: int):
+        return super().__new__(cls, scope, tag, ordinal)
+
+    def describe(self) -> str:
+        gate = f" gate {self.tag}" if self.tag else ""
+        return f"{self.scope}{gate} unit {self.ordinal}"
+
+
+class Wrapped(_Key):
+    """`inner` through an index-by-index op; `idempotent` is the op's own declaration."""
+
+    __slots__ = ("op", "inner", "idempotent")
+    _fields = ("op", "inner", "idempotent")
+
+    def __new__(cls, op: str, inner: "Key", idempotent: bool = False):
+        return super().__new__(cls, op, inner, idempotent)
+
+    def describe(self) -> str:
+        return base(self).describe()
+
+
+class Normed(_Key):
+    __slots__ = ("scope", "inner")
+    _fields = ("scope", "inner")
+
+    def __new__(cls, scope: str, inner: "Key"):
+        return super().__new__(cls, scope, inner)
+
+    def describe(self) -> str:
+        return base(self).describe()
+
+
+class Joined(_Key):
+    __slots__ = ("op", "left", "right")
+    _fields = ("op", "left", "right")
+
+    def __new__(cls, op: str, left: "Key", right: "Key"):
+        return super().__new__(cls, op, left, right)
+
+    def describe(self) -> str:
+        return f"{self.op} of {base(self.left).describe()} and {base(self.right).describe()}"
+
+
+Key = Union[Feature, Unit, Wrapped, Normed, Joined]
+
+
+def units(scope: str, n: int, tag: Optional[str] = None) -> tuple[Unit, ...]:
+    return tuple(Unit(scope, tag, i) for i in range(n))
+
+
+def wrap(op: str, key: Key, idempotent: bool) -> Key:
+    """`op` applied to `key`; an idempotent op applied twice is applied once
+    (relu(relu(x)) is relu(x): an identity layer between two relus keeps the key)."""
+    if idempotent and isinstance(key, Wrapped) and key.op == op:
+        return key
+    return Wrapped(op, key, idempotent)
+
+
+def children(k: Key) -> tuple:
+    if isinstance(k, (Wrapped, Normed)):
+        return (k.inner,)
+    if isinstance(k, Joined):
+        return (k.left, k.right)
+    return ()
+
+
+def transform(key: Key, deps: Callable[[Key], tuple], build: Callable[[Key, dict], Key],
+              memo: Optional[dict] = None) -> Key:
+    """Rebuild `key` bottom-up without recursion: `build(k, memo)` makes k's new
+    key once every key of `deps(k)` has its own in `memo`."""
+    memo = {} if memo is None else memo
+    stack = [key]
+    while stack:
+        k = stack[-1]
+        if k in memo:
+            stack.pop()
+            continue
+        pending = [d for d in deps(k) if d not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        memo[k] = build(k, memo)
+    return memo[key]
+
+
+_BASES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _base_of(k: Key, memo: dict) -> Key:
+    if isinstance(k, (Wrapped, Normed)):
+        return memo[k.inner]
+    if isinstance(k, Joined):
+        return Joined(k.op, memo[k.left], memo[k.right])
+    return k
+
+
+def base(key: Key) -> Key:
+    """The key with index-by-index wrappers and normalisations looked through:
+    what the index still carries when an op around it changed."""
+    if isinstance(key, (Feature, Unit)):
+        return key
+    found = _BASES.get(key)
+    if found is None:
+        found = _BASES[key] = transform(key, children, _base_of, _BASES)
+    return found
+
+
+def parts(key: Key) -> list[Key]:
+    """The values a joined key carries, each side and theirs (`h` in `add(h, g)`)."""
+    out, stack = [], [key]
+    while stack:
+        k = stack.pop()
+        if isinstance(k, Joined):
+            out.extend((k.left, k.right))
+            stack.extend((k.right, k.left))
+    return out
+
+
+def source(key: Key, depth: int = 4) -> str:
+    """What made a value, without the unit: `g.linear`, `feature hero.mana`."""
+    key = base(key)
+    if isinstance(key, Unit):
+        return key.scope
+    if isinstance(key, Feature):
+        return key.describe()
+    if depth == 0:
+        return f"{key.op}(...)"
+    return f"{key.op}({source(key.left, depth - 1)}, {source(key.right, depth - 1)})"
