@@ -53,9 +53,22 @@ class Header:
     def model_name(self) -> str:
         return self.metadata[META_MODEL]
 
+    def header_of(self, name: str) -> "Header":
+        """The file that holds tensor `name` (a sharded checkpoint has one per shard)."""
+        return self
 
-def read_header(path: str) -> Header:
-    """The tensor table and metadata of a checkpoint, checked for sanity."""
+
+def read_header(path: str, embedded_spec: bool = True):
+    """The tensor table and metadata of a checkpoint, checked for sanity.
+
+    A folder or an index file is a sharded checkpoint (shards.read_sharded);
+    `embedded_spec=False` reads one shard, whose spec is in the index."""
+    if not path.endswith(".safetensors"):
+        from .shards import is_folder_checkpoint, read_sharded
+
+        if is_folder_checkpoint(path):
+            return read_sharded(path)
+
     def bad(why: str) -> UserError:
         return UserError(f"{path}: error: not a valid checkpoint: {why}")
 
@@ -99,7 +112,7 @@ def read_header(path: str) -> Header:
         if dtype not in _DTYPES or end - start != count * _DTYPES[dtype] or not 0 <= start <= end <= data:
             raise bad(f"tensor {name!r} does not fit the file (truncated or corrupt)")
         tensors[name] = TensorInfo(dtype, shape, start, end)
-    if META_SPEC not in metadata or META_MODEL not in metadata:
+    if embedded_spec and (META_SPEC not in metadata or META_MODEL not in metadata):
         raise UserError(f"{path}: error: this safetensors file has no embedded spec; it was not written by specsurgery")
     return Header(path, tensors, metadata, 8 + n)
 
@@ -155,6 +168,7 @@ class StoredTensor:
 
     @classmethod
     def of(cls, header: Header, name: str) -> "StoredTensor":
+        header = header.header_of(name)
         info = header.tensors[name]
         return cls(header.path, header.data_start + info.start, info.end - info.start, info.shape)
 
@@ -216,6 +230,12 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
 def open_tensors(path: str):
     """Lazy, memory-mapped access to a checkpoint's tensors (no unpickling)."""
     from safetensors import safe_open
+
+    if not path.endswith(".safetensors"):
+        from .shards import ShardedTensors, is_folder_checkpoint, read_sharded
+
+        if is_folder_checkpoint(path):
+            return ShardedTensors(read_sharded(path))
 
     try:
         return safe_open(path, framework="pt")

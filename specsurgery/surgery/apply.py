@@ -7,6 +7,7 @@ files as they were.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -20,6 +21,14 @@ from ..ops import OPS, OUT
 from ..spec import model as m
 from ..spec.canonical import canonical
 from .plan import ParamPlan, Plan
+
+
+def fresh_generator(seed: int, name: str) -> torch.Generator:
+    """The generator of one parameter's fresh values, seeded by (seed, name): its
+    values do not depend on which parameters were built before it, so shards
+    built in parallel, in any order, equal a one-file apply."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 def build_tensor(p: ParamPlan, node, local: str, read_old: Callable[[str], torch.Tensor],
@@ -158,7 +167,6 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec: m.ModelSpec, out: str, see
     if [p.name for p in plan.params] != list(parameters):
         raise UserError("error: the plan's parameters do not match the new spec")
     tensors = open_tensors(checkpoint)
-    generator = torch.Generator().manual_seed(seed)
     shapes = {p.name: tuple(p.shape) for p in plan.params}
 
     def produce():
@@ -167,6 +175,7 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec: m.ModelSpec, out: str, see
             if p.action == "copied":  # unchanged: its bytes go file to file
                 yield p.name, StoredTensor.of(header, p.source)
                 continue
+            generator = fresh_generator(seed, p.name)
             spliced = _spliced(p, node, local, header, generator) if p.source is not None else None
             yield p.name, spliced or build_tensor(p, node, local, tensors.get_tensor, generator)
 

@@ -1,0 +1,144 @@
+"""Carrying a plan out into a sharded checkpoint, one output shard per task, in
+worker processes.
+
+The output is laid out first (which tensor in which shard, from the plan's
+shapes), then each worker writes whole shards: tensors only moved are copied
+file to file (no torch in a worker whose shards hold only those), the rest are
+built by surgery/apply.py's functions, each seeded by its own name, so the
+result equals a one-file apply tensor for tensor whatever the order. Memory
+holds a few tensors per worker. Workers are started with 'spawn' (never fork
+a process that may hold torch threads). The shards go into a staging folder
+beside the target that replaces it only once every shard and the index are on
+disk (shards.staged_folder).
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Callable, Optional, Union
+
+from .checkpoint import StoredTensor, check_shapes, read_header, write_checkpoint
+from .errors import UserError
+from .shards import parse_size, plan_shards, shard_file, staged_folder, tensor_bytes, write_index
+
+DEFAULT_SHARD = "5GB"  # Hugging Face's default max_shard_size, for a one-file input
+
+
+def default_jobs() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_plan_fits(plan, header, new_spec) -> None:
+    """Refuse a plan made for another old checkpoint or another new spec.
+    (The same checks as apply_plan makes, without its torch import.)"""
+    from .ir import build_graph
+    from .spec.canonical import canonical
+
+    if header.spec_text != plan.old_spec:
+        raise UserError(f"{header.path}: error: the plan was made for another old spec than the one in this checkpoint")
+    if canonical(new_spec) != plan.new_spec:
+        raise UserError("error: the plan was made for another new spec than the one given")
+    expected = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
+    expected.update({d.name: tuple(d.shape) for d in plan.dropped})
+    check_shapes(header, expected)
+    if [p.name for p in plan.params] != list(build_graph(new_spec).parameters()):
+        raise UserError("error: the plan's parameters do not match the new spec")
+
+
+# ---------------------------------------------------------------------------
+# the worker side: module globals set once per process by _start_worker
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(plan_json: str, checkpoint: str, seed: int, durable: bool) -> None:
+    from .surgery.plan import Plan
+
+    plan = Plan.model_validate_json(plan_json)
+    _WORKER.update(plan=plan, params={p.name: p for p in plan.params}, header=read_header(checkpoint),
+                   checkpoint=checkpoint, seed=seed, durable=durable, built=None)
+
+
+def _built_parts():
+    """The new graph's parameters and the old tensors, for tensors that are not
+    only moved: the first call imports torch (apply.py), once per worker."""
+    if _WORKER["built"] is None:
+        from .checkpoint import open_tensors
+        from .ir import build_graph
+        from .spec.load import load_text
+
+        plan = _WORKER["plan"]
+        spec = load_text(plan.new_spec, "<plan new spec>").model(plan.new_model)
+        _WORKER["built"] = (build_graph(spec).parameters(), open_tensors(_WORKER["checkpoint"]))
+    return _WORKER["built"]
+
+
+def _tensors_of(names: list[str]):
+    header, seed = _WORKER["header"], _WORKER["seed"]
+    for name in names:
+        p = _WORKER["params"][name]
+        if p.action == "copied":
+            yield name, StoredTensor.of(header, p.source)
+            continue
+        from .surgery.apply import _spliced, build_tensor, fresh_generator
+
+        parameters, old = _built_parts()
+        node, local = parameters[name]
+        generator = fresh_generator(seed, name)
+        spliced = _spliced(p, node, local, header, generator) if p.source is not None else None
+        yield name, spliced or build_tensor(p, node, local, old.get_tensor, generator)
+
+
+def _write_shard(task: tuple[str, list[str]]) -> tuple[str, int, int]:
+    """Write one output shard; returns (file, tensors, bytes)."""
+    path, names = task
+    plan = _WORKER["plan"]
+    shapes = {name: tuple(_WORKER["params"][name].shape) for name in names}
+    written = write_checkpoint(path, plan.new_spec, plan.new_model, shapes, _tensors_of(names),
+                               durable=_WORKER["durable"])
+    return path, len(names), written
+
+
+# ---------------------------------------------------------------------------
+
+
+def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Union[int, str, None] = None,
+                  jobs: Optional[int] = None, seed: int = 0, durable: bool = True,
+                  progress: Optional[Callable[[str, int], None]] = None) -> dict:
+    """Write the surgered checkpoint to the folder `out`, in the Hugging Face
+    sharded layout. `max_shard_size` defaults to the old checkpoint's largest
+    shard (or 5GB for a one-file input); `jobs` to one worker per core."""
+    header = read_header(checkpoint)
+    check_plan_fits(plan, header, new_spec)
+    if os.path.abspath(out) == os.path.abspath(header.path):
+        raise UserError(f"{out}: error: the output would replace the checkpoint being read; write elsewhere")
+    if max_shard_size is None:
+        max_shard_size = header.largest_shard() if hasattr(header, "largest_shard") else DEFAULT_SHARD
+    shapes = {p.name: tuple(p.shape) for p in plan.params}
+    shards = plan_shards({n: tensor_bytes(s) for n, s in shapes.items()}, parse_size(max_shard_size))
+    jobs = max(1, min(jobs or default_jobs(), len(shards)))
+    written = 0
+    with staged_folder(out) as tmp:
+        tasks = [(os.path.join(tmp, shard_file(k, len(shards))), names) for k, names in enumerate(shards, 1)]
+        init = (plan.model_dump_json(), checkpoint, seed, durable)
+        if jobs == 1:
+            _start_worker(*init)
+            results = map(_write_shard, tasks)
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_start_worker, initargs=init)
+            results = pool.imap_unordered(_write_shard, tasks)
+        try:
+            for path, count, nbytes in results:
+                written += nbytes
+                if progress is not None:
+                    progress(os.path.basename(path), count)
+        finally:
+            if jobs > 1:
+                pool.terminate()
+                pool.join()
+        write_index(tmp, plan.new_spec, plan.new_model, shards, shapes)
+    return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs}

@@ -1,0 +1,341 @@
+"""Sharded checkpoints in the Hugging Face layout: reading (strictly), writing
+(atomically), and surgery shard by shard in worker processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import load_file
+
+from specsurgery.checkpoint import load_spec, open_tensors, read_header, write_checkpoint
+from specsurgery.errors import UserError
+from specsurgery.shard_apply import apply_sharded
+from specsurgery.shards import INDEX, parse_size, plan_shards, read_sharded, write_sharded
+from specsurgery.spec.canonical import canonical
+from specsurgery.surgery.apply import apply_plan
+from specsurgery.surgery.diff import make_plan
+
+from surgery_helpers import edit, load_model, trained_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+OLD = """schema s {
+  vocab v = [a, b, c]
+  group g {
+    x: float
+    y: float
+    k: category(v)
+  }
+}
+
+model m(obs: s) {
+  e = embed(obs.g.k, 4)
+  h = relu(linear(concat(obs.g, e), 1100))
+  h2 = relu(linear(h, 1000))
+  out q = linear(h2, 3)
+}
+"""
+# a feature inserted mid-group, a vocabulary grown mid-list, one layer widened
+NEW = edit(OLD, ("    x: float\n", "    x: float\n    z: float\n"), ("[a, b, c]", "[a, ab, b, c]"),
+           ("1100)", "1164)"))
+
+
+def read_all(path: str) -> dict[str, torch.Tensor]:
+    tensors = open_tensors(path)
+    return {name: tensors.get_tensor(name) for name in read_header(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def old_checkpoints(tmp_path_factory):
+    """The same trained weights as one file and as a folder of 2 MB shards."""
+    tmp = tmp_path_factory.mktemp("shards")
+    spec = load_model(OLD, "old.spec")
+    weights = trained_weights(spec)
+    shapes = {n: tuple(t.shape) for n, t in weights.items()}
+    single = str(tmp / "old.safetensors")
+    write_checkpoint(single, canonical(spec), "m", shapes, weights.items())
+    folder = str(tmp / "old")
+    write_sharded(folder, canonical(spec), "m", shapes, weights.items(), max_shard_size="2MB")
+    return tmp, spec, weights, single, folder
+
+
+# ---------------------------------------------------------------------------
+# sizes and shard plans, as Hugging Face reads them
+
+
+@pytest.mark.parametrize("text,expected", [
+    (1000, 1000), ("2GB", 2 * 10**9), ("400MB", 400 * 10**6), ("400MiB", 400 * 2**20), ("5KB", 5000),
+    ("1GiB", 2**30), ("8Gb", 10**9), ("123", 123), ("1.5GB", 1_500_000_000)])
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2 gigs", "GB", "-5MB", "0", 0])
+def test_bad_sizes(text):
+    with pytest.raises(UserError):
+        parse_size(text)
+
+
+def test_shard_plan_fills_each_shard_and_gives_a_big_tensor_its_own():
+    sizes = {"a": 40, "b": 50, "c": 20, "big": 300, "d": 10}
+    assert plan_shards(sizes, 100) == [["a", "b"], ["c"], ["big"], ["d"]]
+    assert plan_shards(sizes, 1000) == [["a", "b", "c", "big", "d"]]
+    assert plan_shards({}, 100) == [[]]
+
+
+# ---------------------------------------------------------------------------
+# reading: a folder laid out by hand in the Hugging Face convention
+
+
+def hand_laid(folder: Path, spec_text: str, weight_map=None, metadata=None) -> dict[str, np.ndarray]:
+    """Two shards written by safetensors itself, an index written by hand."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    a = {"q.linear.weight": rng.standard_normal((2, 3), dtype=np.float32)}
+    b = {"q.linear.bias": rng.standard_normal(2, dtype=np.float32)}
+    save_numpy(a, str(folder / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_numpy(b, str(folder / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    index = {"metadata": metadata if metadata is not None else
+             {"total_size": 32, "specsurgery.spec": spec_text, "specsurgery.model": "m"},
+             "weight_map": weight_map if weight_map is not None else
+             {"q.linear.weight": "model-00001-of-00002.safetensors", "q.linear.bias": "model-00002-of-00002.safetensors"}}
+    (folder / INDEX).write_text(json.dumps(index))
+    return {**a, **b}
+
+
+SMALL = "schema s {\n  group g {\n    x: float\n    y: float\n    w: float\n  }\n}\n\nmodel m(obs: s) {\n  out q = linear(obs.g, 2)\n}\n"
+
+
+def test_reads_a_hand_laid_hugging_face_folder_as_one_checkpoint(tmp_path):
+    arrays = hand_laid(tmp_path / "hf", SMALL)
+    for path in (tmp_path / "hf", tmp_path / "hf" / INDEX):
+        header = read_header(str(path))
+        assert header.model_name == "m" and header.spec_text == SMALL
+        assert {n: i.shape for n, i in header.tensors.items()} == {"q.linear.weight": (2, 3), "q.linear.bias": (2,)}
+        assert load_spec(header).model.name == "m"
+        got = read_all(str(path))
+        for name, array in arrays.items():
+            assert np.array_equal(got[name].numpy(), array)
+    result = subprocess.run([sys.executable, "-m", "specsurgery", "inspect", str(tmp_path / "hf"), "--json"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "q.linear.weight" in result.stdout
+
+
+BAD_INDEXES = {
+    "a shard name with ..": (
+        {"q.linear.weight": "../model-00001-of-00002.safetensors", "q.linear.bias": "model-00002-of-00002.safetensors"},
+        "shard '../model-00001-of-00002.safetensors' is not a .safetensors file name inside the folder"),
+    "an absolute shard path": (
+        {"q.linear.weight": "/etc/passwd.safetensors", "q.linear.bias": "model-00002-of-00002.safetensors"},
+        "shard '/etc/passwd.safetensors' is not a .safetensors file name inside the folder"),
+    "a tensor the index places in the wrong shard": (
+        {"q.linear.weight": "model-00002-of-00002.safetensors", "q.linear.bias": "model-00002-of-00002.safetensors"},
+        "tensor 'q.linear.weight' is not in its shard model-00002-of-00002.safetensors"),
+    "a shard holding a tensor the index does not list": (
+        {"q.linear.bias": "model-00002-of-00002.safetensors", "q.linear.weight": "model-00001-of-00002.safetensors",
+         "extra": "model-00001-of-00002.safetensors"},
+        "tensor 'extra' is not in its shard model-00001-of-00002.safetensors"),
+    "a missing shard": (
+        {"q.linear.weight": "model-00001-of-00002.safetensors", "q.linear.bias": "model-00003-of-00002.safetensors"},
+        "shard 'model-00003-of-00002.safetensors' is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INDEXES))
+def test_hostile_indexes_are_refused_with_one_message(tmp_path, case):
+    weight_map, message = BAD_INDEXES[case]
+    hand_laid(tmp_path / "hf", SMALL, weight_map=weight_map)
+    with pytest.raises(UserError) as e:
+        read_header(str(tmp_path / "hf"))
+    assert str(e.value) == f"{tmp_path / 'hf' / INDEX}: error: not a valid checkpoint index: {message}"
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    hand_laid(tmp_path / "hf", SMALL)
+    save_numpy({"q.linear.bias": np.zeros(2, np.float32), "q.linear.weight": np.zeros((2, 3), np.float32)},
+               str(tmp_path / "hf" / "model-00002-of-00002.safetensors"))
+    with pytest.raises(UserError, match="shard model-00002-of-00002.safetensors holds 'q.linear.weight', "
+                                        "which the index places in model-00001-of-00002.safetensors"):
+        read_header(str(tmp_path / "hf"))
+
+
+def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    hand_laid(tmp_path / "hf", SMALL)
+    outside = tmp_path / "elsewhere.safetensors"
+    os.replace(tmp_path / "hf" / "model-00002-of-00002.safetensors", outside)
+    os.symlink(outside, tmp_path / "hf" / "model-00002-of-00002.safetensors")
+    with pytest.raises(UserError, match="shard 'model-00002-of-00002.safetensors' is a link to a file outside the folder"):
+        read_header(str(tmp_path / "hf"))
+
+
+def test_a_listed_twice_tensor_no_spec_and_garbage_are_refused(tmp_path):
+    hand_laid(tmp_path / "hf", SMALL)
+    index = tmp_path / "hf" / INDEX
+    text = index.read_text()
+    index.write_text(text.replace('"weight_map": {', '"weight_map": {"q.linear.bias": "model-00002-of-00002.safetensors", '))
+    with pytest.raises(UserError, match="'q.linear.bias' is listed twice"):
+        read_header(str(tmp_path / "hf"))
+    hand_laid(tmp_path / "hf", SMALL, metadata={"total_size": 32})
+    with pytest.raises(UserError, match="this index has no embedded spec in its metadata"):
+        read_header(str(tmp_path / "hf"))
+    index.write_text("{not json")
+    with pytest.raises(UserError, match="not a valid checkpoint index: not JSON"):
+        read_header(str(tmp_path / "hf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="is a folder, not a checkpoint"):
+        read_header(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+def test_sharded_round_trip(old_checkpoints):
+    tmp, spec, weights, single, folder = old_checkpoints
+    header = read_sharded(folder)
+    assert len(header.shards) > 2
+    assert sorted(os.listdir(folder)) == sorted([INDEX] + [f"model-{k:05d}-of-{len(header.shards):05d}.safetensors"
+                                                           for k in range(1, len(header.shards) + 1)])
+    assert all(sum(i.end - i.start for i in h.tensors.values()) <= 2 * 10**6 or len(h.tensors) == 1
+               for h in header.shards)
+    index = json.loads(Path(folder, INDEX).read_text())
+    assert index["metadata"]["specsurgery.spec"] == canonical(spec)
+    assert index["metadata"]["total_size"] == sum(4 * t.numel() for t in weights.values())
+    got = read_all(folder)
+    assert list(got) == list(weights)
+    assert all(torch.equal(got[n], t) for n, t in weights.items())
+
+
+def test_rewriting_a_folder_swaps_it_whole(tmp_path):
+    spec = load_model(SMALL, "small.spec")
+    shapes = {"q.linear.weight": (2, 3), "q.linear.bias": (2,)}
+    target = str(tmp_path / "out")
+    for value in (1.0, 2.0):
+        write_sharded(target, SMALL, "m", shapes, [(n, torch.full(s, value)) for n, s in shapes.items()], 16)
+        assert all(torch.equal(t, torch.full(t.shape, value)) for t in read_all(target).values())
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder left behind
+    assert load_spec(read_header(target)).model.name == spec.model.name
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="it is a file, not a folder"):
+        write_sharded(str(tmp_path / "file"), SMALL, "m", shapes, [], 16)
+
+
+# ---------------------------------------------------------------------------
+# surgery shard by shard
+
+
+@pytest.fixture(scope="module")
+def one_file_result(old_checkpoints):
+    tmp, spec, weights, single, folder = old_checkpoints
+    new_spec = load_model(NEW, "new.spec")
+    plan = make_plan(spec, new_spec)
+    out = str(tmp / "new-one.safetensors")
+    apply_plan(plan, single, new_spec, out)
+    return plan, new_spec, load_file(out)
+
+
+@pytest.mark.parametrize("source,jobs", [("folder", 2), ("single", 1)])
+def test_sharded_apply_equals_one_file_apply(old_checkpoints, one_file_result, source, jobs):
+    tmp, spec, weights, single, folder = old_checkpoints
+    plan, new_spec, expected = one_file_result
+    assert {p.action for p in plan.params} >= {"copied", "grown"}
+    out = str(tmp / f"new-{source}-{jobs}")
+    result = apply_sharded(plan, folder if source == "folder" else single, new_spec, out,
+                           max_shard_size="2MB", jobs=jobs)
+    assert result["shards"] == len(read_sharded(out).shards) > 2
+    got = read_all(out)
+    assert list(got) == list(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert read_header(out).spec_text == plan.new_spec
+
+
+def test_one_file_apply_reads_a_sharded_checkpoint(old_checkpoints, one_file_result):
+    tmp, spec, weights, single, folder = old_checkpoints
+    plan, new_spec, expected = one_file_result
+    out = str(tmp / "from-folder.safetensors")
+    apply_plan(plan, folder, new_spec, out)
+    got = load_file(out)
+    assert all(torch.equal(got[n], t) for n, t in expected.items())
+
+
+def test_sharded_apply_refuses_another_checkpoint_and_its_own_folder(old_checkpoints, one_file_result, tmp_path):
+    tmp, spec, weights, single, folder = old_checkpoints
+    plan, new_spec, _ = one_file_result
+    with pytest.raises(UserError, match="would replace the checkpoint being read"):
+        apply_sharded(plan, folder, new_spec, folder, jobs=1)
+    other = make_plan(new_spec, spec)
+    with pytest.raises(UserError, match="the plan was made for another old spec"):
+        apply_sharded(other, folder, spec, str(tmp_path / "x"), jobs=1)
+    assert not (tmp_path / "x").exists()
+
+
+KILL_SCRIPT = """
+import sys
+from specsurgery.shard_apply import apply_sharded
+from specsurgery.spec.load import load_text
+from specsurgery.surgery.diff import make_plan
+from specsurgery.checkpoint import read_header, load_spec
+old, new_text, out, seed = sys.argv[1:5]
+new = load_text(new_text, "new.spec").model()
+plan = make_plan(load_spec(read_header(old)), new)
+print("planned", flush=True)
+apply_sharded(plan, old, new, out, max_shard_size="1MB", jobs=2, seed=int(seed))
+"""
+
+
+@pytest.mark.slow
+def test_parallel_apply_survives_sigkill_at_random_moments(old_checkpoints, tmp_path):
+    """Killed (the whole process group) at random moments while replacing an
+    earlier output: the old folder stays whole, and the output is always one
+    complete version (the earlier or the new), never a torn one."""
+    import random
+    import signal
+    import time
+
+    tmp, spec, weights, single, folder = old_checkpoints
+    out = str(tmp_path / "out")
+
+    def run(seed: int, kill_after=None):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, folder, NEW, out, str(seed)], cwd=REPO,
+                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if kill_after is None:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err.decode()
+            return
+        time.sleep(kill_after)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+
+    run(1)
+    earlier = read_all(out)
+    t = time.perf_counter()
+    run(0)
+    duration = time.perf_counter() - t
+    finished = read_all(out)
+    run(1)
+    rng = random.Random(15)
+    outcomes = set()
+    for _ in range(8):
+        run(0, kill_after=rng.uniform(0.2, duration))
+        old = read_all(folder)
+        assert all(torch.equal(old[n], t) for n, t in weights.items())
+        got = read_all(out)  # read_header checks every shard against the index
+        same_as = [name for name, version in (("earlier", earlier), ("new", finished))
+                   if list(got) == list(version) and all(torch.equal(got[n], version[n]) for n in version)]
+        assert len(same_as) == 1
+        outcomes.add(same_as[0])
+        if same_as == ["new"]:
+            run(1)
+    leftovers = [e for e in os.listdir(tmp_path) if e != "out"]
+    run(0)  # the next run sweeps what killed runs left
+    assert [e for e in os.listdir(tmp_path) if e != "out"] == [], leftovers
+    assert outcomes  # which of the two happened depends on timing; both are whole
