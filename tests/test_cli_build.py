@@ -20,7 +20,7 @@ import specsurgery
 REPO = Path(__file__).resolve().parents[1]
 
 # The parameter count of specs/policy.spec, worked out by hand from the parameter
-# shapes in spec-language.md (linear: weight [units, in] + bias [units]; embed:
+# shapes in docs/language.md (linear: weight [units, in] + bias [units]; embed:
 # weight [vocab, dim]; lstm: weight_ih [4u, in], weight_hh [4u, u], bias_ih [4u], bias_hh [4u]).
 #   obs.hero numeric = health, max_health, mana, level, alive          = 5
 #   obs.units numeric = x, y, health                                    = 3

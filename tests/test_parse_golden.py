@@ -1,7 +1,7 @@
 """Golden parser tests: every example of the language reference parses to the typed spec it means.
 
-The examples are copied from the product definition (spec-language.md) so the
-tests do not need it at run time. Expected specs are written out by hand as
+The examples are copied from the language reference (docs/language.md, whose
+own examples tests/test_docs.py runs). Expected specs are written out by hand as
 pydantic nodes; spans are left at their defaults, since `Span` equals any span.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from specsurgery.spec.canonical import canonical
 from specsurgery.spec.load import load, load_text
 from specsurgery.spec.parse import parse_text
 
-# The whole file at the top of spec-language.md, verbatim.
+# The whole file at the top of docs/language.md, verbatim.
 DOC_EXAMPLE = """\
 # Comments start with '#' and run to the end of the line.
 
