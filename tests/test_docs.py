@@ -7,7 +7,8 @@ How a fenced block is run depends on its info string:
   spec v2                 uses version-2 ops: it loads once they are registered and,
                           until then, is refused for an unknown op only
   console                 each `$ specsurgery ...` line (torch-free commands) prints
-                          exactly the lines under it
+                          exactly the lines under it and exits 0, or with N where
+                          the last of them is `(exit N)`
   python                  it runs, in a fresh interpreter
   toml                    it is valid TOML
 Spec blocks with `file=` are written, in page order, into a scratch folder the
@@ -134,9 +135,13 @@ def test_console_example_prints_what_it_shows(page, block, scratch):
         command, _, shown = run.partition("\n")
         argv = shlex.split(command)
         assert argv[0] == "specsurgery" and argv[1] in TORCH_FREE, f"{block}: {command}"
+        status = re.search(r"^\(exit (\d+)\)\n\Z", shown, flags=re.M)
+        if status:
+            shown = shown[:status.start()]
         result = subprocess.run([sys.executable, "-m", "specsurgery", *argv[1:]], cwd=scratch,
                                 capture_output=True, text=True, timeout=120)
         assert result.stdout + result.stderr == shown, f"{block}: $ {command}"
+        assert result.returncode == (int(status.group(1)) if status else 0), f"{block}: $ {command}"
 
 
 @pytest.mark.parametrize("page,block", all_blocks("python"))
