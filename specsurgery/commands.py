@@ -247,7 +247,7 @@ def cmd_plan(args) -> int:
 def cmd_apply(args) -> int:
     from .sources import resolve_spec
     from .checkpoint import load_spec, read_header
-    from .surgery.apply import apply_plan
+    from .shards import is_folder_checkpoint
     from .surgery.diff import make_plan
 
     new = resolve_spec(args.new_spec, args.model)
@@ -255,11 +255,23 @@ def cmd_apply(args) -> int:
         plan = read_plan_file(args.plan)
     else:
         plan = make_plan(load_spec(read_header(args.checkpoint)), new)
-    progress = Progress("apply", len(plan.params), enabled=not args.json)
-    try:
-        result = apply_plan(plan, args.checkpoint, new, args.output, seed=args.seed, progress=progress)
-    finally:
-        progress.close()
+    sharded = args.max_shard_size is not None or (is_folder_checkpoint(args.checkpoint)
+                                                  and not args.output.endswith(".safetensors"))
+    if sharded and args.output.endswith(".safetensors"):
+        raise UserError(f"{args.output}: error: a sharded checkpoint is a folder; name it without .safetensors")
+    if sharded:  # no torch in this process; workers import it only for tensors that are not only moved
+        from .shard_apply import apply_sharded
+
+        result = apply_sharded(plan, args.checkpoint, new, args.output, max_shard_size=args.max_shard_size,
+                               jobs=args.jobs, seed=args.seed)
+    else:
+        from .surgery.apply import apply_plan
+
+        progress = Progress("apply", len(plan.params), enabled=not args.json)
+        try:
+            result = apply_plan(plan, args.checkpoint, new, args.output, seed=args.seed, progress=progress)
+        finally:
+            progress.close()
     s = plan.summary
     report = {**result, **s.model_dump(), "transfer_share": s.transfer_share}
     if args.json:
@@ -289,6 +301,14 @@ def cmd_verify(args) -> int:
     return 0 if report["ok"] else 1
 
 
+def _positive_int(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def _surgery_parsers(add) -> None:
     p = add("plan")
     p.add_argument("old", nargs="?", metavar="OLD", help="old version: a .spec file, a checkpoint, or git:REV:path")
@@ -304,6 +324,10 @@ def _surgery_parsers(add) -> None:
     _model_arg(p)
     p.add_argument("--plan", metavar="plan.json", help="apply this plan (validated) instead of planning anew")
     p.add_argument("--seed", type=int, default=0, help="seed of fresh parameters (default 0)")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="write OUT as a sharded folder (Hugging Face layout) "
+                   "of shards up to SIZE (bytes, or 2GB, 400MiB; default for a sharded input: its largest shard)")
+    p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                   help="worker processes writing shards (default: one per core)")
 
     p = add("verify")
     p.add_argument("old", metavar="OLD_CKPT")

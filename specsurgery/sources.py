@@ -10,7 +10,10 @@ from .spec.load import load
 
 
 def is_checkpoint(arg: str) -> bool:
-    return arg.endswith(".safetensors")
+    """A safetensors file, or a sharded checkpoint: its folder or its index."""
+    from .shards import INDEX
+
+    return arg.endswith((".safetensors", ".index.json")) or os.path.isfile(os.path.join(arg, INDEX))
 
 
 def resolve_spec(arg: str, model: Optional[str] = None) -> m.ModelSpec:

@@ -339,3 +339,27 @@ def test_parallel_apply_survives_sigkill_at_random_moments(old_checkpoints, tmp_
     run(0)  # the next run sweeps what killed runs left
     assert [e for e in os.listdir(tmp_path) if e != "out"] == [], leftovers
     assert outcomes  # which of the two happened depends on timing; both are whole
+
+
+def test_apply_command_carries_a_folder_into_a_folder_with_jobs(old_checkpoints, one_file_result, tmp_path):
+    tmp, spec, weights, single, folder = old_checkpoints
+    plan, new_spec, expected = one_file_result
+    (tmp_path / "new.spec").write_text(NEW)
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "specsurgery", "apply", folder, str(tmp_path / "new.spec"),
+                             "-o", str(out), "--jobs", "2", "--json"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["jobs"] == 2 and report["shards"] == len(read_sharded(str(out)).shards)
+    got = read_all(str(out))
+    assert all(torch.equal(got[n], t) for n, t in expected.items())
+    # the folder's index names the same checkpoint for every command
+    result = subprocess.run([sys.executable, "-m", "specsurgery", "plan", str(out / INDEX), str(tmp_path / "new.spec"),
+                             "--json"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert all(p["source"] == p["name"] for p in json.loads(result.stdout)["params"])
+    result = subprocess.run([sys.executable, "-m", "specsurgery", "apply", folder, str(tmp_path / "new.spec"),
+                             "-o", str(tmp_path / "x.safetensors"), "--max-shard-size", "1MB"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"{tmp_path / 'x.safetensors'}: error: a sharded checkpoint is a folder; name it without .safetensors"
