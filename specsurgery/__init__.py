@@ -1,3 +1,35 @@
-"""specsurgery: declarative model specs, interaction maps, and provably safe weight surgery."""
+"""specsurgery: declarative model specs, interaction maps, and provably safe weight surgery.
+
+    import specsurgery as ss
+    model = ss.compile("specs/policy.spec")      # an ss.Model, a torch.nn.Module
+    heads = model(model.featurise(records))
+    model.save("models/policy.safetensors", metadata={"step": "1000"})
+
+Names are loaded on first use, so `import specsurgery` stays cheap (the
+pre-commit hook never pays for torch).
+"""
 
 __version__ = "0.1.0"
+
+from .errors import SpecError, UserError  # noqa: E402  (no torch)
+
+_LAZY = {
+    "compile": "api", "load": "api",
+    "Model": "model",
+}
+
+__all__ = ["SpecError", "UserError", *_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'specsurgery' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

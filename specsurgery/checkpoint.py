@@ -21,6 +21,9 @@ META_SPEC = "specsurgery.spec"
 META_MODEL = "specsurgery.model"
 META_VERSION = "specsurgery.version"
 _DTYPES = {"F32": 4, "F64": 8, "F16": 2, "BF16": 2, "I64": 8, "I32": 4}
+# The dtypes a model's parameters may be stored in; each is read, applied and
+# written in its own dtype, never converted on the way.
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -117,6 +120,11 @@ def read_header(path: str, embedded_spec: bool = True):
     return Header(path, tensors, metadata, 8 + n)
 
 
+def user_metadata(header: Header) -> dict[str, str]:
+    """The metadata a user put in (model.save(metadata=...)): everything but specsurgery's own."""
+    return {k: v for k, v in header.metadata.items() if not k.startswith("specsurgery.") and k != "format"}
+
+
 def _is_count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -140,7 +148,8 @@ def check_against(header: Header, graph) -> None:
 
 
 def check_shapes(header: Header, expected: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a checkpoint whose tensors are not exactly `expected` (name -> shape), in F32."""
+    """Refuse a checkpoint whose tensors are not exactly `expected` (name -> shape),
+    each in a floating dtype (FLOAT_DTYPES)."""
     found = {name: info.shape for name, info in header.tensors.items()}
     problems = []
     for name, shape in expected.items():
@@ -148,8 +157,8 @@ def check_shapes(header: Header, expected: dict[str, tuple[int, ...]]) -> None:
             problems.append(f"{name} is missing")
         elif found[name] != shape:
             problems.append(f"{name} has shape {list(found[name])}, the spec says {list(shape)}")
-        elif header.tensors[name].dtype != "F32":
-            problems.append(f"{name} is {header.tensors[name].dtype}, expected F32")
+        elif header.tensors[name].dtype not in FLOAT_DTYPES:
+            problems.append(f"{name} is {header.tensors[name].dtype}, expected one of {', '.join(FLOAT_DTYPES)}")
     problems += [f"{name} is not in the spec" for name in found if name not in expected]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
@@ -158,19 +167,20 @@ def check_shapes(header: Header, expected: dict[str, tuple[int, ...]]) -> None:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """A float32 tensor exactly as it lies in another checkpoint: written by
-    copying its bytes file to file, never loaded."""
+    """A tensor exactly as it lies in another checkpoint (in its own dtype):
+    written by copying its bytes file to file, never loaded."""
 
     path: str
     offset: int  # from the start of the file
     nbytes: int
     shape: tuple[int, ...]
+    dtype: str = "F32"
 
     @classmethod
     def of(cls, header: Header, name: str) -> "StoredTensor":
         header = header.header_of(name)
         info = header.tensors[name]
-        return cls(header.path, header.data_start + info.start, info.end - info.start, info.shape)
+        return cls(header.path, header.data_start + info.start, info.end - info.start, info.shape, info.dtype)
 
     def copy_to(self, out) -> int:
         with open(self.path, "rb") as src:
@@ -180,21 +190,29 @@ class StoredTensor:
 
 def write_checkpoint(path: str, spec_text: str, model_name: str,
                      shapes: dict[str, tuple[int, ...]], tensors: Iterable, progress=None,
-                     extra_metadata: Optional[dict[str, str]] = None, durable: bool = True) -> int:
-    """Stream `tensors` (name, float32 tensor, or an object with `shape` and
-    `copy_to(file)` such as StoredTensor) in the order of `shapes`; returns bytes written.
+                     extra_metadata: Optional[dict[str, str]] = None, durable: bool = True,
+                     dtypes: Optional[dict[str, str]] = None) -> int:
+    """Stream `tensors` (name, tensor, or an object with `shape` and `copy_to(file)`
+    such as StoredTensor) in the order of `shapes`; returns bytes written.
+
+    `dtypes` (name -> F32, BF16, F16 or F64; F32 where absent) is each tensor's
+    dtype in the file: a tensor is written in it, an object copying itself must
+    already be in it.
 
     The header is laid out from `shapes` first, so tensors can be produced and
     written one at a time and dropped: memory holds one tensor, not the model.
     """
     table: dict = {}
     offset = 0
+    dtypes = dtypes or {}
     for name, shape in shapes.items():
         count = 1
         for d in shape:
             count *= d
-        table[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + 4 * count]}
-        offset += 4 * count
+        dtype = dtypes.get(name, "F32")
+        size = count * _DTYPES[dtype]
+        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     metadata = {META_SPEC: spec_text, META_MODEL: model_name, META_VERSION: package_version(), "format": "pt"}
     metadata.update(extra_metadata or {})
     header = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":")).encode()
@@ -210,14 +228,15 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
                 raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
             if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
                 raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
+            start, end = table[name]["data_offsets"]
             if hasattr(tensor, "copy_to"):  # writes itself at the file's end (fd level)
                 f.flush()
                 nbytes = tensor.copy_to(f)
                 os.lseek(f.fileno(), 0, os.SEEK_END)
             else:
-                array = tensor.detach().to("cpu").float().contiguous().numpy()
-                f.write(memoryview(array).cast("B"))
-                nbytes = array.nbytes
+                nbytes = f.write(tensor_bytes(tensor, table[name]["dtype"]))
+            if nbytes != end - start:
+                raise AssertionError(f"writer expected {end - start} bytes of {name}, got {nbytes}")
             written += nbytes
             if progress is not None:
                 progress(name, nbytes)
@@ -225,6 +244,16 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
         if missing is not None:  # never rename a short file into place
             raise AssertionError(f"writer expected {missing} {shapes[missing]}, the tensors ran out")
     return written
+
+
+def tensor_bytes(tensor, dtype: str) -> memoryview:
+    """A tensor's bytes in `dtype`, little-endian as safetensors lays them out
+    (bfloat16 has no numpy type: its bytes are taken through a uint8 view)."""
+    import torch
+
+    wanted = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[dtype]
+    flat = tensor.detach().to(device="cpu", dtype=wanted).contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 def open_tensors(path: str):

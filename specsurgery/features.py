@@ -82,8 +82,10 @@ def validate_record(schema: m.Schema, record: Any, where: str = "record") -> Non
         raise UserError(f"{where}: {path}: {message}" if path else f"{where}: {message}")
 
 
-def featurise(schema: m.Schema, records: list, time: bool = False, validate: bool = True) -> dict:
-    """A batch of records (or, with `time`, of record sequences) -> input tensors."""
+def featurise(schema: m.Schema, records: list, time: bool = False, validate: bool = True,
+              dtype=None, device=None) -> dict:
+    """A batch of records (or, with `time`, of record sequences) -> input tensors
+    (numeric ones in `dtype`, default float32; all on `device`, default CPU)."""
     import torch
 
     if time:
@@ -126,6 +128,8 @@ def featurise(schema: m.Schema, records: list, time: bool = False, validate: boo
             for f in categories:
                 ids = torch.tensor([index[f.name][r[group.name][f.name]] for r in flat], dtype=torch.long)
                 out[f"{group.name}.{f.name}"] = ids.reshape(*lead)
+    if dtype is not None or device is not None:
+        out = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in out.items()}
     return out
 
 

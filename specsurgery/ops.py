@@ -121,6 +121,10 @@ class RunContext:
 
     masks: dict[str, Any] = field(default_factory=dict)  # entity set -> [B, (T), E] float mask
     probe_variant: str = "gradient"  # gradient | gradient-random | gradient-positive
+    # Recurrent ops (those with `recurrent_state`) start from state[scope] (name ->
+    # [B, units]; absent: zeros) and leave their last step's in new_state[scope].
+    state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    new_state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -197,6 +201,9 @@ class Op(ABC):
     int_names: tuple[str, ...] = ()
     keywords: dict[str, Any] = {}
     takes_category: bool = False  # reads a category path instead of a tensor
+    # Names of the tensors a recurrent op carries from step to step, each [B, units]
+    # (the model then takes a time axis); empty for every other op.
+    recurrent_state: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -423,6 +430,7 @@ class LSTM(Op):
     # All parameters at zero: every gate is 1/2 and g = tanh(0) = 0, so c and h stay 0.
     surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False,
                       layout=Layout(entities="forbidden", time=True), starts_at_zero=True)
+    recurrent_state = ("h", "c")
 
     def infer(self, inputs, ints, kw):
         (x,), (units,) = inputs, ints
@@ -445,9 +453,14 @@ class LSTM(Op):
         torch = _torch()
         x = xs[0]
         batch, units = x.shape[0], node.value.width
-        zeros = x.new_zeros(1, batch, units)
+        start = ctx.state.get(node.scope)
+        if start is None:
+            h0 = c0 = x.new_zeros(1, batch, units)
+        else:
+            h0, c0 = start["h"].unsqueeze(0), start["c"].unsqueeze(0)
         weights = [params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]]
-        out, _, _ = torch.lstm(x, (zeros, zeros), weights, True, 1, 0.0, False, False, True)
+        out, h, c = torch.lstm(x, (h0, c0), weights, True, 1, 0.0, False, False, True)
+        ctx.new_state[node.scope] = {"h": h[0], "c": c[0]}
         return out
 
     def probe(self, node, params, xs, ctx):

@@ -19,7 +19,8 @@ of the language is generated.
 
 Names are drawn from a pool that mixes plain names with awkward ones a user
 may well write: Python keywords and builtins (`class`, `None`, `type`),
-nn.Module attributes (`forward`, `training`, `state_dict`), names that start
+names near the module tree's own (`state`, `weight`, `op_params`; the attributes
+themselves, `forward` or `training`, are refused by the check), names that start
 with a keyword of the language (`outer`, `asx`, `was_`) and op names used as
 statement names (`relu`). Language keywords are never used as names.
 """
@@ -33,6 +34,7 @@ from typing import Optional, Sequence
 from hypothesis import strategies as st
 
 from specsurgery.features import featurise, random_record
+from specsurgery.names import MODULE_ATTRIBUTES
 from specsurgery.spec.load import load_text
 
 # The language's keywords and type names: never names.
@@ -45,11 +47,11 @@ RESERVED = frozenset({
 NAMES = (
     "a", "b", "c", "d", "e", "x", "y", "z", "h", "k",
     "obs", "hero", "units", "mana", "kind",
-    "forward", "training", "state_dict", "graph", "parameters", "cuda",
-    "class", "None", "lambda", "self", "type", "input",
+    "state", "weight", "bias", "module", "ss", "torch",
+    "class", "None", "lambda", "self", "types", "input",
     "outer", "asx", "was_", "groups", "model_", "schema2", "float32", "int8", "true_",
     "_", "_p", "X1", "T", "relu", "linear", "embed", "mask",
-    "_modules", "_parameters", "_version", "T_destination", "op_params", "probe_variant",
+    "_modules_", "_params", "version", "T_dest", "op_params", "probe_variant",
 )
 
 OPS = ("linear", "embed", "onehot", "concat", "relu", "tanh", "sigmoid", "gelu",
@@ -63,6 +65,7 @@ _AUTO_SCOPE = re.compile(r"(%s)(_\d+)?" % "|".join(OPS))
 ALIASES = tuple(n for n in NAMES if not _AUTO_SCOPE.fullmatch(n)) + ("proj", "gate", "enc")
 
 assert not RESERVED & set(NAMES)
+assert not MODULE_ATTRIBUTES & set(NAMES)
 assert all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n) for n in NAMES + ALIASES)
 
 MAX_WIDTH = 12

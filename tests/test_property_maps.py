@@ -151,7 +151,7 @@ def _graph(body: str) -> Graph:
     return build_graph(load_text(ONE + "model m(obs: s) {\n" + body + "\n}\n", "<min>").model())
 
 
-@pytest.mark.parametrize("body", ["  out forward = linear(obs.g, 1)", "  out h = linear(obs.g, 1) as training"])
+@pytest.mark.parametrize("body", ["  out state = linear(obs.g, 1)", "  out h = linear(obs.g, 1) as weight"])
 def test_gradient_map_of_statement_named_like_a_module_attribute(body):
     graph = _graph(body)
     assert map_mismatches(graph, shadow_map(graph)) == []

@@ -650,11 +650,11 @@ def test_reorder_concat_of_numbered_ops():
     assert plan.summary.function_preserving, [r.message for r in plan.summary.reasons]
 
 
-def test_statement_named_training_verifies(tmp_path):
-    """Regression: a statement named `training` once made SpecModule.eval() raise
-    (a child module of that name met nn.Module.training), so verify crashed."""
+def test_statement_named_like_module_internals_verifies(tmp_path):
+    """Regression: a statement named `training` once made SpecModule.eval() raise;
+    such names are now refused by the check, names next to them must still work."""
     spec = load_text("schema s {\n  group g {\n    x: float\n  }\n}\n\n"
-                     "model m(obs: s) {\n  out training = linear(obs.g, 1)\n}\n", "t.spec").model()
+                     "model m(obs: s) {\n  out state = linear(obs.g, 1) as weight\n}\n", "t.spec").model()
     path = str(tmp_path / "t.safetensors")
     write_trained(spec, path, seed=0)
     assert verify(path, path, states=10)["max"] == 0.0

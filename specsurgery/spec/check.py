@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..errors import Diagnostic
+from ..names import MODULE_ATTRIBUTES
 from . import model as m
 
 
@@ -77,4 +78,26 @@ def check_schema(schema: m.Schema) -> list[Diagnostic]:
 
 def check_model_names(model: m.Model) -> list[Diagnostic]:
     statements = [s for s in model.statements if s.was is not None]
-    return _renames(statements, "statement", f"model {model.name}")
+    return _renames(statements, "statement", f"model {model.name}") + _module_attributes(model)
+
+
+def _module_attributes(model: m.Model) -> list[Diagnostic]:
+    """Statements and op names are submodules of ss.Model: they may not be
+    named like an attribute it already has (names.py says why)."""
+    hint = "ss.Model is a torch.nn.Module with one submodule per statement and op; choose another name"
+    out = []
+
+    def aliases(expr):
+        if isinstance(expr, m.Call):
+            if expr.alias in MODULE_ATTRIBUTES:
+                out.append(Diagnostic(f"op name {expr.alias!r} is taken: a module already has an attribute {expr.alias}",
+                                      expr.span, hint))
+            for arg in expr.args:
+                aliases(arg)
+
+    for s in model.statements:
+        if s.name in MODULE_ATTRIBUTES:
+            out.append(Diagnostic(f"statement name {s.name!r} is taken: the model already has an attribute {s.name}",
+                                  s.span, hint))
+        aliases(s.expr)
+    return out

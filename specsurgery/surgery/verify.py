@@ -13,25 +13,18 @@ from typing import Optional
 
 import torch
 
-from ..backends.torch import SpecModule
-from ..checkpoint import check_against, load_spec, open_tensors, read_header
 from ..features import featurise, random_object, random_record
-from ..ir import build_graph
 from ..spec import model as m
 from ..backends.shadow import shadow_map
 from .diff import Renames, find_renames, match_axis
 
 
-def load_module(path: str) -> tuple[m.ModelSpec, SpecModule]:
-    header = read_header(path)
-    spec = load_spec(header)
-    graph = build_graph(spec)
-    check_against(header, graph)
-    module = SpecModule(graph, seed=None)
-    tensors = open_tensors(path)
-    module.load_tensors(tensors.get_tensor)
-    module.eval()
-    return spec, module
+def load_module(path: str):
+    from ..api import load
+
+    model = load(path)
+    model.eval()
+    return model._ss_graph.spec, model
 
 
 _CAST = {"float": float, "int": int, "bool": bool}
@@ -99,14 +92,14 @@ def verify(old_path: str, new_path: str, states: int = 1000, steps: Optional[int
     old_spec, old_module = load_module(old_path)
     new_spec, new_module = load_module(new_path)
     renames = find_renames(old_spec, new_spec)
-    has_time = old_module.graph.has_time or new_module.graph.has_time
+    has_time = old_module._ss_graph.has_time or new_module._ss_graph.has_time
     steps = steps or (3 if has_time else 1)
     rng = random.Random(seed)
     draw_schema = _shared_items(old_spec.schema, new_spec.schema, renames)
     table = _correspondence(new_spec.schema, renames)
     # Compare each head output by output: a widened head's new outputs have no
     # old counterpart, a reordered one's move (matched by key, as the plan does).
-    old_graph, new_graph = old_module.graph, new_module.graph
+    old_graph, new_graph = old_module._ss_graph, new_module._ss_graph
     old_phi, new_phi = shadow_map(old_graph), shadow_map(new_graph)
     columns = {}
     for h, index in new_graph.outputs.items():
@@ -135,8 +128,8 @@ def verify(old_path: str, new_path: str, states: int = 1000, steps: Optional[int
                 seq_new = [_carry(r, new_spec.schema, table, rng) for r in seq_old]
                 old_records.append(seq_old if has_time else seq_old[0])
                 new_records.append(seq_new if has_time else seq_new[0])
-            out_old = old_module(featurise(old_spec.schema, old_records, time=old_module.graph.has_time, validate=False))
-            out_new = new_module(featurise(new_spec.schema, new_records, time=new_module.graph.has_time, validate=False))
+            out_old = old_module(featurise(old_spec.schema, old_records, time=old_module._ss_graph.has_time, validate=False))
+            out_new = new_module(featurise(new_spec.schema, new_records, time=new_module._ss_graph.has_time, validate=False))
             for h in heads:
                 new_cols, old_cols = columns[h]
                 old_out = out_old[renames.scopes.get(h, h)].index_select(-1, old_cols)

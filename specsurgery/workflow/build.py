@@ -20,10 +20,9 @@ from .policy import load_policy
 
 
 def write_fresh(graph, path: str, seed: int = 0, progress=None) -> int:
-    from ..backends.torch import SpecModule
+    from ..model import Model
 
-    module = SpecModule(graph, seed=seed)
-    state = module.state_dict()
+    state = Model(graph, seed=seed).state_dict()
     shapes = {name: tuple(t.shape) for name, t in state.items()}
     return write_checkpoint(path, canonical(graph.spec), graph.model.name, shapes, state.items(), progress=progress)
 
