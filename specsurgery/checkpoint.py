@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -76,8 +77,15 @@ def read_header(path: str, embedded_spec: bool = True):
         return UserError(f"{path}: error: not a valid checkpoint: {why}")
 
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        # O_NONBLOCK and a regular file only: a FIFO or a device would hang or never end
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        mode, size = os.fstat(fd).st_mode, os.fstat(fd).st_size
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            raise UserError(f"{path}: error: not a regular file")
+        with os.fdopen(fd, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise bad("the file is shorter than a safetensors header")
@@ -89,6 +97,8 @@ def read_header(path: str, embedded_spec: bool = True):
         raise UserError(f"{path}: error: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: error: is a folder, not a checkpoint") from None
+    except ValueError:  # a NUL byte in the path
+        raise UserError(f"{path}: error: not a valid path (it holds a NUL byte)") from None
     except OSError as e:  # permission denied, I/O error, ...
         raise UserError(f"{path}: error: cannot read: {e.strerror or e}") from None
     try:
@@ -130,14 +140,23 @@ def _is_count(value) -> bool:
 
 
 def load_spec(header: Header):
-    """The ModelSpec embedded in a checkpoint."""
+    """The ModelSpec embedded in a checkpoint.
+
+    The text is self-contained (canonical() inlines the schema); a `use` in it
+    would make data from elsewhere read, and print, any local file: refused."""
     from .errors import SOURCES
-    from .spec.load import load_text
+    from .spec.load import load
 
     name = f"{header.path}#spec"
     SOURCES[name] = header.spec_text
+
+    def read(path: str) -> str:
+        if path != name:
+            raise UserError(f"{path}: error: a checkpoint's embedded spec may not use other files")
+        return header.spec_text
+
     try:
-        return load_text(header.spec_text, name).model(header.model_name)
+        return load([name], reader=read).model(header.model_name)
     except (SpecError, UserError) as e:
         raise UserError(f"{header.path}: error: the embedded spec does not load:\n{e}") from None
 

@@ -15,7 +15,7 @@ from typing import Optional
 # through importlib.metadata) costs the pre-commit hook time on every commit.
 os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
-from .errors import SpecError, UserError  # noqa: E402
+from .errors import PrintableStream, SpecError, UserError  # noqa: E402
 from .commands import COMMANDS, PARSERS  # noqa: E402
 
 
@@ -42,6 +42,17 @@ OPTIONAL = {"torch": "torch", "matplotlib": "plot"}  # optional module -> the ex
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # Everything printed passes printable(): names, metadata and reasons read from
+    # files cannot send escape sequences to the terminal.
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = PrintableStream(sys.stdout), PrintableStream(sys.stderr)
+    try:
+        return _run(argv)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(argv: Optional[list[str]]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -49,14 +50,17 @@ class Diagnostic:
         lines = [f"{span.file}:{span.line}:{span.column}: error: {self.message}"]
         text = source if source is not None else _read(span.file)
         if text is not None:
-            source_lines = text.splitlines()
+            source_lines = text.split("\n")  # lines as lark counts them (not at '\r' or '\x0c')
             if 0 < span.line <= len(source_lines):
-                line = source_lines[span.line - 1]
+                line = source_lines[span.line - 1].removesuffix("\r")
                 width = 1
                 if span.end_line == span.line and span.end_column > span.column:
                     width = span.end_column - span.column
-                lines.append("  " + line)
-                lines.append("  " + " " * (span.column - 1) + "^" * width)
+                # a tab shows as spaces to the next multiple of 8: the caret goes by the shown column
+                before = line[:span.column - 1].expandtabs()
+                width = len(line[:span.column - 1 + width].expandtabs()) - len(before)
+                lines.append("  " + line.expandtabs())
+                lines.append("  " + " " * len(before) + "^" * max(1, width))
         if self.hint:
             lines.append("  " + self.hint)
         return "\n".join(lines)
@@ -100,3 +104,28 @@ class SpecError(Exception):
 
 class UserError(Exception):
     """A problem with a file, record, checkpoint or argument (not a spec line)."""
+
+
+# Control characters (but newline and tab) and the bidirectional overrides: text
+# read from a file (a checkpoint's metadata, a plan's reasons, a spec line) could
+# otherwise drive the terminal it is printed on.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every unprintable character spelled as an escape (ESC -> \\x1b)."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256
+                            else f"\\u{ord(m.group()):04x}", text)
+
+
+class PrintableStream:
+    """A text stream that writes what it is given through printable()."""
+
+    def __init__(self, stream):
+        self.unfiltered = stream
+
+    def write(self, text: str) -> int:
+        return self.unfiltered.write(printable(text))
+
+    def __getattr__(self, name):
+        return getattr(self.unfiltered, name)

@@ -17,10 +17,15 @@ class Progress:
         if self.enabled:
             width = 30
             filled = width * self.done // max(1, self.total)
-            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                             f"{self.done}/{self.total} tensors, {self.bytes / 1e6:,.1f} MB")
-            sys.stderr.flush()
+            _terminal().write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                              f"{self.done}/{self.total} tensors, {self.bytes / 1e6:,.1f} MB")
+            _terminal().flush()
 
     def close(self) -> None:
         if self.enabled and self.done:
-            sys.stderr.write("\n")
+            _terminal().write("\n")
+
+
+def _terminal():
+    # the bar's own '\r' must reach the terminal; the command layer filters stderr
+    return getattr(sys.stderr, "unfiltered", sys.stderr)

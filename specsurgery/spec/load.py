@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -21,16 +22,43 @@ Reader = Callable[[str], str]
 
 def read_disk(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        # O_NONBLOCK: a FIFO must not hang the open; only regular files are read
+        # (not /dev/zero, not a pipe)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise UserError(f"{path}: error: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: error: is a folder, not a .spec file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: error: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise UserError(f"{path}: error: cannot read ({e.strerror})") from None
+    except ValueError:  # a NUL byte in the path
+        raise UserError(f"{path}: error: not a valid path (it holds a NUL byte)") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise UserError(f"{path}: error: is a folder, not a .spec file")
+        raise UserError(f"{path}: error: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read()
+        except OSError as e:
+            raise UserError(f"{path}: error: cannot read ({e.strerror})") from None
+    return decode_text(data, path)
+
+
+def decode_text(data: bytes, path: str) -> str:
+    """UTF-8 text (a leading byte-order mark dropped); an invalid byte is reported at its line and column."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        column = len(data[line_start:e.start].decode("utf-8", "replace")) + 1
+        raise UserError(f"{path}:{line}:{column}: error: not UTF-8 text "
+                        f"(byte 0x{data[e.start]:02x}: {e.reason})") from None
 
 
 @dataclass

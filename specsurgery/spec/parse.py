@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
+import json
 import re
 from importlib import resources
 from pathlib import Path as FsPath
@@ -40,10 +42,45 @@ def grammar_text() -> str:
     return (FsPath(__file__).resolve().parents[2] / "grammar" / "spec.lark").read_text(encoding="utf-8")
 
 
+_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=True)
+# The LALR tables of the grammar, built once and shipped as plain JSON (lark's
+# own cache would pickle.load a file in the temp folder that anyone can plant).
+TABLES = FsPath(__file__).with_name("parser_tables.json")
+
+
+def _grammar_key(grammar: str) -> dict:
+    return {"grammar_sha256": hashlib.sha256(grammar.encode()).hexdigest(), "lark": lark.__version__}
+
+
 @functools.lru_cache(maxsize=None)
 def _parser() -> Lark:
-    # cache=True keeps the compiled LALR tables in a temp file keyed by the grammar text.
-    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True, cache=True)
+    grammar = grammar_text()
+    try:
+        with open(TABLES, encoding="utf-8") as f:
+            stored = json.load(f, object_hook=_int_keys)
+        if stored["key"] == _grammar_key(grammar):
+            return Lark._load_from_dict(stored["data"], stored["memo"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return Lark(grammar, **_OPTIONS)  # edited grammar or another lark: build the tables (~0.1 s)
+
+
+def _int_keys(obj: dict) -> dict:
+    # JSON keys are strings; lark numbers its states, tokens and memo entries.
+    return {int(k) if k.isdigit() else k: v for k, v in obj.items()}
+
+
+def write_parser_tables(path: FsPath = TABLES) -> None:
+    """Rebuild the shipped tables after editing the grammar (`python -m specsurgery.spec.parse`)."""
+    from lark.grammar import Rule
+    from lark.lexer import TerminalDef
+
+    grammar = grammar_text()
+    data, memo = Lark(grammar, **_OPTIONS).memo_serialize([TerminalDef, Rule])
+    text = json.dumps({"key": _grammar_key(grammar), "data": data, "memo": memo}, sort_keys=True)
+    if json.loads(text, object_hook=_int_keys)["data"] != json.loads(json.dumps(data), object_hook=_int_keys):
+        raise AssertionError("the parser tables do not survive JSON")
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def parse_text(text: str, path: str = "<string>") -> m.SpecFile:
@@ -347,3 +384,8 @@ class _ToSpec(Transformer):
 
     def path(self, meta, children):
         return m.Path(parts=tuple(str(c) for c in children), span=self._s(meta))
+
+
+if __name__ == "__main__":
+    write_parser_tables()
+    print(f"wrote {TABLES}")

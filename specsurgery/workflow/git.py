@@ -12,6 +12,10 @@ from typing import Optional
 from ..errors import UserError
 
 
+class NotAtRevision(UserError):
+    """The path does not exist at the revision (or in the index)."""
+
+
 def _git(args: list[str], cwd: str = ".") -> subprocess.CompletedProcess:
     try:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True)
@@ -41,24 +45,34 @@ def split_git_path(arg: str) -> Optional[tuple[str, str]]:
     if ":" not in rest:
         raise UserError(f"error: {arg!r} is not git:REV:path")
     rev, path = rest.split(":", 1)
+    check_rev(rev, arg)
     return rev, path
+
+
+def check_rev(rev: str, where: str) -> None:
+    """Refuse a revision git could read as an option (`--output=FILE` makes it
+    write a file) or that holds control characters; '' is the index."""
+    if rev.startswith("-") or any(ord(c) < 32 or ord(c) == 127 for c in rev):
+        raise UserError(f"{where}: error: {rev!r} is not a git revision")
 
 
 def show(rev: str, path: str, cwd: str = ".", root: Optional[str] = None) -> Optional[str]:
     """The text of `path` (relative to cwd) at `rev` ('' for the staged index); None if absent."""
+    check_rev(rev, f"git:{rev}:{path}")
     root = root or repo_root(cwd)
     rel = os.path.relpath(os.path.abspath(os.path.join(cwd, path)), root)
-    result = _git(["show", f"{rev}:{rel}"], root)
+    # cat-file: the blob's bytes, no filters; the object name starts with the checked REV or ':'
+    result = _git(["cat-file", "blob", f"{rev}:{rel}"], root)
     if result.returncode != 0:
         return None
-    try:
-        return result.stdout.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"git:{rev}:{path}: error: not UTF-8 text") from None
+    from ..spec.load import decode_text
+
+    return decode_text(result.stdout, f"git:{rev}:{path}")
 
 
 def reader_at(rev: str, cwd: str = "."):
     """A spec Reader that reads every path (and what it uses) at `rev`."""
+    check_rev(rev, f"git:{rev}:")
     prefix = f"git:{rev}:"
     root = repo_root(cwd)
 
@@ -66,7 +80,7 @@ def reader_at(rev: str, cwd: str = "."):
         plain = path[len(prefix):] if path.startswith(prefix) else path
         text = show(rev, plain, cwd, root)
         if text is None:
-            raise UserError(f"{path}: error: no such file at revision {rev or 'the index'}")
+            raise NotAtRevision(f"{path}: error: no such file at revision {rev or 'the index'}")
         return text
 
     return read
