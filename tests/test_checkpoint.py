@@ -252,7 +252,7 @@ def test_read_header_unreadable_file_is_a_user_error(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ck, "open", denied, raising=False)  # what a chmod 000 file gives (tests may run as root)
+    monkeypatch.setattr(ck.os, "open", denied)  # what a chmod 000 file gives (tests may run as root)
     with pytest.raises(UserError) as e:
         read_header(str(path))
     assert str(e.value) == f"{path}: error: cannot read: Permission denied"
