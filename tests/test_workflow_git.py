@@ -93,9 +93,9 @@ EDITS = {
 PYPROJECT_PLAIN = '[project]\nname = "demo"\nversion = "0"\n'
 POLICIES = {
     # name -> (pyproject.toml, extra `check` flags, allow_lossy, min_transfer)
-    "no_policy": (PYPROJECT_PLAIN, [], False, 0.0),
-    "allow_lossy_in_pyproject": (PYPROJECT_PLAIN + "\n[tool.specsurgery]\nallow_lossy = true\n", [], True, 0.0),
-    "allow_lossy_flag": (PYPROJECT_PLAIN, ["--allow-lossy"], True, 0.0),
+    "no_policy": (PYPROJECT_PLAIN, [], False, 0.9),  # the defaults
+    "allow_lossy_in_pyproject": (PYPROJECT_PLAIN + "\n[tool.specsurgery]\nallow_lossy = true\n", [], True, 0.9),
+    "allow_lossy_flag": (PYPROJECT_PLAIN, ["--allow-lossy"], True, 0.9),
     "min_transfer_in_pyproject": (PYPROJECT_PLAIN + "\n[tool.specsurgery]\nallow_lossy = true\nmin_transfer = 0.999\n",
                                   [], True, 0.999),
     "min_transfer_flag": (PYPROJECT_PLAIN, ["--allow-lossy", "--min-transfer", "0.999"], True, 0.999),
@@ -155,7 +155,7 @@ def test_check_follows_the_policy(tmp_path, change, policy):
         assert "does not preserve the function" not in out, out
     if share < min_transfer:
         assert (f"{where}: error: model p: only 99.65% of the old parameters carry over; "
-                f"the policy asks for min_transfer = 0.999") in lines, out
+                f"the policy asks for min_transfer = 0.999 (lower it in [tool.specsurgery] if that is meant)") in lines, out
     else:
         assert "min_transfer" not in out, out
     if should_pass:
