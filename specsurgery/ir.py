@@ -6,7 +6,7 @@ torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from .errors import Diagnostic, SpecError
@@ -167,7 +167,8 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
             key = ("group", group.name)
             if key not in b.cache:
                 b.cache[key] = b.add(READ_GROUP, (), Value(len(names), group.name if group.is_entity_set else None,
-                                                        label=f"{'entity set' if group.is_entity_set else 'group'} {group.name}"),
+                                                        label=f"{'entity set' if group.is_entity_set else 'group'} {group.name}",
+                                                        cap=group.entities),
                                      stmt, path.span, attrs={"group": group.name, "features": names,
                                                              "bits": tuple(1 << bits[n] for n in names)})
             return b.cache[key]
@@ -182,12 +183,13 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
         if feature.is_category:
             vocab = schema.vocab(feature.vocab)
             names = tuple(feature_name(group, feature, item) for item in vocab.item_names)
-            return b.add(READ_CATEGORY, (), Value(len(names), entities, vocab=vocab.name, label=label), stmt, path.span,
+            return b.add(READ_CATEGORY, (), Value(len(names), entities, vocab=vocab.name, label=label, cap=group.entities),
+                         stmt, path.span,
                          attrs={"group": group.name, "feature": feature.name, "features": names,
                                 "bits": tuple(1 << bits[n] for n in names)})
         column = group.numeric_features.index(feature)
         name = feature_name(group, feature)
-        return b.add(READ_FEATURE, (), Value(1, entities, label=label), stmt, path.span,
+        return b.add(READ_FEATURE, (), Value(1, entities, label=label, cap=group.entities), stmt, path.span,
                      attrs={"group": group.name, "feature": feature.name, "column": column,
                             "features": (name,), "bits": (1 << bits[name],)})
 
@@ -238,16 +240,19 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
         if op is None or call.op in INPUT_OPS:
             known = ", ".join(n for n in OPS if n not in INPUT_OPS)
             b.error(f"unknown op {call.op!r}", call.op_span, f"ops: {known}")
-        tensors = [a for a in call.args if not isinstance(a, m.IntArg)]
-        ints = [a for a in call.args if isinstance(a, m.IntArg)]
+        tensors = [a for a in call.args if not isinstance(a, m.NUMBER_ARGS)]
+        ints = [a for a in call.args if isinstance(a, m.NUMBER_ARGS)]
         signature = f"{op.name}({', '.join(['x'] * (op.n_tensors or 1) + list(op.int_names))}{', ...' if op.n_tensors is None else ''})"
         if op.n_tensors is None and not tensors:
             b.error(f"{op.name} needs at least one input", call.span)
         if (op.n_tensors is not None and len(tensors) != op.n_tensors) or len(ints) != op.n_ints:
             b.error(f"{op.name} takes {signature}, got {len(call.args)} argument{'s' if len(call.args) != 1 else ''}", call.span)
-        order = [isinstance(a, m.IntArg) for a in call.args]
+        order = [isinstance(a, m.NUMBER_ARGS) for a in call.args]
         if order != sorted(order):
             b.error(f"{op.name} takes {signature}: widths come after the inputs", call.span)
+        for a in ints:
+            if isinstance(a, m.DecimalArg) and not op.decimals:
+                b.error(f"{op.name} takes whole numbers, got {a.value:g}", a.span)
         kw = dict(op.keywords)
         for k in call.keywords:
             if k.name not in op.keywords:
@@ -265,6 +270,9 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
             else:
                 index = call_value(arg, stmt, scopes)
             value = b.nodes[index].value
+            if OPS[b.nodes[index].op].head_only:
+                b.error(f"{b.nodes[index].op} makes an output head, which no op may read "
+                        f"(its scores are -inf at padding entities)", arg.span)
             if value.is_category and not op.takes_category:
                 b.error(f"{op.name} needs a numeric input, got {value.describe()}", arg.span,
                         "read a category through embed or onehot")
@@ -276,9 +284,12 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
             spans = list(tensors) + list(ints)
             span = spans[e.argument].span if e.argument is not None and e.argument < len(spans) else call.span
             b.error(e.message, span)
+        if value.entities and value.cap is None:  # every value over an entity set knows its size
+            value = replace(value, cap=schema.group(value.entities).entities)
         attrs = {"ints": [i.value for i in ints], **kw}
         if op.surgery.layout.entities == "required":
-            attrs["entities"] = values[0].entities  # whose mask the forward reads
+            # whose mask the forward reads: the entity set among its inputs
+            attrs["entities"] = next(v.entities for v in values if v.entities)
         scope = f"{stmt}.{scopes[id(call)]}"
         return b.add(op.name, tuple(inputs), value, stmt, call.span, scope=scope, attrs=attrs, params=params,
                      arg_spans=tuple(a.span for a in tensors))
@@ -297,6 +308,8 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
             else:
                 index = call_value(stmt.expr, stmt.name, name_ops(stmt))
             value = b.nodes[index].value
+            if OPS[b.nodes[index].op].head_only and not stmt.out:
+                b.error(f"{b.nodes[index].op} makes an output head: write `out {stmt.name} = ...`", stmt.expr.span)
             if value.is_category:
                 b.error(f"statement {stmt.name} would hold {value.describe()}, which is not a tensor", stmt.expr.span,
                         f"read it through embed({stmt.expr}, DIM) or onehot({stmt.expr})")

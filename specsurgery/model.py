@@ -158,7 +158,8 @@ class Model(nn.Module):
     def _ss_step(self, inputs: dict[str, torch.Tensor], state: dict) -> tuple[dict, dict]:
         graph = self._ss_graph
         try:
-            ctx = RunContext(masks={g.name: inputs[mask_key(g.name)] for g in graph.entity_sets()})
+            ctx = RunContext(masks={g.name: inputs[mask_key(g.name)] for g in graph.entity_sets()},
+                             training=self.training)
             values: dict[int, torch.Tensor] = {}
             for node in graph.nodes:
                 if node.op in INPUT_OPS:

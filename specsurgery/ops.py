@@ -48,6 +48,7 @@ class Value:
     entities: Optional[str] = None
     vocab: Optional[str] = None  # set for a category path
     label: str = ""  # how messages name it: "category hero.hero_id"
+    cap: Optional[int] = None  # the entity set's size (the IR builder sets it on every value over one)
 
     @property
     def is_category(self) -> bool:
@@ -125,6 +126,7 @@ class RunContext:
     # [B, units]; absent: zeros) and leave their last step's in new_state[scope].
     state: dict[str, dict[str, Any]] = field(default_factory=dict)
     new_state: dict[str, dict[str, Any]] = field(default_factory=dict)
+    training: bool = False  # the module's mode: ops that differ while training (dropout) read it
 
 
 # ---------------------------------------------------------------------------
@@ -170,12 +172,16 @@ class Surgery:
     # How each parameter starts so the op computes its input unchanged (linear: weight
     # "identity", bias "zero"); None: it cannot be the identity.
     identity: Optional[Mapping[str, Literal["identity", "zero"]]] = None
+    # MIXING: integer arguments whose change changes the function whatever the weights
+    # (attention's head_dim scales its scores), each with the phrase that says why.
+    fixed_args: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.indices is Indices.JOIN) != (self.join_neutral is not None):
             raise TypeError("a join (and only a join) declares join_neutral")
-        if self.indices is not Indices.MIXING and (self.starts_at_zero or self.axis_change or self.identity):
-            raise TypeError("starts_at_zero, axis_change and identity are for ops that mix through parameters")
+        if self.indices is not Indices.MIXING and (self.starts_at_zero or self.axis_change or self.identity
+                                                   or self.fixed_args):
+            raise TypeError("starts_at_zero, axis_change, identity and fixed_args are for ops that mix through parameters")
 
 
 def wrap_axis(op: "Op", axis: Axis) -> Axis:
@@ -204,6 +210,10 @@ class Op(ABC):
     # Names of the tensors a recurrent op carries from step to step, each [B, units]
     # (the model then takes a time axis); empty for every other op.
     recurrent_state: tuple[str, ...] = ()
+    # Its output can only be a head, read by no other op (a pointer's scores are -inf at padding).
+    head_only: bool = False
+    # Its numeric arguments may be decimals (dropout's p); others take whole numbers.
+    decimals: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

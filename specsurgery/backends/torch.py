@@ -58,7 +58,7 @@ class SpecModule(nn.Module):
         """
         graph = self.graph
         ctx = RunContext(masks={g.name: inputs[mask_key(g.name)] for g in graph.entity_sets()},
-                         probe_variant=self.probe_variant or "gradient")
+                         probe_variant=self.probe_variant or "gradient", training=self.training)
         probing = self.probe_variant is not None
 
         def visit(node, xs):

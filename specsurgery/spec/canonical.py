@@ -33,6 +33,8 @@ def expr_text(expr) -> str:
         return str(expr)
     if isinstance(expr, m.IntArg):
         return str(expr.value)
+    if isinstance(expr, m.DecimalArg):
+        return repr(expr.value)  # the shortest text that reads back as the same float
     args = [expr_text(a) for a in expr.args]
     args += [f"{k.name}={str(k.value).lower() if isinstance(k.value, bool) else k.value}" for k in expr.keywords]
     alias = f" as {expr.alias}" if expr.alias else ""

@@ -111,10 +111,21 @@ class IntArg(Node):
     span: Span = NO_SPAN
 
 
+class DecimalArg(Node):
+    """A decimal argument (`dropout(x, 0.1)`); only ops that declare `decimals` take one."""
+
+    kind: Literal["decimal"] = "decimal"
+    value: float
+    span: Span = NO_SPAN
+
+
+NUMBER_ARGS = (IntArg, DecimalArg)
+
+
 class Call(Node):
     kind: Literal["call"] = "call"
     op: str
-    args: tuple[Union["Call", Path, IntArg], ...] = ()
+    args: tuple[Union["Call", Path, IntArg, DecimalArg], ...] = ()
     keywords: tuple[Keyword, ...] = ()
     alias: Optional[str] = None
     span: Span = NO_SPAN
@@ -122,7 +133,7 @@ class Call(Node):
 
 
 Expr = Union[Call, Path]
-Argument = Union[Call, Path, IntArg]
+Argument = Union[Call, Path, IntArg, DecimalArg]
 
 
 class Statement(Node):

@@ -377,6 +377,9 @@ class _ToSpec(Transformer):
     def int_argument(self, meta, children):
         return m.IntArg(value=int(children[0]), span=self._s(meta))
 
+    def decimal_argument(self, meta, children):
+        return m.DecimalArg(value=float(children[0]), span=self._s(meta))
+
     def keyword_argument(self, meta, children):
         name, value = children
         parsed = {"true": True, "false": False}.get(str(value))

@@ -279,6 +279,12 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             return [empty] * width  # a new op: its outputs are new values
         meaning = OPS[node.op].surgery
         unit_taint: frozenset = empty
+        if old_node.op == node.op:  # an argument the op's function depends on, whatever its weights
+            for name, why in meaning.fixed_args.items():
+                k = OPS[node.op].int_names.index(name)
+                was, now = old_node.attrs["ints"][k], node.attrs["ints"][k]
+                if was != now:
+                    unit_taint |= {check.add(f"{node.scope} {name} changed from {was} to {now}: {why}", node.span)}
         for new_input, old_input, in_taint in zip(node.inputs, old_node.inputs, ins):
             new_in, old_in = new.values[new_input], old.values[old_input]
             new_in_keys = renames.keys(new_in.keys)
