@@ -1,0 +1,257 @@
+"""Benchmark: whole-process `specsurgery apply` on a sharded checkpoint, against `cp -r` of its shards.
+
+    python benchmarks/sharded_apply.py
+    BENCH_TMP=/some/disk python benchmarks/sharded_apply.py   # ~7 GB of files go there (default: system temp)
+    python benchmarks/sharded_apply.py --jobs 2               # workers for apply (default: one per core)
+
+Part 1, sharded. A generated spec of ~500M parameters (a 2 GB float32
+checkpoint): a group of 64 features and a vocabulary of 8192 items embedded
+in 128, then eight linear layers of 8192 units. The old checkpoint is written
+in 400 MB shards (values a cheap deterministic pattern: the benchmark times
+moving bytes, not training). The change inserts 8 features mid-group, grows
+the vocabulary by 16 items mid-list and widens the fourth layer from 8192 to
+8320 units. Timed, in the same run, after a warm-up read of the shards:
+  * `cp -r OLD COPY`, and `cp -r` followed by `sync` of the copied files (apply
+    fsyncs every shard, cp does not);
+  * `specsurgery apply OLD NEW.spec -o OUT --jobs N` as a whole process
+    (interpreter start, imports, planning, workers, writing, fsync).
+Peak memory is the largest sum of the resident set sizes of the apply process
+and its workers, sampled every 20 ms from /proc (and, as a cross-check, the
+largest single child's ru_maxrss).
+
+Part 2, one file: specs/five.spec -> five_next.spec, a fresh 632 MB checkpoint,
+`specsurgery apply` as a whole process against `cp`, and the same apply writing
+a sharded folder (parallel workers).
+
+Part 3, what the torch import costs: `python -c "import torch"` timed, and a
+whole-process apply whose tensors are all only moved (a spec change that only
+renames the model's schema in no tensor: same spec -> copy) with the workers
+never importing torch.
+
+Median of 3 for every timing; `os.sync()` (untimed) before each. Nothing is asserted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+REPS = 3
+MB = 1e6
+WIDTH = 8192
+
+
+def big_spec(features: int, items: int, widened: int) -> str:
+    names = [f"f{i}" for i in range(64)]
+    if features:  # inserted mid-group
+        names = names[:32] + [f"new{i}" for i in range(features)] + names[32:]
+    vocab = [f"v{i}" for i in range(8192)]
+    if items:  # grown mid-list
+        vocab = vocab[:4096] + [f"w{i}" for i in range(items)] + vocab[4096:]
+    group = "\n".join(f"    {n}: float" for n in names)
+    layers = []
+    prev = "concat(obs.g, e)"
+    for k in range(1, 9):
+        width = widened if k == 4 else WIDTH
+        layers.append(f"  h{k} = relu(linear({prev}, {width}))")
+        prev = f"h{k}"
+    return (f"schema s {{\n  vocab v = [{', '.join(vocab)}]\n  group g {{\n{group}\n    k: category(v)\n  }}\n}}\n\n"
+            f"model big(obs: s) {{\n  e = embed(obs.g.k, 128)\n" + "\n".join(layers)
+            + f"\n  out y = linear({prev}, 16)\n}}\n")
+
+
+def pattern_tensors(shapes):
+    """Cheap, non-constant float32 values, one tensor at a time."""
+    import torch
+
+    for name, shape in shapes.items():
+        t = torch.empty(shape)
+        flat = t.view(-1)
+        flat.copy_(torch.arange(flat.numel(), dtype=torch.float32).remainder_(977).mul_(1e-3))
+        yield name, t
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident set of `pid` and all its descendants, in MB."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(entry))
+        except OSError:
+            continue
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
+    return total
+
+
+def timed(cmd: list[str], sample: bool = False) -> tuple[float, float]:
+    """(wall seconds, peak tree RSS MB) of one command."""
+    os.sync()
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = [0.0]
+    if sample:
+        def poll():
+            while proc.poll() is None:
+                peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+                time.sleep(0.02)
+        thread = threading.Thread(target=poll)
+        thread.start()
+    _, err = proc.communicate()
+    elapsed = time.perf_counter() - t
+    if sample:
+        thread.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err.decode()}")
+    return elapsed, peak[0]
+
+
+def read_through(path: str) -> None:
+    files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
+    for file in files:
+        with open(file, "rb") as f:
+            while f.read(16 << 20):
+                pass
+
+
+def median_runs(make_cmd, cleanup, reps=REPS, sample=False, before=None):
+    times, peaks = [], []
+    for _ in range(reps):
+        if before:
+            before()
+        t, p = timed(make_cmd(), sample=sample)
+        times.append(t)
+        peaks.append(p)
+        cleanup()
+    return statistics.median(times), times, max(peaks)
+
+
+def rm(path: str):
+    return lambda: (shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path), os.sync())
+
+
+def fmt(times) -> str:
+    return ", ".join(f"{t:.2f}" for t in times)
+
+
+def main() -> None:
+    jobs = sys.argv[sys.argv.index("--jobs") + 1] if "--jobs" in sys.argv else None
+    from specsurgery.ir import build_graph
+    from specsurgery.shards import read_sharded, write_sharded
+    from specsurgery.spec.canonical import canonical
+    from specsurgery.spec.load import load_text
+
+    specsurgery = [sys.executable, "-m", "specsurgery"]
+    job_args = ["--jobs", jobs] if jobs else []
+    print(f"sharded_apply: load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cpus; "
+          f"apply workers: {jobs or 'one per core'}")
+    tmp = tempfile.mkdtemp(prefix="specsurgery-sharded-bench-", dir=os.environ.get("BENCH_TMP") or None)
+    try:
+        # ---- part 1: 500M parameters in 400 MB shards
+        old_text, new_text = big_spec(0, 0, WIDTH), big_spec(8, 16, 8320)
+        new_spec_path = os.path.join(tmp, "big_next.spec")
+        with open(new_spec_path, "w") as f:
+            f.write(new_text)
+        spec = load_text(old_text, "big.spec").model()
+        graph = build_graph(spec)
+        shapes = {name: tuple(node.params[local].shape) for name, (node, local) in graph.parameters().items()}
+        old = os.path.join(tmp, "big")
+        t = time.perf_counter()
+        write_sharded(old, canonical(spec), "big", shapes, pattern_tensors(shapes), "400MB")
+        header = read_sharded(old)
+        total = sum(i.end - i.start for i in header.tensors.values())
+        print(f"old checkpoint: {graph.parameter_count():,} parameters, {total / MB:.0f} MB in {len(header.shards)} shards "
+              f"(largest {header.largest_shard() / MB:.0f} MB), written in {time.perf_counter() - t:.1f} s")
+        copy, out = os.path.join(tmp, "copy"), os.path.join(tmp, "out")
+        read_through(old)
+        t_cp, cp_times, _ = median_runs(lambda: ["cp", "-r", old, copy], rm(copy))
+        t_cps, cps_times, _ = median_runs(lambda: ["sh", "-c", f'cp -r "{old}" "{copy}" && sync "{copy}"/*'], rm(copy))
+        t_ap, ap_times, peak = median_runs(lambda: specsurgery + ["apply", old, new_spec_path, "-o", out] + job_args,
+                                           rm(out), sample=True, before=lambda: read_through(old))
+        subprocess.run(specsurgery + ["apply", old, new_spec_path, "-o", out, "--json"] + job_args,
+                       cwd=ROOT, check=True, capture_output=True)
+        report = json.loads(subprocess.run(specsurgery + ["plan", old, new_spec_path, "--json"], cwd=ROOT, check=True,
+                                           capture_output=True, text=True).stdout)
+        actions = {}
+        for p in report["params"]:
+            kind = "copied" if p["source"] == p["name"] and p["zeroed"] == 0 and p["fresh"] == 0 and p["shape"] == p["old_shape"] else "built"
+            actions[kind] = actions.get(kind, 0) + 1
+        out_header = read_sharded(out)
+        print(f"the change: +8 features mid-group, +16 vocabulary items mid-list, h4 8192 -> 8320; "
+              f"tensors {actions}; output {len(out_header.shards)} shards")
+        rm(out)()
+        print(f"cp -r:          median {t_cp:.2f} s [{fmt(cp_times)}]")
+        print(f"cp -r + sync:   median {t_cps:.2f} s [{fmt(cps_times)}]")
+        print(f"apply (whole process, fsyncs every shard): median {t_ap:.2f} s [{fmt(ap_times)}], "
+              f"peak memory (process + workers) {peak:.0f} MB")
+        print(f"RATIO sharded apply / cp -r = {t_ap / t_cp:.2f} x (requirement: at most 1.5x); "
+              f"apply / (cp -r + sync) = {t_ap / t_cps:.2f} x; peak {peak:.0f} MB (requirement: at most 600 MB)")
+
+        # ---- part 3 first (the big folder is at hand): a change that only moves bytes
+        same = os.path.join(tmp, "big_same.spec")
+        with open(same, "w") as f:
+            f.write(old_text)
+        t_mv, mv_times, mv_peak = median_runs(lambda: specsurgery + ["apply", old, same, "-o", out] + job_args, rm(out),
+                                              sample=True, before=lambda: read_through(old))
+        t_torch, torch_times, _ = median_runs(lambda: [sys.executable, "-c", "import torch"], lambda: None)
+        t_py, py_times, _ = median_runs(lambda: [sys.executable, "-c", "import specsurgery.shard_apply"], lambda: None)
+        print(f"apply where every tensor is only moved (no worker imports torch): median {t_mv:.2f} s "
+              f"[{fmt(mv_times)}], peak {mv_peak:.0f} MB; RATIO / cp -r = {t_mv / t_cp:.2f} x")
+        print(f"python -c 'import torch': median {t_torch:.2f} s [{fmt(torch_times)}] per process that needs it "
+              f"(python -c 'import specsurgery.shard_apply': {t_py:.2f} s)")
+        shutil.rmtree(old)
+
+        # ---- part 2: five.spec, one file
+        from specsurgery.workflow.build import write_fresh
+
+        five = load_text(open(os.path.join(ROOT, "specs", "five.spec")).read(), "five.spec").model()
+        ckpt = os.path.join(tmp, "five.safetensors")
+        write_fresh(build_graph(five), ckpt)
+        size = os.path.getsize(ckpt)
+        five_next = os.path.join(ROOT, "specs", "five_next.spec")
+        read_through(ckpt)
+        copy1, out1, out_dir = os.path.join(tmp, "copy.safetensors"), os.path.join(tmp, "five_next.safetensors"), os.path.join(tmp, "five_next")
+        t_cp1, cp1_times, _ = median_runs(lambda: ["cp", ckpt, copy1], rm(copy1))
+        t_cp1s, cp1s_times, _ = median_runs(lambda: ["sh", "-c", f'cp "{ckpt}" "{copy1}" && sync "{copy1}"'], rm(copy1))
+        t_ap1, ap1_times, peak1 = median_runs(lambda: specsurgery + ["apply", ckpt, five_next, "-o", out1], rm(out1),
+                                              sample=True, before=lambda: read_through(ckpt))
+        t_ap2, ap2_times, peak2 = median_runs(
+            lambda: specsurgery + ["apply", ckpt, five_next, "-o", out_dir, "--max-shard-size", "100MB"] + job_args,
+            rm(out_dir), sample=True, before=lambda: read_through(ckpt))
+        print(f"five.spec -> five_next.spec, one {size / MB:.0f} MB file:")
+        print(f"  cp:        median {t_cp1:.2f} s [{fmt(cp1_times)}]; cp + sync {t_cp1s:.2f} s [{fmt(cp1s_times)}]")
+        print(f"  apply:     median {t_ap1:.2f} s [{fmt(ap1_times)}] (one process, one file), peak {peak1:.0f} MB")
+        print(f"  apply into 100 MB shards, parallel: median {t_ap2:.2f} s [{fmt(ap2_times)}], peak {peak2:.0f} MB")
+        print(f"RATIO one-file apply / cp = {t_ap1 / t_cp1:.2f} x (requirement: at most 2x); "
+              f"/ (cp + sync) = {t_ap1 / t_cp1s:.2f} x; sharded-output apply / cp = {t_ap2 / t_cp1:.2f} x")
+        print(f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}: wall times are inflated by other processes")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"removed {tmp}" if not os.path.exists(tmp) else f"WARNING: could not remove {tmp}")
+
+
+if __name__ == "__main__":
+    main()
