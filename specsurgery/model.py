@@ -18,7 +18,7 @@ the policy gets the very numbers training saw.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -232,16 +232,26 @@ class Model(nn.Module):
 
     # -- saving ------------------------------------------------------------
 
-    def save(self, path: str, *, metadata: Optional[Mapping[str, str]] = None) -> str:
+    def save(self, path: str, *, metadata: Optional[Mapping[str, str]] = None,
+             max_shard_size: Optional[Union[int, str]] = None) -> str:
         """Write a checkpoint every command accepts, atomically (a temporary file
         beside `path`, renamed into place). `metadata` (strings) is added to
-        `model.metadata` and kept in the file; both survive surgery."""
+        `model.metadata` and kept in the file; both survive surgery.
+        With `max_shard_size` (bytes, or "2GB"), `path` is a folder in the
+        Hugging Face sharded layout (specsurgery.shards)."""
         from .checkpoint import write_checkpoint
 
         extra = {**self._ss_metadata, **check_metadata(metadata or {})}
         state = self.state_dict()
-        write_checkpoint(path, self.spec, self.name, {k: tuple(t.shape) for k, t in state.items()}, state.items(),
-                         dtypes={k: dtype_name(t.dtype, k) for k, t in state.items()}, extra_metadata=extra)
+        shapes = {k: tuple(t.shape) for k, t in state.items()}
+        dtypes = {k: dtype_name(t.dtype, k) for k, t in state.items()}
+        if max_shard_size is not None:
+            from .shards import write_sharded
+
+            write_sharded(path, self.spec, self.name, shapes, state.items(), max_shard_size, dtypes=dtypes,
+                          extra_metadata=extra)
+            return path
+        write_checkpoint(path, self.spec, self.name, shapes, state.items(), dtypes=dtypes, extra_metadata=extra)
         return path
 
 

@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Union
 
-from .checkpoint import META_MODEL, META_SPEC, META_VERSION, Header, TensorInfo, package_version, read_header, write_checkpoint
+from .checkpoint import _DTYPES, META_MODEL, META_SPEC, META_VERSION, Header, TensorInfo, package_version, read_header, write_checkpoint
 from .errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -307,18 +307,19 @@ def index_json(spec_text: str, model_name: str, weight_map: dict[str, str], tota
 
 
 def write_index(folder: str, spec_text: str, model_name: str, shards: list[list[str]],
-                shapes: dict[str, tuple[int, ...]], extra_metadata: Optional[dict[str, str]] = None) -> None:
+                shapes: dict[str, tuple[int, ...]], extra_metadata: Optional[dict[str, str]] = None,
+                dtypes: Optional[dict[str, str]] = None) -> None:
     from .checkpoint import atomic_file
 
     n = len(shards)
     weight_map = {name: shard_file(k, n) for k, names in enumerate(shards, 1) for name in names}
-    total = sum(tensor_bytes(shapes[name]) for name in weight_map)
+    total = sum(tensor_bytes(shapes[name], (dtypes or {}).get(name, "F32")) for name in weight_map)
     with atomic_file(os.path.join(folder, INDEX), "w") as f:
         f.write(index_json(spec_text, model_name, weight_map, total, extra_metadata))
 
 
-def tensor_bytes(shape: tuple[int, ...]) -> int:
-    count = 4
+def tensor_bytes(shape: tuple[int, ...], dtype: str = "F32") -> int:
+    count = _DTYPES[dtype]
     for d in shape:
         count *= d
     return count
@@ -326,10 +327,13 @@ def tensor_bytes(shape: tuple[int, ...]) -> int:
 
 def write_sharded(folder: str, spec_text: str, model_name: str, shapes: dict[str, tuple[int, ...]],
                   tensors: Iterable, max_shard_size: Union[int, str], progress=None,
-                  extra_metadata: Optional[dict[str, str]] = None) -> int:
-    """Stream `tensors` (as write_checkpoint takes them, in the order of `shapes`)
-    into a sharded folder; returns tensor bytes written."""
-    shards = plan_shards({n: tensor_bytes(s) for n, s in shapes.items()}, parse_size(max_shard_size))
+                  extra_metadata: Optional[dict[str, str]] = None, dtypes: Optional[dict[str, str]] = None) -> int:
+    """Stream `tensors` (as write_checkpoint takes them, in the order of `shapes`,
+    `dtypes` likewise) into a sharded folder; returns tensor bytes written.
+    `extra_metadata` goes into the index, beside the spec."""
+    dtypes = dtypes or {}
+    shards = plan_shards({n: tensor_bytes(s, dtypes.get(n, "F32")) for n, s in shapes.items()},
+                         parse_size(max_shard_size))
     stream = iter(tensors)
     written = 0
     with staged_folder(folder) as tmp:
@@ -337,8 +341,8 @@ def write_sharded(folder: str, spec_text: str, model_name: str, shapes: dict[str
             part = {name: shapes[name] for name in names}
             items = (next(stream) for _ in names)
             written += write_checkpoint(os.path.join(tmp, shard_file(k, len(shards))), spec_text, model_name,
-                                        part, items, progress=progress)
+                                        part, items, progress=progress, dtypes={n: dtypes[n] for n in names if n in dtypes})
         if next(stream, None) is not None:
             raise AssertionError("writer got more tensors than shapes")
-        write_index(tmp, spec_text, model_name, shards, shapes, extra_metadata)
+        write_index(tmp, spec_text, model_name, shards, shapes, extra_metadata, dtypes)
     return written

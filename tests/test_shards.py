@@ -363,3 +363,18 @@ def test_apply_command_carries_a_folder_into_a_folder_with_jobs(old_checkpoints,
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 1
     assert result.stderr.strip() == f"{tmp_path / 'x.safetensors'}: error: a sharded checkpoint is a folder; name it without .safetensors"
+
+
+def test_model_save_sharded_and_load_back(tmp_path):
+    import specsurgery as ss
+
+    (tmp_path / "old.spec").write_text(OLD)
+    model = ss.compile(str(tmp_path / "old.spec"), seed=3).to(torch.bfloat16)
+    path = model.save(str(tmp_path / "m"), max_shard_size="1MB", metadata={"step": "7"})
+    assert len(read_sharded(path).shards) > 2
+    loaded = ss.load(path)
+    assert loaded.metadata == {"step": "7"}
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert list(theirs) == list(mine)
+    assert all(theirs[k].dtype == torch.bfloat16 and torch.equal(theirs[k], mine[k]) for k in mine)
+    assert ss.load(os.path.join(path, INDEX)).state_dict().keys() == mine.keys()
