@@ -74,6 +74,16 @@ class Graph:
         """Checkpoint key ("hero_h.linear.weight") -> (node, local name), in graph order."""
         return {f"{node.scope}.{name}": (node, name) for node in self.nodes for name in node.params}
 
+    def names_0_1_0(self) -> dict[str, str]:
+        """Checkpoint key -> the key specsurgery 0.1.0 wrote for it, where they differ
+        (0.1.0 numbered named ops too: `linear(x, 2) as p, linear(y, 3)` had `linear_2`)."""
+        out = {}
+        for node in self.nodes:
+            legacy = node.attrs.get("scope_0_1_0", node.scope)
+            if legacy != node.scope:
+                out.update({f"{node.scope}.{name}": f"{legacy}.{name}" for name in node.params})
+        return out
+
     def parameter_count(self) -> int:
         total = 0
         for node in self.nodes:
@@ -122,25 +132,11 @@ class _Builder:
         raise _Skip()
 
 
-_BUILT: dict[int, tuple[m.ModelSpec, "Graph"]] = {}  # id(spec) -> (spec, graph), the last few
-
-
 def build_graph(spec: m.ModelSpec) -> Graph:
     """Type every statement; all errors of the model are reported together.
 
-    Loading a spec types it (to report errors) and planning needs its graph
-    again: the last few graphs are kept, by the identity of their (frozen) spec."""
-    hit = _BUILT.get(id(spec))
-    if hit is not None and hit[0] is spec:
-        return hit[1]
-    graph = _build_graph(spec)
-    if len(_BUILT) >= 8:
-        _BUILT.pop(next(iter(_BUILT)))
-    _BUILT[id(spec)] = (spec, graph)
-    return graph
-
-
-def _build_graph(spec: m.ModelSpec) -> Graph:
+    Build it once per loaded spec (spec.load keeps the graphs it built) and
+    hand the graph along: planning and applying take a Graph as readily as a spec."""
     schema, model = spec.schema, spec.model
     table = feature_table(schema)
     bits = table.index
@@ -212,30 +208,37 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
         b.error(f"unknown name {head!r}", path.span,
                 f"names in scope: {model.input_name}, " + ", ".join(defined) if defined else None)
 
-    def name_ops(stmt: m.Statement) -> dict[int, str]:
-        """Scope of every call, numbered per kind in order of appearance."""
-        names: dict[int, str] = {}
+    def name_ops(stmt: m.Statement) -> dict[int, tuple[str, str]]:
+        """Scope of every call: its `as` name, or its kind numbered among the
+        unnamed ops of that kind in order of appearance (a named op takes no
+        number). Beside it, the name 0.1.0 gave it (which numbered named ops too)."""
+        names: dict[int, tuple[str, str]] = {}
         counts: dict[str, int] = {}
+        counts_0_1_0: dict[str, int] = {}
         taken: dict[str, m.Call] = {}
+
+        def numbered(kind: str, n: int) -> str:
+            return kind if n == 1 else f"{kind}_{n}"
 
         def visit(expr) -> None:
             if not isinstance(expr, m.Call):
                 return
-            counts[expr.op] = counts.get(expr.op, 0) + 1
-            n = counts[expr.op]
-            scope = expr.alias or (expr.op if n == 1 else f"{expr.op}_{n}")
+            counts_0_1_0[expr.op] = counts_0_1_0.get(expr.op, 0) + 1
+            if not expr.alias:
+                counts[expr.op] = counts.get(expr.op, 0) + 1
+            scope = expr.alias or numbered(expr.op, counts[expr.op])
             if scope in taken:
                 b.diagnostics.append(Diagnostic(f"{stmt.name}.{scope} names two ops in one statement", expr.span,
                                                 "give one of them another name with `as NAME`"))
             taken[scope] = expr
-            names[id(expr)] = scope
+            names[id(expr)] = (scope, expr.alias or numbered(expr.op, counts_0_1_0[expr.op]))
             for a in expr.args:
                 visit(a)
 
         visit(stmt.expr)
         return names
 
-    def call_value(call: m.Call, stmt: str, scopes: dict[int, str]) -> int:
+    def call_value(call: m.Call, stmt: str, scopes: dict[int, tuple[str, str]]) -> int:
         op = OPS.get(call.op)
         if op is None or call.op in INPUT_OPS:
             known = ", ".join(n for n in OPS if n not in INPUT_OPS)
@@ -286,11 +289,12 @@ def _build_graph(spec: m.ModelSpec) -> Graph:
             b.error(e.message, span)
         if value.entities and value.cap is None:  # every value over an entity set knows its size
             value = replace(value, cap=schema.group(value.entities).entities)
-        attrs = {"ints": [i.value for i in ints], **kw}
+        local, local_0_1_0 = scopes[id(call)]
+        attrs = {"ints": [i.value for i in ints], **kw, "alias": call.alias, "scope_0_1_0": f"{stmt}.{local_0_1_0}"}
         if op.surgery.layout.entities == "required":
             # whose mask the forward reads: the entity set among its inputs
             attrs["entities"] = next(v.entities for v in values if v.entities)
-        scope = f"{stmt}.{scopes[id(call)]}"
+        scope = f"{stmt}.{local}"
         return b.add(op.name, tuple(inputs), value, stmt, call.span, scope=scope, attrs=attrs, params=params,
                      arg_spans=tuple(a.span for a in tensors))
 

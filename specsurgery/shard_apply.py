@@ -44,8 +44,10 @@ def check_plan_fits(plan, header, new_spec) -> None:
     expected = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
     expected.update({d.name: tuple(d.shape) for d in plan.dropped})
     check_shapes(header, expected)
-    if [p.name for p in plan.params] != list(build_graph(new_spec).parameters()):
-        raise UserError("error: the plan's parameters do not match the new spec")
+    from .checkpoint import load_spec
+    from .surgery.diff import check_plan
+
+    check_plan(plan, build_graph(load_spec(header)), build_graph(new_spec))  # the plan the specs give, or none
 
 
 # ---------------------------------------------------------------------------
@@ -73,7 +75,7 @@ def _built_parts():
 
         plan = _WORKER["plan"]
         spec = load_text(plan.new_spec, "<plan new spec>").model(plan.new_model)
-        _WORKER["built"] = (build_graph(spec).parameters(), open_tensors(_WORKER["checkpoint"]))
+        _WORKER["built"] = (build_graph(spec), open_tensors(_WORKER["checkpoint"]))
     return _WORKER["built"]
 
 
@@ -84,13 +86,10 @@ def _tensors_of(names: list[str]):
         if p.action == "copied":
             yield name, StoredTensor.of(header, p.source)
             continue
-        from .surgery.apply import _spliced, build_tensor, fresh_generator
+        from .surgery.apply import carried_tensor
 
-        parameters, old = _built_parts()
-        node, local = parameters[name]
-        generator = fresh_generator(seed, name)
-        spliced = _spliced(p, node, local, header, generator) if p.source is not None else None
-        yield name, spliced or build_tensor(p, node, local, old.get_tensor, generator)
+        graph, old = _built_parts()
+        yield name, carried_tensor(p, graph, header, p.source, old.get_tensor, seed)
 
 
 def _write_shard(task: tuple[str, list[str]]) -> tuple[str, int, int]:

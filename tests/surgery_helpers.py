@@ -131,7 +131,7 @@ def check(o: Outcome, *, old_params: int, new_params: int, transferred: int, zer
                 fresh=fresh, dropped=dropped, preserving=preserving)
     assert got == want, "\n" + "\n".join(r.render() for r in s.reasons)
     # The books balance: every new element is copied, zeroed or fresh; every old one copied or dropped.
-    assert s.transferred + s.zeroed + s.fresh == s.new_params
+    assert s.transferred + s.zeroed + s.fresh + s.identity == s.new_params
     assert s.transferred + s.dropped == s.old_params
     if preserving:
         assert s.reasons == ()

@@ -22,11 +22,9 @@ redrawn): one that changes the width of a layernorm's axis or of an add / mul
 (layernorm statistics change; add / mul then fails to load) and one that pairs
 other indices in an add / mul. The decision is made from the two graphs, not
 from the plan, so the plan's claim is always checked. Reordering concat
-arguments that hold two unnamed ops of one kind is stepped around the same way:
-their automatic names (`linear_2`, `linear_3`) swap, so the weights follow the
-names (the language numbers ops by appearance; `as` names them for good); an
-xfail(strict=True) reproducer at the end says so. `concat(relu(x), x)`
-reordered, once a bug, is a regression test there.
+arguments that hold unnamed ops of one kind swaps their numbers, not their
+weights (ops are matched by what they do); `concat(relu(x), x)` reordered and
+two numbered linears reordered, once bugs, are regression tests at the end.
 
 verify() reads one step's `was` only, so first and last are compared through a
 copy of the last checkpoint whose spec says, with `was`, what each renamed
@@ -329,30 +327,9 @@ def reorder_concat(v: Version, pick):
         return None
     si, at, call = sites[pick.integer(0, len(sites) - 1)]
     order = pick.permutation(len(call.args))
-    if renumbers(call, order):
-        return None  # a known bug, see test_reorder_concat_of_numbered_ops
     new = call.model_copy(update={"args": tuple(call.args[i] for i in order)})
     statements[si] = statements[si].model_copy(update={"expr": _replace_at(statements[si].expr, at, new)})
     return f"reorder concat at {statements[si].name}{list(at)}: {order}", replace(v, spec=_with_statements(v.spec, statements))
-
-
-def renumbers(call: m.Call, order) -> bool:
-    """Whether reordering `call`'s arguments changes the automatic names of ops in them.
-
-    Ops are numbered per kind in order of appearance (`linear`, `linear_2`),
-    aliased ones included, so swapping two arguments that hold ops of one kind
-    swaps the names of the unaliased ones: their parameters no longer follow.
-    """
-    kinds = []
-    for arg in call.args:
-        found = [c for _, c in _calls(arg)]
-        kinds.append(({c.op for c in found}, {c.op for c in found if c.alias is None}))
-    for a in range(len(order)):
-        for b in range(a + 1, len(order)):
-            i, j = order[a], order[b]
-            if i > j and (kinds[i][0] & kinds[j][1] or kinds[i][1] & kinds[j][0]):
-                return True
-    return False
 
 
 def add_head(v: Version, pick):
@@ -635,19 +612,27 @@ def test_each_edit_kind(edit, tmp_path):
 # the minimal cases the property found: known bugs and a regression
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ops are numbered per kind in order of appearance, so reordering "
-                                       "concat arguments that hold two linears swaps their names (h.linear_2 <-> "
-                                       "h.linear_3): weights follow the names, not the ops, and the plan says the "
-                                       "function changes ('h.linear_3 narrowed from 3 to 2 units'), where the "
-                                       "language promises reordering concat arguments preserves it")
-def test_reorder_concat_of_numbered_ops():
+def test_reorder_concat_of_numbered_ops(tmp_path):
+    """Reordering concat arguments that hold two unnamed linears: their numbers swap
+    (linear_2 <-> linear_3), their weights do not. Once a strict xfail."""
     schema = "schema s {\n  group g {\n    x: float\n  }\n}\n\n"
     old = load_text(schema + "model m(obs: s) {\n  out h = linear(concat(linear(obs.g, 2), linear(obs.g, 3)), 1)\n}\n",
                     "old.spec").model()
     new = load_text(schema + "model m(obs: s) {\n  out h = linear(concat(linear(obs.g, 3), linear(obs.g, 2)), 1)\n}\n",
                     "new.spec").model()
+    old_ckpt, new_ckpt = str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors")
+    write_trained(old, old_ckpt, seed=7)
     plan = make_plan(old, new)
     assert plan.summary.function_preserving, [r.message for r in plan.summary.reasons]
+    # every element of the 5 + 5 + 6 = 16 parameters is copied, none zero, fresh or dropped
+    s = plan.summary
+    assert (s.transferred, s.zeroed, s.fresh, s.dropped) == (16, 0, 0, 0)
+    apply_plan(plan, old_ckpt, new, new_ckpt)
+    before, after = load_file(old_ckpt), load_file(new_ckpt)
+    assert torch.equal(after["h.linear_2.weight"], before["h.linear_3.weight"])  # linear(obs.g, 3)
+    assert torch.equal(after["h.linear_3.bias"], before["h.linear_2.bias"])  # linear(obs.g, 2)
+    assert torch.equal(after["h.linear.weight"], torch.cat([before["h.linear.weight"][:, 2:], before["h.linear.weight"][:, :2]], 1))
+    assert verify(old_ckpt, new_ckpt, states=1000)["max"] < TOL
 
 
 def test_statement_named_like_module_internals_verifies(tmp_path):

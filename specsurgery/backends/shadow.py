@@ -12,7 +12,7 @@ views are asked for (the pre-commit hook plans without either).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
     import numpy as np
@@ -129,11 +129,18 @@ class InteractionMap:
         return len(seen)
 
 
-def shadow_map(graph: Graph) -> InteractionMap:
+def shadow_map(graph: Graph, inputs: Optional[Callable] = None, output: Optional[Callable] = None) -> InteractionMap:
+    """Φ of `graph`. `inputs(node, xs)` may stand other input axes for a node's,
+    `output(node, xs, out)` another output axis (how surgery reads the new
+    graph as it starts: an op at zero carries nothing)."""
     params: dict[str, ParamMap] = {}
 
     def visit(node, xs):
+        if inputs is not None:
+            xs = inputs(node, xs)
         out, param_axes = OPS[node.op].shadow(node, xs)
+        if output is not None:
+            out = output(node, xs, out)
         for local, axes in param_axes.items():
             spec = node.params[local]
             assert tuple(len(a) for a in axes) == spec.shape, (node.scope, local)

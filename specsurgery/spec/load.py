@@ -69,6 +69,7 @@ class Loaded:
     schemas: dict[str, m.Schema] = field(default_factory=dict)
     models: dict[str, m.ModelSpec] = field(default_factory=dict)
     model_files: dict[str, str] = field(default_factory=dict)  # model -> the file that defines it
+    graphs: dict = field(default_factory=dict)  # model -> its IR graph (ir.Graph), built once here
 
     def model(self, name: Optional[str] = None, where: str = "") -> m.ModelSpec:
         """The model `name`, or the only one; `where` (a path) starts the messages."""
@@ -197,7 +198,7 @@ def load(paths: list[str], reader: Reader = read_disk, cache: Optional[ParseCach
         if spec.schema.name in bad_schemas:
             continue
         try:
-            build_graph(spec)
+            loaded.graphs[name] = build_graph(spec)
         except SpecError as e:
             diagnostics.extend(e.diagnostics)
     if diagnostics:

@@ -14,13 +14,13 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import StoredTensor, check_shapes, open_tensors, read_header, write_checkpoint
+from ..checkpoint import StoredTensor, check_shapes, load_spec, open_tensors, read_header, write_checkpoint
 from ..errors import UserError
-from ..ir import build_graph
+from ..ir import Graph, build_graph
 from ..ops import OPS, OUT
-from ..spec import model as m
 from ..spec.canonical import canonical
-from .plan import ParamPlan, Plan
+from .diff import check_plan
+from .plan import Fill, ParamPlan, Plan
 
 
 def fresh_generator(seed: int, name: str) -> torch.Generator:
@@ -31,40 +31,65 @@ def fresh_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def build_tensor(p: ParamPlan, node, local: str, read_old: Callable[[str], torch.Tensor],
-                 generator: torch.Generator) -> torch.Tensor:
-    """The new tensor: old blocks copied run by run, new inputs zero, new units fresh."""
-    op = OPS[node.op]
-    if p.source is None:
-        tensor = torch.empty(p.shape)
-        op.init(node, local, tensor, generator)
-        return tensor
-    if len(p.shape) > 2:
-        raise AssertionError(f"{p.name}: parameters of rank {len(p.shape)} are not supported")
-    old = read_old(p.source)
-    block = torch.zeros(p.shape)
-    # Runs are contiguous on both sides: slices, no index tensors, one new buffer.
-    if len(p.shape) == 1:
-        for r in p.axes[0].runs:
-            block[r.new:r.new + r.length] = old[r.old:r.old + r.length]
+def _index(indices: list[int]):
+    """A slice where the indices are one run (the common case), else an index tensor."""
+    if indices and indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return torch.tensor(indices, dtype=torch.long)
+
+
+def _place(tensor: torch.Tensor, region: list[list[int]], block) -> None:
+    index = [_index(ix) for ix in region]
+    if len(index) == 2 and not all(isinstance(i, slice) for i in index):
+        rows, cols = (i if not isinstance(i, slice) else torch.arange(i.start, i.stop) for i in index)
+        tensor[rows[:, None], cols[None, :]] = block
     else:
-        for r in p.axes[0].runs:
-            for c in p.axes[1].runs:
-                block[r.new:r.new + r.length, c.new:c.new + c.length] = old[r.old:r.old + r.length, c.old:c.old + c.length]
-    del old
-    # New units on the output axis start at the op's init.
-    out_dim = next(k for k, a in enumerate(p.axes) if a.role == OUT)
-    matched = [False] * p.shape[out_dim]
-    for r in p.axes[out_dim].runs:
-        matched[r.new:r.new + r.length] = [True] * r.length
-    new_units = [i for i, m in enumerate(matched) if not m]
-    if new_units:
-        slab_shape = list(p.shape)
-        slab_shape[out_dim] = len(new_units)
-        slab = torch.empty(slab_shape)
-        op.init(node, local, slab, generator)
-        block.index_copy_(out_dim, torch.tensor(new_units, dtype=torch.long), slab)
-    return block
+        tensor[tuple(index)] = block
+
+
+def build_tensor(entry: ParamPlan, read_old: Callable[[str], torch.Tensor], init_fresh: Callable[[torch.Tensor], None],
+                 dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """ONE new tensor, exactly as its plan entry says: every `Fill` (zero, fresh,
+    identity) over its region, then the copied runs from `read_old(entry.source)`.
+
+    `init_fresh(t)` fills `t`, a float32 tensor of the shape of a fresh region,
+    with the op's init (see `fresh_init`); the result has `dtype` and `device`
+    (an old tensor's, for surgery in memory). File to file or in memory, this
+    is the one executor of a plan: its name and signature are stable."""
+    if len(entry.shape) > 2:
+        raise AssertionError(f"{entry.name}: parameters of rank {len(entry.shape)} are not supported")
+    tensor = torch.zeros(entry.shape, dtype=dtype, device=device)
+    for fill in entry.fills:
+        region = entry.region(fill)
+        if not all(region):
+            continue
+        if fill.value == "fresh":
+            block = torch.empty([len(ix) for ix in region])
+            init_fresh(block)
+            _place(tensor, region, block.to(dtype=dtype, device=device))
+        elif fill.value == "identity":
+            rows, cols = region
+            on = sorted(set(rows) & set(cols))  # element [j, i] is 1 where j == i
+            tensor[torch.tensor(on, dtype=torch.long), torch.tensor(on, dtype=torch.long)] = 1.0
+        # "zero": the tensor starts at zero
+    if entry.source is None:
+        return tensor
+    old = read_old(entry.source).to(dtype=dtype, device=device)
+    # Runs are contiguous on both sides: slices, no index tensors.
+    if len(entry.shape) == 1:
+        for r in entry.axes[0].runs:
+            tensor[r.new:r.new + r.length] = old[r.old:r.old + r.length]
+    else:
+        for r in entry.axes[0].runs:
+            for c in entry.axes[1].runs:
+                tensor[r.new:r.new + r.length, c.new:c.new + c.length] = old[r.old:r.old + r.length, c.old:c.old + c.length]
+    return tensor
+
+
+def fresh_init(graph: Graph, name: str, generator: torch.Generator) -> Callable[[torch.Tensor], None]:
+    """The init of parameter `name` of `graph` (what "start fresh" means for its op)."""
+    node, local = graph.parameters()[name]
+    return lambda tensor: OPS[node.op].init(node, local, tensor, generator)
 
 
 @dataclass
@@ -131,54 +156,73 @@ class SplicedRows:
 
 
 SPLICE_FROM = 1 << 20  # elements: below this, building the tensor in memory is as fast
+# The fills SplicedRows writes: new rows fresh, old rows' new columns zero.
+_ROW_FILLS = (Fill(value="fresh", where=("new", "all")), Fill(value="zero", where=("old", "new")))
 
 
-def _spliced(p: ParamPlan, node, local: str, header, generator: torch.Generator) -> Optional[SplicedRows]:
+def _spliced(p: ParamPlan, init: Callable[[torch.Tensor], None], header, stored: str) -> Optional[SplicedRows]:
     """Stream a large 2-D parameter whose rows are its output units, else None."""
-    if len(p.shape) != 2 or p.axes[0].role != OUT or p.shape[0] * p.shape[1] < SPLICE_FROM:
+    if (len(p.shape) != 2 or p.axes[0].role != OUT or p.shape[0] * p.shape[1] < SPLICE_FROM
+            or not set(p.fills) <= set(_ROW_FILLS)):
         return None
     unmatched = p.shape[0] - p.axes[0].matched
     fresh = None
     if unmatched:
         fresh = torch.empty(unmatched, p.shape[1])
-        OPS[node.op].init(node, local, fresh, generator)
-    return SplicedRows(p, StoredTensor.of(header, p.source), fresh)
+        init(fresh)
+    return SplicedRows(p, StoredTensor.of(header, stored), fresh)
 
 
-def _check_old_tensors(header, plan: Plan) -> None:
-    """Refuse a checkpoint whose tensors do not match its (the plan's) old spec."""
-    expected = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
-    expected.update({d.name: tuple(d.shape) for d in plan.dropped})
-    check_shapes(header, expected)
+def carried_tensor(p: ParamPlan, new_graph: Graph, header, stored: Optional[str],
+                   read_old: Callable[[str], torch.Tensor], seed: int):
+    """What apply writes for `p` (file to file): a large grown tensor streamed
+    row block by row block, else the tensor build_tensor makes. `stored` is the
+    old tensor's name in the checkpoint."""
+    init = fresh_init(new_graph, p.name, fresh_generator(seed, p.name))
+    spliced = _spliced(p, init, header, stored) if p.source is not None else None
+    return spliced or build_tensor(p, read_old, init)
 
 
-def apply_plan(plan: Plan, checkpoint: str, new_spec: m.ModelSpec, out: str, seed: int = 0,
-               progress: Optional[Callable[[str, int], None]] = None, durable: bool = True) -> dict:
-    """Write the surgered checkpoint to `out`; the old spec comes from `checkpoint` itself."""
+def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
+               progress: Optional[Callable[[str, int], None]] = None, durable: bool = True,
+               checked: bool = False) -> dict:
+    """Write the surgered checkpoint to `out`; the old spec comes from `checkpoint` itself.
+
+    `new_spec` is a ModelSpec or its Graph. The plan is checked against both
+    specs first (`checked=True`: the caller made it from them just now)."""
     header = read_header(checkpoint)
-    # Both texts are canonical: equal text means the same spec, no need to parse it again.
+    # Both texts are canonical: equal text means the same spec.
     if header.spec_text != plan.old_spec:
         raise UserError(f"{checkpoint}: error: the plan was made for another old spec than the one in this checkpoint")
-    if canonical(new_spec) != plan.new_spec:
+    new_graph = new_spec if isinstance(new_spec, Graph) else build_graph(new_spec)
+    if canonical(new_graph.spec) != plan.new_spec:
         raise UserError("error: the plan was made for another new spec than the one given")
-    _check_old_tensors(header, plan)
-    new_graph = build_graph(new_spec)
-    parameters = new_graph.parameters()
-    if [p.name for p in plan.params] != list(parameters):
-        raise UserError("error: the plan's parameters do not match the new spec")
+    old_graph = None
+    if not checked or any(p.source is not None and p.source not in header.tensors for p in plan.params):
+        old_graph = build_graph(load_spec(header))
+    if not checked:
+        check_plan(plan, old_graph, new_graph)  # a plan from a file: it must be the one the specs give
+    # A checkpoint of 0.1.0 keys some ops by the older numbering.
+    legacy = old_graph.names_0_1_0() if old_graph is not None else {}
+    stored = {p.source: (p.source if p.source in header.tensors else legacy.get(p.source, p.source))
+              for p in plan.params if p.source is not None}
+    expected = {stored[p.source]: tuple(p.old_shape) for p in plan.params if p.source is not None}
+    expected.update({legacy.get(d.name, d.name) if d.name not in header.tensors else d.name: tuple(d.shape)
+                     for d in plan.dropped})
+    check_shapes(header, expected)
     tensors = open_tensors(checkpoint)
     shapes = {p.name: tuple(p.shape) for p in plan.params}
 
+    def read_old(name: str) -> torch.Tensor:
+        return tensors.get_tensor(stored[name])
+
     def produce():
         for p in plan.params:
-            node, local = parameters[p.name]
             if p.action == "copied":  # unchanged: its bytes go file to file
-                yield p.name, StoredTensor.of(header, p.source)
+                yield p.name, StoredTensor.of(header, stored[p.source])
                 continue
-            generator = fresh_generator(seed, p.name)
-            spliced = _spliced(p, node, local, header, generator) if p.source is not None else None
-            yield p.name, spliced or build_tensor(p, node, local, tensors.get_tensor, generator)
+            yield p.name, carried_tensor(p, new_graph, header, stored.get(p.source), read_old, seed)
 
-    written = write_checkpoint(out, plan.new_spec, new_spec.model.name, shapes, produce(), progress=progress,
+    written = write_checkpoint(out, plan.new_spec, new_graph.model.name, shapes, produce(), progress=progress,
                                durable=durable)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes)}

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from .. import keys as K
 from ..backends.shadow import InteractionMap, shadow_map
-from ..errors import Diagnostic, SpecError
+from ..errors import Diagnostic, SpecError, UserError
 from ..ir import Graph, build_graph, feature_name
-from ..ops import OPS, OUT, Indices
+from ..ops import OPS, OUT, Axis, Indices
 from ..spec import model as m
 from ..spec.canonical import canonical
-from .plan import AxisMap, DroppedParam, ParamPlan, Plan, Reason, Run, Summary
+from .plan import AxisMap, DroppedParam, Fill, HeadMap, ParamPlan, Plan, Reason, Run, Summary
 
 
 # ---------------------------------------------------------------------------
@@ -41,12 +41,22 @@ from .plan import AxisMap, DroppedParam, ParamPlan, Plan, Reason, Run, Summary
 
 @dataclass
 class Renames:
-    """How the new version's names read in the old one's terms."""
+    """How the new version's names read in the old one's terms.
+
+    Beyond the `was` of the spec, planning adds what it found: which old op
+    each new op is (`ops`, matched by what it does), the ops that are new
+    (`new_ops`), an inserted layer that starts as the identity (its unit i is
+    its input's index i: `identity_inputs`), and a join with a value that
+    starts at zero (it is its old side: `zero_joins`)."""
 
     features: dict[str, str] = field(default_factory=dict)  # new feature name -> old
+    groups: dict[str, str] = field(default_factory=dict)  # new group -> old
     scopes: dict[str, str] = field(default_factory=dict)  # new statement -> old
-    ops: dict[str, str] = field(default_factory=dict)  # new op scope -> the old op it is (matched by what it does)
-    _any: Optional[bool] = None
+    ops: dict[str, str] = field(default_factory=dict)  # new op scope -> the old op it is
+    new_ops: set[str] = field(default_factory=set)  # op scopes with no old counterpart
+    identity_inputs: dict[str, tuple] = field(default_factory=dict)  # identity op scope -> its input's keys
+    zero_joins: dict = field(default_factory=dict)  # Joined key -> the side it stands for
+    _features_moved: Optional[bool] = None
     _memo: dict = field(default_factory=dict)
 
     def feature(self, name: str) -> str:
@@ -55,33 +65,44 @@ class Renames:
     def scope(self, scope: str) -> str:
         if scope in self.ops:
             return self.ops[scope]
+        if scope in self.new_ops:
+            return f"{scope} (new)"  # a name no old op has
         stmt, _, rest = scope.partition(".")
         old = self.scopes.get(stmt, stmt)
         return f"{old}.{rest}" if rest else old
 
     def __bool__(self) -> bool:
-        """Whether anything was renamed (asked per axis, so counted once)."""
-        if self._any is None:
-            self._any = (bool(self.scopes) or any(k != v for k, v in self.ops.items())
-                         or any(k != v for k, v in self.features.items()))
-        return self._any
+        """Whether any key reads differently in the old version's terms."""
+        if self._features_moved is None:
+            self._features_moved = any(k != v for k, v in self.features.items())
+        return (self._features_moved or bool(self.scopes) or bool(self.new_ops) or bool(self.zero_joins)
+                or any(k != v for k, v in self.ops.items()))
 
     def keys(self, keys) -> list:
         """`key` of each, skipped when nothing was renamed (the common, large case)."""
         return [self.key(k) for k in keys] if self else list(keys)
 
     def key(self, key: K.Key) -> K.Key:
-        return K.transform(key, K.children, self._build, self._memo)
+        return K.transform(key, self._deps, self._build, self._memo)
+
+    def _deps(self, k: K.Key) -> tuple:
+        if isinstance(k, K.Unit) and k.scope in self.identity_inputs:
+            return (self.identity_inputs[k.scope][k.ordinal],)
+        return K.children(k)
 
     def _build(self, k: K.Key, memo: dict) -> K.Key:
         if isinstance(k, K.Feature):
             return K.Feature(self.feature(k.name))
         if isinstance(k, K.Unit):
+            if k.scope in self.identity_inputs:
+                return memo[self.identity_inputs[k.scope][k.ordinal]]
             return K.Unit(self.scope(k.scope), k.tag, k.ordinal)
         if isinstance(k, K.Wrapped):
             return K.wrap(k.op, memo[k.inner], k.idempotent)
         if isinstance(k, K.Normed):
             return K.Normed(self.scope(k.scope), memo[k.inner])
+        if k in self.zero_joins:
+            return memo[self.zero_joins[k]]
         return K.Joined(k.op, memo[k.left], memo[k.right])
 
 
@@ -99,6 +120,7 @@ def find_renames(old: m.ModelSpec, new: m.ModelSpec) -> Renames:
     renames = Renames()
     errors: list[Diagnostic] = []
     os_, ns = old.schema, new.schema
+    old_vocabs: dict = {}  # new vocab -> the old vocab its features read (a vocab may be renamed)
     for group in ns.groups:
         old_group_name = group.name
         if group.was and os_.group(group.name) is None:
@@ -109,6 +131,7 @@ def find_renames(old: m.ModelSpec, new: m.ModelSpec) -> Renames:
         old_group = os_.group(old_group_name)
         if old_group is None:
             continue
+        renames.groups[group.name] = old_group.name
         for feature in group.features:
             old_feature_name = feature.name
             if feature.was and old_group.feature(feature.name) is None:
@@ -122,6 +145,7 @@ def find_renames(old: m.ModelSpec, new: m.ModelSpec) -> Renames:
                 continue
             if feature.is_category and old_feature.is_category:
                 new_vocab, old_vocab = ns.vocab(feature.vocab), os_.vocab(old_feature.vocab)
+                old_vocabs.setdefault(new_vocab.name, old_vocab)
                 old_items = set(old_vocab.item_names)
                 for item in new_vocab.items:
                     old_item = item.was if item.was and item.name not in old_items and item.was in old_items else item.name
@@ -129,11 +153,13 @@ def find_renames(old: m.ModelSpec, new: m.ModelSpec) -> Renames:
             elif not feature.is_category and not old_feature.is_category:
                 renames.features[feature_name(group, feature)] = feature_name(old_group, old_feature)
     for vocab in ns.vocabs:
-        old_vocab = os_.vocab(vocab.name)
+        old_vocab = old_vocabs.get(vocab.name) or os_.vocab(vocab.name)
         old_items = set(old_vocab.item_names) if old_vocab else set()
         for item in vocab.items:
             if item.was and item.name not in old_items and item.was not in old_items:
-                errors.append(_rename_error(f"item {item.name} of vocab {vocab.name} was {item.was!r}, but the old vocab has no item {item.was!r}", item.span))
+                where = f"the old vocab {old_vocab.name}" if old_vocab else "the old version"
+                errors.append(_rename_error(f"item {item.name} of vocab {vocab.name} was {item.was!r}, but {where} "
+                                            f"has no item {item.was!r}", item.span))
     old_statements = {s.name for s in old.model.statements}
     for stmt in new.model.statements:
         if stmt.was and stmt.name not in old_statements:
@@ -147,7 +173,93 @@ def find_renames(old: m.ModelSpec, new: m.ModelSpec) -> Renames:
 
 
 # ---------------------------------------------------------------------------
-# 2. matching indices by key
+# 2. matching ops by what they do
+
+
+def _descriptions(graph: Graph, renames: Optional[Renames], table: dict) -> dict[int, int]:
+    """Node -> the number of what it does to which inputs: its kind, arguments and
+    inputs (a read of an input, another statement, or a nested op's own
+    description), in the old version's names. Equal numbers, equal meanings."""
+    groups = renames.groups if renames else {}
+    feature = renames.feature if renames else (lambda name: name)
+    statements = renames.scopes if renames else {}
+    out: dict[int, int] = {}
+    for node in graph.nodes:
+        if OPS[node.op].surgery.indices is Indices.SOURCE:
+            group = node.attrs["group"]
+            read = feature(node.attrs["features"][0]).split("=")[0] if node.attrs.get("feature") else groups.get(group, group)
+            what = (node.op, read)
+        else:
+            inputs = []
+            for i in node.inputs:
+                source = graph.nodes[i]
+                if source.statement != node.statement and OPS[source.op].surgery.indices is not Indices.SOURCE:
+                    inputs.append(("statement", statements.get(source.statement, source.statement)))
+                else:
+                    inputs.append(out[i])
+            keywords = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in node.attrs.items()
+                                    if k not in ("alias", "scope_0_1_0", "entities")))
+            what = (node.op, keywords, tuple(inputs))
+        out[node.index] = table.setdefault(what, len(table))
+    return out
+
+
+def match_ops(old_graph: Graph, new_graph: Graph, renames: Renames) -> None:
+    """Fill `renames.ops` and `renames.new_ops`: each new op with parameters is
+    matched to the old op of its statement that does the same thing, so a
+    number that shifts (`linear_2` <-> `linear_3`) moves no weights.
+
+    Levels, each over what is still unmatched, unnamed ops first: the same
+    `as` name; the same kind, arguments and inputs; the same kind and inputs
+    (a widened op); the same kind and arguments (an op whose inputs changed);
+    then unnamed ops of one kind in order of appearance."""
+    table: dict = {}
+    old_what = _descriptions(old_graph, None, table)
+    new_what = _descriptions(new_graph, renames, table)
+
+    def by_statement(graph: Graph) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for node in graph.nodes:
+            if node.params:
+                out.setdefault(node.statement, []).append(node)
+        return out
+
+    old_ops, new_ops = by_statement(old_graph), by_statement(new_graph)
+
+    reverse = {v: k for k, v in table.items()}
+    levels = (
+        lambda n, what: (n.attrs.get("alias"),) if n.attrs.get("alias") else None,
+        lambda n, what: (what[n.index],),
+        lambda n, what: (n.op, reverse[what[n.index]][2]),
+        lambda n, what: (n.op, reverse[what[n.index]][1]),
+    )
+    for stmt, nodes in new_ops.items():
+        old_stmt = renames.scopes.get(stmt, stmt)
+        free = list(old_ops.get(old_stmt, ()))
+        todo = sorted(nodes, key=lambda n: bool(n.attrs.get("alias")))  # unnamed first, in order
+        for level in levels:
+            for node in list(todo):
+                want = level(node, new_what)
+                if want is None:
+                    continue
+                found = next((o for o in free if o.op == node.op and level(o, old_what) == want), None)
+                if found is not None:
+                    renames.ops[node.scope] = found.scope
+                    free.remove(found)
+                    todo.remove(node)
+        for node in list(todo):  # unnamed ops of one kind, in order of appearance
+            if node.attrs.get("alias"):
+                continue
+            found = next((o for o in free if o.op == node.op and not o.attrs.get("alias")), None)
+            if found is not None:
+                renames.ops[node.scope] = found.scope
+                free.remove(found)
+                todo.remove(node)
+        renames.new_ops.update(n.scope for n in todo)
+
+
+# ---------------------------------------------------------------------------
+# 3. matching indices by key
 
 
 def _numbered(keys) -> list[tuple]:
@@ -242,13 +354,10 @@ class _Check:
 
 
 def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: InteractionMap,
-                   renames: Renames, old_feature_spans: dict[str, m.Span]) -> list[Reason]:
+                   renames: Renames, old_feature_spans: dict[str, m.Span], old_keys: set) -> list[Reason]:
     """One walk of the new graph; each op says, through its `surgery`, how its
     output indices depend on its inputs' (see the module's docstring, step 4)."""
     check = _Check()
-    old_keys = set()
-    for axis in old.values.values():
-        old_keys.update(axis.keys)
     old_ops = {n.scope: n for n in old_graph.nodes if n.params}
     old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
     # taint[node][i]: names of the reasons index i no longer computes what it did
@@ -274,7 +383,9 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
     def mixing(node, ins) -> list[frozenset]:
         """Every output reads every input index: one taint for all of them."""
         width = len(new.values[node.index])
-        old_node = old_ops.get(renames.scope(node.scope))
+        if node.scope in renames.identity_inputs:
+            return list(ins[0])  # it starts as the identity: index i is its input's index i
+        old_node = old_ops.get(renames.ops.get(node.scope))
         if old_node is None:
             return [empty] * width  # a new op: its outputs are new values
         meaning = OPS[node.op].surgery
@@ -314,8 +425,11 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
     def join(node, ins) -> list[frozenset]:
         sides = [new.values[i] for i in node.inputs]
         out = []
-        for i in range(len(new.values[node.index])):
+        for i, key in enumerate(new.values[node.index].keys):
             t = empty.union(*(x[i] for x in ins))
+            if key in renames.zero_joins:  # joined with a value that starts at zero: it is its old side
+                out.append(t)
+                continue
             side_keys = [renames.key(x.keys[i]) for x in sides]
             known = [k in old_keys for k in side_keys]
             if any(known) and not all(known):
@@ -371,6 +485,84 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
 
 
 # ---------------------------------------------------------------------------
+# 5. how new ops start: fresh, at zero (a join), or as the identity (a new layer)
+
+
+def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames: Renames) -> dict[str, str]:
+    """New op scope -> "zero" or "identity" where that keeps the function (else it
+    starts fresh), recording in `renames` what each such start makes its keys mean.
+
+    * A join whose neutral value is 0 (add) of an old value and a new one: the
+      new side starts at zero when every path back from it reaches a new op
+      that can start at zero through ops that map 0 to 0.
+    * A new op that can be the identity, square over an old value, read (not
+      through a join) by an old op: it starts as the identity."""
+    starts: dict[str, str] = {}
+    nodes = new_graph.nodes
+    readers: dict[int, list] = {}
+    for node in nodes:
+        for i in node.inputs:
+            readers.setdefault(i, []).append(node)
+
+    def is_old(index: int) -> Optional[bool]:
+        """True: every index of the value is an old one; False: none is; None: some are."""
+        known = {renames.key(k) in old_keys for k in new.values[index].keys}
+        return known.pop() if len(known) == 1 else None
+
+    def zero_start(index: int, chosen: set) -> bool:
+        """Whether the value at `index` can start at zero; the ops to zero go in `chosen`."""
+        stack = [index]
+        while stack:
+            node = nodes[stack.pop()]
+            meaning = OPS[node.op].surgery
+            if node.params:
+                if node.scope not in renames.new_ops or not meaning.starts_at_zero or node.scope in starts:
+                    return False
+                chosen.add(node.scope)
+            elif meaning.zero_to_zero and node.inputs:
+                stack.extend(node.inputs)
+            else:
+                return False
+        return True
+
+    def read_by_an_old_op(node) -> bool:
+        """Whether an old op reads the value (through index-by-index ops and concat, not a join)."""
+        stack, seen = [node.index], set()
+        while stack:
+            index = stack.pop()
+            for reader in readers.get(index, ()):
+                if reader.index in seen:
+                    continue
+                seen.add(reader.index)
+                indices = OPS[reader.op].surgery.indices
+                if indices is Indices.MIXING:
+                    if reader.scope in renames.ops:
+                        return True
+                elif indices in (Indices.ELEMENTWISE, Indices.CONCAT):
+                    stack.append(reader.index)
+        return False
+
+    for node in nodes:
+        meaning = OPS[node.op].surgery
+        if meaning.indices is Indices.JOIN and meaning.join_neutral == 0.0:
+            sides = [is_old(i) for i in node.inputs]
+            if sorted(sides, key=repr) == [False, True]:
+                chosen: set = set()
+                new_side = node.inputs[sides.index(False)]
+                old_side = node.inputs[sides.index(True)]
+                if zero_start(new_side, chosen):
+                    starts.update(dict.fromkeys(chosen, "zero"))
+                    for k, kept in zip(new.values[node.index].keys, new.values[old_side].keys):
+                        renames.zero_joins[k] = kept
+        elif (meaning.identity and node.scope in renames.new_ops and len(node.inputs) == 1
+              and len(new.values[node.index]) == len(new.values[node.inputs[0]])
+              and is_old(node.inputs[0]) and read_by_an_old_op(node)):
+            starts[node.scope] = "identity"
+            renames.identity_inputs[node.scope] = new.values[node.inputs[0]].keys
+    return starts
+
+
+# ---------------------------------------------------------------------------
 # the plan
 
 
@@ -381,45 +573,111 @@ def _numel(shape) -> int:
     return n
 
 
-def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
+SpecOrGraph = Union[m.ModelSpec, Graph]
+
+
+def as_graph(spec: SpecOrGraph) -> Graph:
+    return spec if isinstance(spec, Graph) else build_graph(spec)
+
+
+def _copy_fills(roles: tuple[str, ...], axes: tuple[AxisMap, ...]) -> tuple[Fill, ...]:
+    """What a carried parameter's uncopied elements start as: a new unit fresh,
+    an old unit's weight for a new input zero (so the old unit computes as before)."""
+    fills = []
+    out_new = tuple("new" if r == OUT else "all" for r in roles)
+    if any(a.matched < a.new_size for a, r in zip(axes, roles) if r == OUT):
+        fills.append(Fill(value="fresh", where=out_new))
+    for k, (a, r) in enumerate(zip(axes, roles)):
+        if r != OUT and a.matched < a.new_size:
+            where = ["old" if rr == OUT else "all" for rr in roles]
+            where[k] = "new"
+            fills.append(Fill(value="zero", where=tuple(where)))
+    return tuple(fills)
+
+
+def _start_fills(node, local: str, rank: int, start: str) -> tuple[Fill, ...]:
+    everything = ("all",) * rank
+    if start == "identity":
+        return (Fill(value=OPS[node.op].surgery.identity[local], where=everything),)
+    return (Fill(value=start, where=everything),)
+
+
+def _counted(p: ParamPlan) -> ParamPlan:
+    counts = {"zero": 0, "fresh": 0, "identity": 0}
+    for fill in p.fills:
+        counts[fill.value] += p.region_size(fill)
+    copied = _numel([a.matched for a in p.axes]) if p.source is not None else 0
+    return p.model_copy(update={"copied": copied, "zeroed": counts["zero"], "fresh": counts["fresh"],
+                                "identity": counts["identity"]})
+
+
+def head_maps(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: InteractionMap,
+              renames: Renames) -> tuple[HeadMap, ...]:
+    """Per head both versions have, which old output each new one is compared with:
+    matched by key; outputs whose derivation changed are paired by position."""
+    out = []
+    for head, index in new_graph.outputs.items():
+        old_head = renames.scopes.get(head, head)
+        if old_head not in old_graph.outputs:
+            continue
+        old_keys = old.values[old_graph.outputs[old_head]].keys
+        matched = match_axis(new.values[index].keys, old_keys, renames)
+        taken = set(matched)
+        spare_old = iter(i for i in range(len(old_keys)) if i not in taken)
+        paired = list(matched)
+        for j, i in enumerate(matched):
+            if i < 0:
+                paired[j] = next(spare_old, -1)
+        out.append(HeadMap(name=head, old_name=old_head, new_size=len(matched), old_size=len(old_keys),
+                           runs=_runs(paired)))
+    return tuple(out)
+
+
+def make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph,
               old_map: Optional[InteractionMap] = None, new_map: Optional[InteractionMap] = None) -> Plan:
-    """The surgery plan from `old_spec` to `new_spec` (maps are computed if not given)."""
-    renames = find_renames(old_spec, new_spec)
-    old_graph = old_map.graph if old_map else build_graph(old_spec)
-    new_graph = new_map.graph if new_map else build_graph(new_spec)
+    """The surgery plan from the old version to the new one (each a ModelSpec or
+    its Graph; the maps are computed if not given)."""
+    old_graph = old_map.graph if old_map else as_graph(old_spec)
+    new_graph = new_map.graph if new_map else as_graph(new_spec)
+    renames = find_renames(old_graph.spec, new_graph.spec)
     old = old_map or shadow_map(old_graph)
     new = new_map or shadow_map(new_graph)
+    match_ops(old_graph, new_graph, renames)
+    old_keys = set()
+    for axis in old.values.values():
+        old_keys.update(axis.keys)
+    starts = choose_starts(new_graph, new, old_keys, renames)
+    proof = proof_map(new_graph, new, renames, starts, old_graph, old) if renames.new_ops else new
     shared = shared_features(old, new, renames)
     params: list[ParamPlan] = []
     used_old: set[str] = set()
     unproven = 0
     matched_axes: dict = {}
-    for name, p in new.params.items():
-        source = renames.scope(name)
-        q = old.params.get(source)
+    for name, (node, local) in new_graph.parameters().items():
+        p, proven = new.params[name], proof.params[name]
+        old_scope = renames.ops.get(node.scope)
+        source = f"{old_scope}.{local}" if old_scope else None
+        q = old.params.get(source) if source else None
         if q is None or len(q.shape) != len(p.shape) or q.roles != p.roles:
-            params.append(ParamPlan(name=name, shape=p.shape, fresh=p.size))
+            fills = _start_fills(node, local, len(p.shape), starts.get(node.scope, "fresh"))
+            params.append(_counted(ParamPlan(name=name, shape=p.shape, fills=fills)))
             continue
         used_old.add(source)
         axes = []
-        for axis_new, axis_old, role in zip(p.axes, q.axes, p.roles):
+        for axis_new, axis_proven, axis_old, role in zip(p.axes, proven.axes, q.axes, p.roles):
             # Parameters of one op share axis objects (an LSTM's four row axes): match each once.
             cache_key = (id(axis_new), id(axis_old))
             if cache_key not in matched_axes:
                 indices = match_axis(axis_new.keys, axis_old.keys, renames)
-                matched_axes[cache_key] = (indices, _runs(indices), _unproven(indices, axis_new, axis_old, shared))
+                matched_axes[cache_key] = (indices, _runs(indices), _unproven(indices, axis_proven, axis_old, shared))
             indices, runs, bad = matched_axes[cache_key]
             unproven += bad
             axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=runs))
-        matched = [a.matched for a in axes]
-        out_matched = 1
-        for a, n in zip(axes, p.shape):
-            out_matched *= a.matched if a.role == OUT else n
-        copied = _numel(matched)
-        params.append(ParamPlan(name=name, shape=p.shape, source=source, old_shape=q.shape, axes=tuple(axes),
-                                copied=copied, zeroed=out_matched - copied, fresh=p.size - out_matched))
+        axes = tuple(axes)
+        params.append(_counted(ParamPlan(name=name, shape=p.shape, source=source, old_shape=q.shape, axes=axes,
+                                         fills=_copy_fills(p.roles, axes))))
     dropped = tuple(DroppedParam(name=n, shape=q.shape, elements=q.size) for n, q in old.params.items() if n not in used_old)
-    reasons = function_check(old_graph, new_graph, old, new, renames, _old_feature_spans(old_spec))
+    reasons = function_check(old_graph, new_graph, old, new, renames, _old_feature_spans(old_graph.spec), old_keys)
     if unproven and not reasons:  # never claim what the maps do not show
         reasons.append(Reason(message=f"{unproven} matched indices carry other input features than before"))
     transferred = sum(p.copied for p in params)
@@ -430,12 +688,55 @@ def make_plan(old_spec: m.ModelSpec, new_spec: m.ModelSpec,
         transferred=transferred,
         zeroed=sum(p.zeroed for p in params),
         fresh=sum(p.fresh for p in params),
+        identity=sum(p.identity for p in params),
         dropped=old_total - transferred,
         function_preserving=not reasons,
         reasons=tuple(reasons),
     )
-    return Plan(old_model=old_spec.model.name, new_model=new_spec.model.name, old_spec=canonical(old_spec),
-                new_spec=canonical(new_spec), params=tuple(params), dropped=dropped, summary=summary)
+    old_heads = {s.name for s in old_graph.model.statements if s.out}
+    heads = head_maps(old_graph, new_graph, old, new, renames)
+    kept = {h.old_name for h in heads}
+    return Plan(old_model=old_graph.model.name, new_model=new_graph.model.name, old_spec=canonical(old_graph.spec),
+                new_spec=canonical(new_graph.spec), params=tuple(params), dropped=dropped, heads=heads,
+                old_only_heads=tuple(h for h in old_graph.outputs if h not in kept),
+                new_only_heads=tuple(h for h in new_graph.outputs if h not in {x.name for x in heads}),
+                summary=summary)
+
+
+def proof_map(new_graph: Graph, new: InteractionMap, renames: Renames, starts: dict[str, str],
+              old_graph: Graph, old: InteractionMap) -> InteractionMap:
+    """Φ of the new graph as it starts: what each index carries once new ops sit
+    at zero or as the identity and old ops' weights for new inputs are zero.
+    Matched indices must carry, in it, what they carried before."""
+    old_nodes = {n.scope: n for n in old_graph.nodes if n.params}
+    old_input_keys: dict[int, set] = {}
+
+    def inputs(node, xs):
+        old_scope = renames.ops.get(node.scope)
+        if old_scope is None or OPS[node.op].surgery.indices is not Indices.MIXING:
+            return xs
+        old_node = old_nodes[old_scope]
+        out = []
+        for x, old_input in zip(xs, old_node.inputs):
+            if old_input not in old_input_keys:
+                old_input_keys[old_input] = set(old.values[old_input].keys)
+            known = old_input_keys[old_input]
+            translated = renames.keys(x.keys)
+            if all(k in known for k in translated):
+                out.append(x)
+            else:  # a new input meets weights that start at zero: it carries nothing yet
+                out.append(Axis(x.keys, tuple(s if k in known else 0 for s, k in zip(x.sets, translated))))
+        return out
+
+    def output(node, xs, value: Axis) -> Axis:
+        start = starts.get(node.scope)
+        if start == "zero":
+            return Axis(value.keys, (0,) * len(value))
+        if start == "identity":
+            return Axis(value.keys, xs[0].sets)
+        return value
+
+    return shadow_map(new_graph, inputs=inputs, output=output)
 
 
 def shared_features(old: InteractionMap, new: InteractionMap, renames: Renames) -> tuple[int, list[tuple[int, int, int]]]:
@@ -474,3 +775,34 @@ def _unproven(indices, axis_new, axis_old, shared) -> int:
     else:
         pairs = collections.Counter((new_sets[i], old_sets[j]) for i, j in enumerate(indices) if j >= 0)
     return sum(n for (s_new, s_old), n in pairs.items() if translate_bits(s_new, translate) != s_old & mask)
+
+
+# ---------------------------------------------------------------------------
+# a plan from elsewhere
+
+
+def check_plan(plan: Plan, old_graph: Graph, new_graph: Graph) -> None:
+    """Refuse a plan (read from a file, say) that is not the one the two specs
+    give: a changed shape, a removed or duplicated run, a fill or a count that
+    does not fit. Call it before anything is written."""
+    expected = make_plan(old_graph, new_graph)
+    got, want = plan.model_dump(), expected.model_dump()
+    for dump in (got, want):  # reasons point into the files the specs were read from: compare their words
+        dump["summary"]["reasons"] = [r["message"] for r in dump["summary"]["reasons"]]
+    if got != want:
+        raise UserError(f"error: the plan does not fit the specs: {_first_difference(got, want)}; "
+                        "make it again with `specsurgery plan`")
+
+
+def _first_difference(got, want, where: str = "") -> str:
+    if isinstance(want, dict) and isinstance(got, dict):
+        for k in want:
+            if got.get(k) != want[k]:
+                return _first_difference(got.get(k), want[k], f"{where}.{k}" if where else k)
+    elif isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        if len(got) != len(want):
+            return f"{where} has {len(got)} entries, the specs give {len(want)}"
+        for i, (a, b) in enumerate(zip(got, want)):
+            if a != b:
+                return _first_difference(a, b, f"{where}[{i}]")
+    return f"{where} is {got!r}, the specs give {want!r}"

@@ -5,6 +5,11 @@ A plan has a JSON form and a published JSON Schema (`specsurgery plan
 --schema`), so it can be reviewed in a pull request, stored, and applied later.
 Index maps are kept as runs: (new_start, old_start, length); indices of the
 new axis outside every run have no old counterpart.
+
+A plan is the whole truth about every element (DESIGN.md): per parameter, the
+copied runs and a `Fill` for every element no run copies (zero, fresh, or the
+identity), and per output head the map verification compares by. The
+executor (apply.py) reads these; nothing derives them again.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-PLAN_FORMAT = "specsurgery-plan/1"
+PLAN_FORMAT = "specsurgery-plan/2"
 
 
 class Frozen(BaseModel):
@@ -47,25 +52,65 @@ class AxisMap(Frozen):
         return self.new_size == self.old_size and self.runs == (Run(new=0, old=0, length=self.new_size),) if self.new_size else self.old_size == 0
 
 
+Region = Literal["all", "new", "old"]
+
+
+class Fill(Frozen):
+    """How the elements of one region of a parameter start. The region takes,
+    along each axis, every index ("all"), the indices no run matches ("new"),
+    or the matched ones ("old")."""
+
+    value: Literal["zero", "fresh", "identity"] = Field(
+        description="zero; fresh: the op's init; identity: ones where the row equals the column, zero elsewhere")
+    where: tuple[Region, ...]
+
+
 class ParamPlan(Frozen):
     name: str
     shape: tuple[int, ...]
-    source: Optional[str] = Field(None, description="the old parameter it is carried from; null: all fresh")
+    source: Optional[str] = Field(None, description="the old parameter it is carried from; null: nothing copied")
     old_shape: Optional[tuple[int, ...]] = None
     axes: tuple[AxisMap, ...] = ()
+    fills: tuple[Fill, ...] = Field((), description="how every element no run copies starts; the regions do not overlap")
     copied: int = Field(0, ge=0, description="elements copied from the old parameter")
-    zeroed: int = Field(0, ge=0, description="elements that start at zero (an old unit reading a new input)")
+    zeroed: int = Field(0, ge=0, description="elements that start at zero (an old unit reading a new input, a join at zero)")
     fresh: int = Field(0, ge=0, description="elements that start at the op's init (a new unit)")
+    identity: int = Field(0, ge=0, description="elements of an identity start (an inserted layer)")
+
+    def region(self, fill: Fill) -> list[list[int]]:
+        """Per axis, the indices `fill` covers."""
+        out = []
+        for k, where in enumerate(fill.where):
+            n = self.shape[k]
+            if where == "all" or not self.axes:
+                out.append(list(range(n)))
+                continue
+            matched = self.axes[k].old_indices()
+            out.append([i for i in range(n) if (matched[i] >= 0) == (where == "old")])
+        return out
+
+    def region_size(self, fill: Fill) -> int:
+        size = 1
+        for k, where in enumerate(fill.where):
+            n = self.shape[k]
+            if where != "all" and self.axes:
+                matched = self.axes[k].matched
+                n = matched if where == "old" else n - matched
+            size *= n
+        return size
 
     @property
     def action(self) -> str:
         if self.source is None:
-            return "fresh"
-        if self.zeroed == 0 and self.fresh == 0 and all(a.identity for a in self.axes) and self.name == self.source:
+            if self.identity:
+                return "identity"
+            return "fresh" if self.fresh else "zero"
+        unchanged = self.zeroed == 0 and self.fresh == 0 and self.identity == 0
+        if unchanged and all(a.identity for a in self.axes) and self.name == self.source:
             return "copied"
         if any(a.matched < a.old_size for a in self.axes):
             return "narrowed" if self.copied else "restarted"
-        if self.zeroed == 0 and self.fresh == 0:
+        if unchanged:
             return "moved"
         return "grown" if self.copied else "restarted"
 
@@ -89,12 +134,23 @@ class Reason(Frozen):
         return f"{where}{self.message}"
 
 
+class HeadMap(Frozen):
+    """Which output of an old head each output of a new head is compared with."""
+
+    name: str
+    old_name: str
+    new_size: int = Field(ge=0)
+    old_size: int = Field(ge=0)
+    runs: tuple[Run, ...] = ()
+
+
 class Summary(Frozen):
     old_params: int
     new_params: int
     transferred: int = Field(description="old parameter elements copied into the new model")
     zeroed: int
     fresh: int
+    identity: int = Field(0, description="elements of parameters that start as the identity (inserted layers)")
     dropped: int = Field(description="old parameter elements with no place in the new model")
     function_preserving: bool
     reasons: tuple[Reason, ...] = ()
@@ -105,14 +161,27 @@ class Summary(Frozen):
 
 
 class Plan(Frozen):
-    format: Literal["specsurgery-plan/1"] = PLAN_FORMAT
+    format: Literal["specsurgery-plan/2"] = PLAN_FORMAT
     old_model: str
     new_model: str
     old_spec: str = Field(description="canonical text of the old model and schema")
     new_spec: str = Field(description="canonical text of the new model and schema")
     params: tuple[ParamPlan, ...]
     dropped: tuple[DroppedParam, ...] = ()
+    heads: tuple[HeadMap, ...] = Field((), description="the heads both versions have, output by output")
+    old_only_heads: tuple[str, ...] = Field((), description="heads of the old version the new one has not")
+    new_only_heads: tuple[str, ...] = Field((), description="heads of the new version the old one had not")
     summary: Summary
+
+
+def head_columns(plan: Plan) -> dict[str, tuple[str, list[int], list[int]]]:
+    """For verification: new head -> (old head, new outputs, the old outputs they are compared with)."""
+    out = {}
+    for h in plan.heads:
+        new_cols = [r.new + i for r in h.runs for i in range(r.length)]
+        old_cols = [r.old + i for r in h.runs for i in range(r.length)]
+        out[h.name] = (h.old_name, new_cols, old_cols)
+    return out
 
 
 def plan_json_schema() -> dict:
@@ -141,8 +210,9 @@ def render_plan(plan: Plan) -> str:
         if action == "copied":
             lines.append(f"  = {p.name} [{shape}] copied")
             continue
-        if action == "fresh":
-            lines.append(f"  + {p.name} [{shape}] new: starts fresh")
+        if action in ("fresh", "zero", "identity"):
+            start = {"fresh": "starts fresh", "zero": "starts at zero", "identity": "starts as the identity"}[action]
+            lines.append(f"  + {p.name} [{shape}] new: {start}")
             continue
         detail = []
         if p.source != p.name:
@@ -167,6 +237,8 @@ def render_plan(plan: Plan) -> str:
             counts.append(f"{p.zeroed:,} zero")
         if p.fresh:
             counts.append(f"{p.fresh:,} fresh")
+        if p.identity:
+            counts.append(f"{p.identity:,} identity")
         mark = "~" if action in ("moved", "grown") else "!"  # "!": old weights lost here
         lines.append(f"  {mark} {p.name} [{shape}] {action}: {'; '.join(detail)}; {', '.join(counts)}")
     for d in plan.dropped:

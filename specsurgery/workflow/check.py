@@ -104,7 +104,7 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
                 lines.append(f"{where}: model {name}: new, nothing to carry over")
                 results.append({"file": path, "model": name, "ok": True, "new": True})
                 continue
-            plan = make_plan(old.models[name], spec)
+            plan = make_plan(old.graphs[name], new.graphs[name])  # the graphs loading built
             s = plan.summary
             verdict = "function preserved" if s.function_preserving else "function NOT preserved"
             lines.append(f"{where}: model {name}: {100 * s.transfer_share:.2f}% transferred "
