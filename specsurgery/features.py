@@ -1,26 +1,40 @@
-"""Observations as JSON records, checked and turned into the model's tensors.
+"""Observations, from JSON-like records or from arrays, turned into the model's tensors.
 
 A record maps group -> feature -> value; an entity set is a list of up to N
 such objects. `record_schema` is the JSON Schema (Draft 2020-12) records must
-satisfy; `featurise` validates with jsonschema, then builds, in schema order:
+satisfy: it is the definition. `featurise` checks records with a reader built
+once per schema (`RecordReader`), which accepts and refuses exactly what the
+JSON Schema does on JSON values (tests/test_inputs.py proves it), and asks
+jsonschema only to word the message once a record is refused. Both paths
+build, in schema order:
 
   inputs["hero"]          float [B, (T), n]      the group's numeric features
   inputs["units"]         float [B, (T), N, n]   for an entity set, padded to N
   inputs["hero.hero_id"]  long  [B, (T), (N)]    one per category feature
   inputs["units#mask"]    float [B, (T), N]      1 for a real entity, 0 for padding
 
-The time axis T is there when the model has an lstm: then each record of the
-batch is a list of observations, one per step.
+The time axis T is there when the model has a recurrent op: then each record
+of the batch is a list of observations, one per step. Numeric features take
+numbers (numpy scalars too); a bool feature takes true, false, 0 or 1.
+`inputs_from_columns` is the fast path from arrays a training loop already holds.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from dataclasses import dataclass
+from itertools import chain
+from operator import itemgetter
+from typing import Any, Iterable, Mapping, Optional
 
 from .errors import UserError
 from .spec import model as m
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
-_JSON_TYPES = {"float": {"type": "number"}, "int": {"type": "integer"}, "bool": {"type": "boolean"}}
+FLOAT_MAX = 1.7976931348623157e308  # a value must fit a float (JSON numbers have no bound)
+_JSON_TYPES = {
+    "float": {"type": "number", "minimum": -FLOAT_MAX, "maximum": FLOAT_MAX},
+    "int": {"type": "integer", "minimum": -FLOAT_MAX, "maximum": FLOAT_MAX},
+    "bool": {"enum": [False, True, 0, 1]},
+}
 
 
 def _feature_schema(schema: m.Schema, feature: m.Feature) -> dict:
@@ -67,13 +81,33 @@ def _json_path(parts: Iterable[Any]) -> str:
 _VALIDATORS: dict = {}
 
 
+def _json_validator(schema: m.Schema):
+    """jsonschema's validator of the record schema, told that numpy scalars are numbers."""
+    import jsonschema
+    import numpy as np
+
+    hit = _VALIDATORS.get(id(schema))
+    validator = hit[1] if hit is not None and hit[0] is schema else None
+    if validator is None:
+        base = jsonschema.Draft202012Validator
+        checker = base.TYPE_CHECKER.redefine_many({
+            "number": lambda c, v: base.TYPE_CHECKER.is_type(v, "number") or isinstance(v, (np.integer, np.floating)),
+            "integer": lambda c, v: base.TYPE_CHECKER.is_type(v, "integer") or isinstance(v, np.integer)
+            or (isinstance(v, np.floating) and float(v).is_integer()),
+        })
+        cls = jsonschema.validators.extend(base, type_checker=checker)
+        validator = cls(record_schema(schema))
+        if len(_VALIDATORS) >= 16:
+            _VALIDATORS.pop(next(iter(_VALIDATORS)))
+        _VALIDATORS[id(schema)] = (schema, validator)
+    return validator
+
+
 def validate_record(schema: m.Schema, record: Any, where: str = "record") -> None:
+    """Raise UserError, worded by jsonschema, when `record` does not satisfy the schema."""
     import jsonschema
 
-    validator = _VALIDATORS.get(schema)
-    if validator is None:
-        validator = _VALIDATORS[schema] = jsonschema.Draft202012Validator(record_schema(schema))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    error = jsonschema.exceptions.best_match(_json_validator(schema).iter_errors(_plain(record)))
     if error is not None:
         message = error.message
         if error.validator == "maxItems":  # jsonschema's own message prints the whole list
@@ -82,55 +116,200 @@ def validate_record(schema: m.Schema, record: Any, where: str = "record") -> Non
         raise UserError(f"{where}: {path}: {message}" if path else f"{where}: {message}")
 
 
-def featurise(schema: m.Schema, records: list, time: bool = False, validate: bool = True,
+def _plain(value):
+    """numpy bools as Python bools, so the schema's enum knows them."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+# ---------------------------------------------------------------------------
+# the record reader: built once per schema
+
+
+def _number_types() -> tuple[frozenset, frozenset, frozenset]:
+    import numpy as np
+
+    ints = frozenset({int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64})
+    floats = frozenset({float, np.float16, np.float32, np.float64})
+    return ints | floats, ints, frozenset({bool, np.bool_})
+
+
+@dataclass(frozen=True)
+class _GroupReader:
+    name: str
+    entities: Optional[int]  # N of an entity set, None for a plain group
+    width: int  # features in an object (numeric and category)
+    numeric: tuple[str, ...]
+    kinds: tuple[str, ...]  # float | int | bool, per numeric feature
+    categories: tuple[tuple[str, dict], ...]  # (feature, item -> index)
+
+
+class _Refused(Exception):
+    """A record does not satisfy the schema; jsonschema words why."""
+
+
+class RecordReader:
+    """Reads a batch of records into tensors, checking each value as it goes.
+
+    Built once per schema (`reader_for`). The checks are the JSON Schema's,
+    written out: exact keys per object (its length, then a lookup of each
+    feature), a type per value (the set of types met in a column, within the
+    plain ones of its kind; the rare int-valued float or 0/1 number for a bool
+    is looked at by value), at most N entities, category items by dict lookup,
+    and no value beyond a float. Values are read column by column with
+    itemgetter and map, so the loops over values run in C."""
+
+    def __init__(self, schema: m.Schema):
+        self.schema = schema
+        self.groups = tuple(
+            _GroupReader(g.name, g.entities, len(g.features),
+                         tuple(f.name for f in g.numeric_features), tuple(f.type for f in g.numeric_features),
+                         tuple((f.name, {item: k for k, item in enumerate(schema.vocab(f.vocab).item_names)})
+                               for f in g.category_features))
+            for g in schema.groups)
+        numbers, ints, bools = _number_types()
+        self._fast = {"float": numbers, "int": ints, "bool": bools}
+
+    def _value_ok(self, kind: str, value) -> bool:
+        """The slow check, for a value whose type is not the plain one of its kind."""
+        if kind == "bool":
+            return type(value) in self._fast["float"] and value in (0, 1)
+        if kind == "int":
+            return type(value) in self._fast["float"] and float(value).is_integer()
+        return False
+
+    def _check_columns(self, values: list, kinds: tuple[str, ...]) -> None:
+        """The types of `values` (row after row of len(kinds) columns) fit their kinds."""
+        fast = self._fast
+        n = len(kinds)
+        columns = [(values, kinds[0])] if len(set(kinds)) == 1 else [(values[i::n], k) for i, k in enumerate(kinds)]
+        for column, kind in columns:
+            ok = fast[kind]
+            if set(map(type, column)) <= ok:
+                continue
+            for value in column:
+                if type(value) not in ok and not self._value_ok(kind, value):
+                    raise _Refused
+
+    def read(self, flat: list, validate: bool, dtype) -> dict:
+        import numpy as np
+        import torch
+
+        # float64 only for a float64 model; numpy has no bfloat16: build in float32 and convert
+        wide = np.float64 if dtype == torch.float64 else np.float32
+        n_groups = len(self.groups)
+        if validate and flat and (set(map(type, flat)) != {dict} or set(map(len, flat)) != {n_groups}):
+            raise _Refused
+        out: dict[str, torch.Tensor] = {}
+        count = len(flat)
+        for g in self.groups:
+            objs = list(map(itemgetter(g.name), flat))
+            if g.entities is None:
+                entities, counts = objs, None
+            else:
+                if validate and objs and (set(map(type, objs)) != {list} or max(map(len, objs)) > g.entities):
+                    raise _Refused
+                counts = np.fromiter(map(len, objs), dtype=np.int64, count=count)
+                entities = list(chain.from_iterable(objs))
+            if validate and entities and (set(map(type, entities)) != {dict} or set(map(len, entities)) != {g.width}):
+                raise _Refused
+            n = len(g.numeric)
+            numeric = np.zeros((len(entities), n), dtype=wide)
+            if n and entities:
+                read = map(itemgetter(*g.numeric), entities)
+                read = chain.from_iterable(read) if n > 1 else read
+                try:
+                    if validate:
+                        values = list(read)
+                        self._check_columns(values, g.kinds)
+                        numeric = np.array(values, dtype=np.float64)
+                        if np.isinf(numeric).any():
+                            raise _Refused
+                    else:
+                        numeric = np.fromiter(read, dtype=np.float64, count=len(entities) * n)
+                except (OverflowError, TypeError, ValueError):
+                    raise _Refused from None
+                numeric = numeric.reshape(len(entities), n).astype(wide, copy=False)
+            cats = {f: np.fromiter(map(index.__getitem__, map(itemgetter(f), entities)), dtype=np.int64,
+                                   count=len(entities)) for f, index in g.categories}
+            if counts is None:
+                out[g.name] = torch.from_numpy(numeric).to(dtype)
+                for f, ids in cats.items():
+                    out[f"{g.name}.{f}"] = torch.from_numpy(ids)
+                continue
+            # An entity set: real entities scattered into their rows of the padded
+            # layout. np.zeros maps zero pages lazily: padding nobody wrote costs nothing here.
+            size = g.entities
+            first = np.cumsum(counts) - counts
+            rows = np.repeat(np.arange(count, dtype=np.int64) * size - first, counts) + np.arange(len(entities))
+            padded = np.zeros((count * size, n), dtype=wide)
+            padded[rows] = numeric
+            out[g.name] = torch.from_numpy(padded.reshape(count, size, n)).to(dtype)
+            mask = np.zeros(count * size, dtype=wide)
+            mask[rows] = 1.0
+            out[f"{g.name}#mask"] = torch.from_numpy(mask.reshape(count, size)).to(dtype)
+            for f, ids in cats.items():
+                full = np.zeros(count * size, dtype=np.int64)
+                full[rows] = ids
+                out[f"{g.name}.{f}"] = torch.from_numpy(full.reshape(count, size))
+        return out
+
+
+_READERS: dict = {}
+
+
+def reader_for(schema: m.Schema) -> RecordReader:
+    hit = _READERS.get(id(schema))  # by identity: hashing a schema walks all of it
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    if len(_READERS) >= 16:
+        _READERS.pop(next(iter(_READERS)))
+    reader = RecordReader(schema)
+    _READERS[id(schema)] = (schema, reader)
+    return reader
+
+
+def featurise(schema: m.Schema, records, time: bool = False, validate: bool = True,
               dtype=None, device=None) -> dict:
     """A batch of records (or, with `time`, of record sequences) -> input tensors
     (numeric ones in `dtype`, default float32; all on `device`, default CPU)."""
     import torch
 
+    dtype = dtype or torch.float32
+    records = list(records) if not isinstance(records, list) else records
     if time:
         steps = {len(seq) if isinstance(seq, list) else -1 for seq in records}
         if len(steps) != 1 or -1 in steps or 0 in steps:
             raise UserError("records: a model with an lstm takes, per batch item, a list of observations of one length")
-        flat = [obs for seq in records for obs in seq]
         lead = (len(records), steps.pop())
+        flat = [obs for seq in records for obs in seq]
     else:
-        flat, lead = list(records), (len(records),)
-    if validate:
-        for i, record in enumerate(flat):
-            where = f"record {i // lead[1]}, step {i % lead[1]}" if time else f"record {i}"
-            validate_record(schema, record, where=where)
-    out: dict[str, torch.Tensor] = {}
-    for group in schema.groups:
-        numeric = group.numeric_features
-        categories = group.category_features
-        index = {f.name: {item: k for k, item in enumerate(schema.vocab(f.vocab).item_names)} for f in categories}
-        if group.is_entity_set:
-            n = group.entities
-            values = torch.zeros(len(flat), n, len(numeric))
-            mask = torch.zeros(len(flat), n)
-            cats = {f.name: torch.zeros(len(flat), n, dtype=torch.long) for f in categories}
-            for b, record in enumerate(flat):
-                entities = record[group.name]
-                if entities:
-                    values[b, : len(entities)] = torch.tensor(
-                        [[float(e[f.name]) for f in numeric] for e in entities]).reshape(len(entities), len(numeric))
-                    mask[b, : len(entities)] = 1.0
-                    for f in categories:
-                        cats[f.name][b, : len(entities)] = torch.tensor([index[f.name][e[f.name]] for e in entities])
-            out[group.name] = values.reshape(*lead, n, len(numeric))
-            out[f"{group.name}#mask"] = mask.reshape(*lead, n)
-            for f in categories:
-                out[f"{group.name}.{f.name}"] = cats[f.name].reshape(*lead, n)
-        else:
-            values = torch.tensor([[float(r[group.name][f.name]) for f in numeric] for r in flat]).reshape(len(flat), len(numeric))
-            out[group.name] = values.reshape(*lead, len(numeric))
-            for f in categories:
-                ids = torch.tensor([index[f.name][r[group.name][f.name]] for r in flat], dtype=torch.long)
-                out[f"{group.name}.{f.name}"] = ids.reshape(*lead)
-    if dtype is not None or device is not None:
-        out = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in out.items()}
-    return out
+        flat, lead = records, (len(records),)
+    try:
+        out = reader_for(schema).read(flat, validate, dtype)
+    except (_Refused, KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError, IndexError):
+        _explain(schema, flat, lead, time)
+        raise UserError("records: not valid observations (featurise them with validate=True to see why)") from None
+    out = {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+def _explain(schema: m.Schema, flat: list, lead: tuple, time: bool) -> None:
+    """Raise the message of the first record jsonschema refuses."""
+    for i, record in enumerate(flat):
+        where = f"record {i // lead[1]}, step {i % lead[1]}" if time else f"record {i}"
+        validate_record(schema, record, where=where)
+
+
+# ---------------------------------------------------------------------------
+# random observations (verify, tests, benchmarks)
 
 
 def random_object(schema: m.Schema, group: m.Group, rng) -> dict:
@@ -159,3 +338,215 @@ def random_record(schema: m.Schema, rng, max_entities: int | None = None) -> dic
         else:
             record[group.name] = random_object(schema, group, rng)
     return record
+
+
+# ---------------------------------------------------------------------------
+# arrays: the fast path
+
+
+@dataclass(frozen=True)
+class _GroupColumns:
+    """What inputs_from_columns needs of one group, worked out once per schema."""
+
+    name: str
+    entities: Optional[int]
+    numeric: tuple[str, ...]
+    categories: tuple[tuple[str, str, tuple[str, ...]], ...]  # (feature, "<group>.<feature>", vocab items)
+    features: frozenset
+    listing: str  # "x, k, n" for messages
+    rest: tuple[int, ...]  # the axes after batch (and time) of a feature: (N,) for an entity set, else ()
+    rest_names: str  # ", N" or "" for messages
+    mask_key: str
+    count_key: str
+
+
+_COLUMN_PLANS: dict = {}
+
+
+_INTEGER_DTYPES = _REAL_DTYPES = None  # filled on first use (torch is imported late)
+
+
+def _dtypes():
+    import torch
+
+    integer = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8})
+    real = integer | {torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64}
+    return integer, real
+
+
+def _column_plan(schema: m.Schema) -> tuple[_GroupColumns, ...]:
+    hit = _COLUMN_PLANS.get(id(schema))  # by identity: hashing a schema walks all of it
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    plan = tuple(
+        _GroupColumns(g.name, g.entities, tuple(f.name for f in g.numeric_features),
+                      tuple((f.name, f"{g.name}.{f.name}", schema.vocab(f.vocab).item_names)
+                            for f in g.category_features),
+                      frozenset(f.name for f in g.features), ", ".join(f.name for f in g.features),
+                      (g.entities,) if g.is_entity_set else (), f", {g.entities}" if g.is_entity_set else "",
+                      f"{g.name}#mask", f"{g.name}#count")
+        for g in schema.groups)
+    if len(_COLUMN_PLANS) >= 16:
+        _COLUMN_PLANS.pop(next(iter(_COLUMN_PLANS)))
+    _COLUMN_PLANS[id(schema)] = (schema, plan)
+    return plan
+
+
+def inputs_from_columns(schema: m.Schema, columns: Mapping, time: bool = False, dtype=None, device=None) -> dict:
+    """Arrays a training loop holds -> input tensors (see ss.Model.inputs).
+
+    Per group, either one array of its numeric features in schema order
+    (`[B, (T), n]`, `[B, (T), N, n]` for an entity set), its categories beside it
+    under "<group>.<feature>", or a dict feature -> array (`[B, (T)]`, `[B, (T), N]`).
+    An entity set comes with "<group>#mask" `[B, (T), N]` or "<group>#count" `[B, (T)]`.
+    Arrays are taken as they are where they can be (torch.as_tensor: no copy when
+    dtype and device already fit); only shapes are checked here, category indices
+    are checked when the model reads them (Model.forward explains a bad one)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    if not isinstance(columns, Mapping):
+        raise UserError(f"inputs: columns must be a dict of group -> array, got {type(columns).__name__}")
+    global _INTEGER_DTYPES, _REAL_DTYPES
+    if _REAL_DTYPES is None:
+        _INTEGER_DTYPES, _REAL_DTYPES = _dtypes()
+    plan = _column_plan(schema)
+    _check_keys(schema, plan, columns)
+    n_lead = 2 if time else 1
+    lead_names = "[B, T" if time else "[B"
+    lead: Optional[tuple] = None
+    out: dict = {}
+
+    def tensor(value, what: str, integer: bool = False):
+        try:
+            t = torch.as_tensor(value, device=device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"inputs: {what}: not a numeric array ({e})") from None
+        if t.dtype not in (_INTEGER_DTYPES if integer else _REAL_DTYPES):
+            raise UserError(f"inputs: {what}: {t.dtype} is not {'an integer' if integer else 'a real'} dtype")
+        return t
+
+    def fits(t, what: str, rest: tuple, names: str) -> None:
+        nonlocal lead
+        shape = t.shape
+        if len(shape) == n_lead + len(rest) and shape[n_lead:] == rest and (lead is None or shape[:n_lead] == lead):
+            if lead is None:
+                lead = tuple(shape[:n_lead])
+            return
+        expected = list(lead) + list(rest) if lead is not None else f"{lead_names}{names}]"
+        raise UserError(f"inputs: {what} has shape {list(shape)}, expected {expected}")
+
+    for g in plan:
+        entity, ent_names = g.rest, g.rest_names
+        given = columns.get(g.name)
+        if given is None:
+            raise UserError(f"inputs: group {g.name} is missing")
+        if isinstance(given, Mapping):
+            unknown = [k for k in given if k not in g.features]
+            if unknown:
+                raise UserError(f"inputs: group {g.name} has no feature {unknown[0]!r} (features: {g.listing})")
+            missing = [f for f in g.features if f not in given]
+            if missing:
+                first = next(f for f in g.listing.split(", ") if f in missing)
+                raise UserError(f"inputs: group {g.name}: feature {first!r} is missing")
+            parts = []
+            for f in g.numeric:
+                t = tensor(given[f], f"{g.name}.{f}")
+                fits(t, f"{g.name}.{f}", entity, ent_names)
+                parts.append(t)
+            values = torch.stack(parts, dim=-1).to(dtype) if parts else None
+            cats = {f: given[f] for f, _, _ in g.categories}
+        else:
+            t = tensor(given, g.name)
+            fits(t, g.name, entity + (len(g.numeric),), f"{ent_names}, {len(g.numeric)}")
+            values = t if t.dtype == dtype else t.to(dtype)
+            cats = {}
+            for f, key, _ in g.categories:
+                if key not in columns:
+                    raise UserError(f"inputs: group {g.name}: feature {f!r} is missing "
+                                    f"(give it as {key!r} beside the group's array, or the group as a dict)")
+                cats[f] = columns[key]
+        for f, key, items in g.categories:
+            ids = _category_indices(items, cats[f], key, tensor, device)
+            fits(ids, key, entity, ent_names)
+            out[key] = ids
+        if values is None:  # no numeric features: an empty last axis
+            values = torch.zeros(*lead, *entity, 0, dtype=dtype, device=device)
+        out[g.name] = values
+        if g.entities is not None:
+            mask, count = columns.get(g.mask_key), columns.get(g.count_key)
+            if (mask is None) == (count is None):
+                raise UserError(f"inputs: entity set {g.name} needs either '{g.mask_key}' "
+                                f"{lead_names}, {g.entities}] or '{g.count_key}' {lead_names}]")
+            if mask is not None:
+                t = tensor(mask, g.mask_key)
+                fits(t, g.mask_key, entity, ent_names)
+                out[g.mask_key] = t if t.dtype == dtype else t.to(dtype)
+            else:
+                t = tensor(count, g.count_key, integer=True)
+                fits(t, g.count_key, (), "")
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) > g.entities):
+                    raise UserError(f"inputs: {g.name}#count must be between 0 and {g.entities}")
+                slots = torch.arange(g.entities, device=t.device)
+                out[g.mask_key] = (slots < t.unsqueeze(-1)).to(dtype)
+    return out
+
+
+def _check_keys(schema: m.Schema, plan: tuple[_GroupColumns, ...], columns: Mapping) -> None:
+    """Every key names a group, a category beside a group's array, or an entity set's mask or count."""
+    groups = {g.name: g for g in plan}
+    for key in columns:
+        if key in groups:
+            continue
+        if not isinstance(key, str):
+            raise UserError(f"inputs: keys are group names, got {key!r}")
+        base = key.split("#", 1)[0].split(".", 1)[0]
+        group = groups.get(base)
+        if group is None:
+            raise UserError(f"inputs: {key!r} is not a group of schema {schema.name} "
+                            f"(groups: {', '.join(groups)})")
+        if "#" in key:
+            if group.entities is None or key.split("#", 1)[1] not in ("mask", "count"):
+                raise UserError(f"inputs: {key!r} is not an entity set's mask or count")
+        elif "." in key:
+            if key not in {k for _, k, _ in group.categories}:
+                raise UserError(f"inputs: {key!r} is not a category feature of group {base} (numeric features "
+                                "go in the group's array)")
+
+
+def _category_indices(items: tuple[str, ...], given, what: str, tensor, device):
+    """Vocabulary indices (long) from indices or item strings."""
+    import numpy as np
+    import torch
+
+    array = given if isinstance(given, np.ndarray) else None
+    if array is None and not isinstance(given, torch.Tensor):
+        probe = np.asarray(given)
+        array = probe if probe.dtype.kind in "UO" else None
+    if array is not None and array.dtype.kind in "UO":  # item strings
+        order = np.argsort(np.asarray(items))
+        sorted_items = np.asarray(items)[order]
+        flat = array.astype(str).reshape(-1)
+        pos = np.searchsorted(sorted_items, flat).clip(0, len(items) - 1)
+        bad = sorted_items[pos] != flat
+        if bad.any():
+            raise UserError(f"inputs: {what}: {str(flat[bad.argmax()])!r} is not one of {list(items)}")
+        return torch.as_tensor(order[pos].reshape(array.shape), dtype=torch.long, device=device)
+    t = tensor(given, what, integer=True)
+    return t if t.dtype == torch.long else t.to(torch.long)
+
+
+def explain_bad_indices(schema: m.Schema, inputs: Mapping) -> None:
+    """Raise UserError naming the category input whose indices fall outside its
+    vocabulary (what makes embed or onehot fail inside the model)."""
+    for group in schema.groups:
+        for f in group.category_features:
+            what = f"{group.name}.{f.name}"
+            t = inputs.get(what)
+            if t is None or not t.numel():
+                continue
+            n = len(schema.vocab(f.vocab).items)
+            low, high = int(t.min()), int(t.max())
+            if low < 0 or high >= n:
+                raise UserError(f"inputs: {what}: index {low if low < 0 else high} is not an item of vocab "
+                                f"{f.vocab} (0 to {n - 1})")

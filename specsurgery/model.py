@@ -169,8 +169,15 @@ class Model(nn.Module):
             raise UserError(f"error: model {self.name}: the inputs have no {e.args[0]!r} "
                             "(build them with model.inputs or model.featurise)") from None
         ctx.state = state
-        for statement in graph.statements:
-            values.update(self._modules[statement](values, ctx))
+        try:
+            for statement in graph.statements:
+                values.update(self._modules[statement](values, ctx))
+        except (IndexError, RuntimeError):
+            # embed / onehot met an index outside its vocabulary: say which input
+            from .features import explain_bad_indices
+
+            explain_bad_indices(graph.schema, inputs)
+            raise
         return {h: values[i] for h, i in graph.outputs.items()}, ctx.new_state
 
     # -- recurrent state ---------------------------------------------------

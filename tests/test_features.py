@@ -181,7 +181,9 @@ BAD = {
     "string for int": (lambda r: r["hero"].update(level="3"), "hero.level: '3' is not of type 'integer'"),
     "bool for int": (lambda r: r["hero"].update(level=True), "hero.level: True is not of type 'integer'"),
     "bool for float": (lambda r: r["units"][0].update(x=False), "units[0].x: False is not of type 'number'"),
-    "int for bool": (lambda r: r["hero"].update(alive=1), "hero.alive: 1 is not of type 'boolean'"),
+    "2 for bool": (lambda r: r["hero"].update(alive=2), "hero.alive: 2 is not one of [False, True, 0, 1]"),
+    "string for bool": (lambda r: r["hero"].update(alive="yes"), "hero.alive: 'yes' is not one of [False, True, 0, 1]"),
+    "past a float": (lambda r: r["hero"].update(mana=10 ** 400), "hero.mana: " + str(10 ** 400) + " is greater than the maximum of 1.7976931348623157e+308"),
     "category not a string": (lambda r: r["hero"].update(hero_id=0), "hero.hero_id: 0 is not one of ['axe', 'bane', 'crystal_maiden', 'drow_ranger']"),
     "group not an object": (lambda r: r.update(hero=[]), "hero: [] is not of type 'object'"),
     "entity set not a list": (lambda r: r.update(units={}), "units: {} is not of type 'array'"),
@@ -213,6 +215,8 @@ def test_validate_record_accepts_good_records(dota):
     validate_record(dota, edited(lambda r: r.update(units=[])))
     validate_record(dota, edited(lambda r: r.update(units=[r["units"][0]] * 64)))
     validate_record(dota, edited(lambda r: r["hero"].update(level=2.0, health=7)))  # 2.0 is an integer in JSON
+    for alive in (True, False, 0, 1, 0.0, 1.0):  # a bool feature takes true, false, 0 or 1
+        validate_record(dota, edited(lambda r: r["hero"].update(alive=alive)))
 
 
 # ---------------------------------------------------------------------------
@@ -233,9 +237,10 @@ def test_record_schema_content(mixed):
     assert document["additionalProperties"] is False
     assert list(document["properties"]) == ["g", "items"] == document["required"]
     g = document["properties"]["g"]
+    bound = {"minimum": -1.7976931348623157e308, "maximum": 1.7976931348623157e308}
     assert g == {"type": "object",
-                 "properties": {"z": {"type": "number"}, "c": {"enum": ["red", "green", "blue"]},
-                                "a": {"type": "integer"}, "flag": {"type": "boolean"}},
+                 "properties": {"z": {"type": "number", **bound}, "c": {"enum": ["red", "green", "blue"]},
+                                "a": {"type": "integer", **bound}, "flag": {"enum": [False, True, 0, 1]}},
                  "required": ["z", "c", "a", "flag"], "additionalProperties": False}
     items = document["properties"]["items"]
     assert items["type"] == "array" and items["maxItems"] == 3
