@@ -242,7 +242,7 @@ def bad_records() -> dict[str, dict]:
         "extra group": changed(lambda r: r.update(items=[])),
         "float for int": changed(lambda r: r["hero"].update(level=2.5)),
         "bool for int": changed(lambda r: r["hero"].update(level=True)),
-        "number for bool": changed(lambda r: r["hero"].update(alive=1)),
+        "number for bool": changed(lambda r: r["hero"].update(alive=2)),  # 0 and 1 are bools too
         "string for float": changed(lambda r: r["units"][0].update(x="1.5")),
         "too many entities": changed(lambda r: r.update(units=[r["units"][0]] * 65)),
         "entity set not a list": changed(lambda r: r.update(units=r["units"][0])),
