@@ -36,7 +36,8 @@ def cmd_build(args) -> int:
     from .workflow.build import build
 
     report = build(args.paths or None, out=args.out, dry_run=args.dry_run, allow_lossy=args.allow_lossy,
-                   seed=args.seed, progress=not args.json)
+                   seed=args.seed, progress=not args.json,
+                   announce=None if args.json else lambda text: print(text, file=sys.stderr, flush=True))
     if args.json:
         emit_json(report)
     else:

@@ -8,7 +8,7 @@ kept in `DIR/history/`, named by its spec's content hash.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 from ..checkpoint import read_header, write_checkpoint
 from ..discover import load_each, spec_files
@@ -28,33 +28,66 @@ def write_fresh(graph, path: str, seed: int = 0, progress=None) -> int:
 
 
 def build(paths: Optional[list[str]] = None, out: Optional[str] = None, dry_run: bool = False,
-          allow_lossy: Optional[bool] = None, seed: int = 0, progress: bool = True) -> dict:
+          allow_lossy: Optional[bool] = None, seed: int = 0, progress: bool = True,
+          announce: Optional[Callable[[str], None]] = None) -> dict:
+    """Build every model; `announce` is told what will be written (models, sizes) before it is."""
     policy = load_policy().override(allow_lossy=allow_lossy)
     files = spec_files(paths or [policy.path(policy.specs)])
     out_dir = out or policy.path(policy.models)
     models = load_each(files)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # say so before building anything
         raise UserError(f"{out_dir}: error: cannot write checkpoints here: it is a file, not a folder")
-    rows = []
+    pending = []  # (row, spec, graph): what is to be done, decided before anything is written
     for name, (loaded, file) in models.items():
         spec = loaded.models[name]
         graph = build_graph(spec)
         target = os.path.join(out_dir, f"{name}.safetensors")
-        text = canonical(spec)
-        row = {"model": name, "spec": file, "parameters": graph.parameter_count(), "file": target}
-        if os.path.exists(target) and read_header(target).spec_text == text:
+        row = {"model": name, "spec": file, "parameters": graph.parameter_count(), "file": target,
+               "bytes": checkpoint_bytes(graph)}
+        if not os.path.exists(target):
+            row["action"] = "would build" if dry_run else "build"
+        elif read_header(target).spec_text == canonical(spec):
             row["action"] = "unchanged"
-        elif os.path.exists(target):
+        else:
+            row["action"] = "surgery"
+        pending.append((row, spec, graph))
+    writes = [row for row, _, _ in pending if row["action"] in ("build", "surgery")]
+    if writes and announce is not None and not dry_run:
+        announce(_announcement(writes, out_dir))
+    rows = []
+    for row, spec, graph in pending:
+        if row["action"] == "surgery":
             from .surgery_step import surgery_step
 
-            row.update(surgery_step(target, spec, policy, seed=seed, dry_run=dry_run, progress=progress))
-        elif dry_run:
-            row["action"] = "would build"
-        else:
-            write_fresh(graph, target, seed=seed)
+            row.update(surgery_step(row["file"], spec, policy, seed=seed, dry_run=dry_run, progress=progress))
+        elif row["action"] == "build":
+            write_fresh(graph, row["file"], seed=seed)
             row["action"] = "built"
         rows.append(row)
     return {"models": rows, "exit": 1 if any(r.get("refused") for r in rows) else 0, "text": _text(rows)}
+
+
+def checkpoint_bytes(graph) -> int:
+    """What the model's checkpoint takes on disk, near enough: its float32
+    tensors, and a header that holds the spec and a line per tensor."""
+    return 4 * graph.parameter_count() + len(canonical(graph.spec).encode()) + 80 * len(graph.parameters())
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _announcement(writes: list[dict], out_dir: str) -> str:
+    """Said before the first byte is written: a first build of specs/ is over a gigabyte."""
+    total = sum(r["bytes"] for r in writes)
+    what = {"build": "new", "surgery": "surgery (the previous one kept in history/)"}
+    body = table([[r["model"], f"{r['parameters']:,}", _size(r["bytes"]), what[r["action"]]] for r in writes],
+                 ["model", "parameters", "size", "checkpoint"], right=(1, 2))
+    plural = "s" if len(writes) > 1 else ""
+    return f"writing {len(writes)} checkpoint{plural} to {out_dir}, about {_size(total)}:\n{body}"
 
 
 def _text(rows: list[dict]) -> str:
