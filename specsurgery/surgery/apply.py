@@ -74,16 +74,23 @@ def build_tensor(entry: ParamPlan, read_old: Callable[[str], torch.Tensor], init
         # "zero": the tensor starts at zero
     if entry.source is None:
         return tensor
-    old = read_old(entry.source).to(dtype=dtype, device=device)
+    return copy_runs(entry, read_old(entry.source).to(dtype=dtype, device=device), tensor)
+
+
+def copy_runs(entry: ParamPlan, old: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """Copy the plan's runs of `old` (a tensor of the old parameter's shape) into
+    `into` (of the new shape), in place; the elements no run reaches keep what
+    `into` holds. Parameters and every tensor of their shape (an optimizer's
+    moments, optimizer_state.py) move by this one function."""
     # Runs are contiguous on both sides: slices, no index tensors.
     if len(entry.shape) == 1:
         for r in entry.axes[0].runs:
-            tensor[r.new:r.new + r.length] = old[r.old:r.old + r.length]
+            into[r.new:r.new + r.length] = old[r.old:r.old + r.length]
     else:
         for r in entry.axes[0].runs:
             for c in entry.axes[1].runs:
-                tensor[r.new:r.new + r.length, c.new:c.new + c.length] = old[r.old:r.old + r.length, c.old:c.old + c.length]
-    return tensor
+                into[r.new:r.new + r.length, c.new:c.new + c.length] = old[r.old:r.old + r.length, c.old:c.old + c.length]
+    return into
 
 
 def fresh_init(graph: Graph, name: str, generator: torch.Generator) -> Callable[[torch.Tensor], None]:
