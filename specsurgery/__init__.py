@@ -15,6 +15,7 @@ from .errors import SpecError, UserError  # noqa: E402  (no torch)
 
 _LAZY = {
     "compile": "api", "load": "api",
+    "load_optimizer": "optimizer_state",
     "Model": "model",
 }
 

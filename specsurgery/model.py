@@ -239,14 +239,22 @@ class Model(nn.Module):
 
     # -- saving ------------------------------------------------------------
 
-    def save(self, path: str, *, metadata: Optional[Mapping[str, str]] = None,
+    def save(self, path: str, *, optimizer=None, metadata: Optional[Mapping[str, str]] = None,
              max_shard_size: Optional[Union[int, str]] = None) -> str:
         """Write a checkpoint every command accepts, atomically (a temporary file
         beside `path`, renamed into place). `metadata` (strings) is added to
         `model.metadata` and kept in the file; both survive surgery.
         With `max_shard_size` (bytes, or "2GB"), `path` is a folder in the
-        Hugging Face sharded layout (specsurgery.shards)."""
+        Hugging Face sharded layout (specsurgery.shards). With `optimizer`, its
+        state goes beside it as `<stem>.optimizer.safetensors`
+        (optimizer_state.py), written first: an optimizer that cannot be saved
+        leaves no file changed."""
         from .checkpoint import write_checkpoint
+
+        if optimizer is not None:
+            from .optimizer_state import save_optimizer
+
+            save_optimizer(optimizer, self, path)
 
         extra = {**self._ss_metadata, **check_metadata(metadata or {})}
         state = self.state_dict()

@@ -1,0 +1,193 @@
+"""Optimizer state through surgery: after a function-preserving surgery one more
+step moves every copied parameter exactly as the same step moves it in the old
+model and leaves the weights reading the new feature at zero (Adam, AdamW with
+weight decay, SGD with momentum, RMSprop, Adagrad); new elements follow their
+optimizer's rule; the state saved beside a checkpoint reads back equal, and
+`apply` on disk carries it to the moments surgery in memory gives."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import specsurgery as ss
+from specsurgery.api import read_spec
+from specsurgery.optimizer_state import carry_optimizer, carry_optimizer_file, optimizer_path
+from specsurgery.surgery.apply import apply_plan
+from specsurgery.surgery.diff import make_plan
+
+OLD = """schema s {
+  vocab kinds = [a, b, c]
+  group obs {
+    x1: float
+    x2: float
+    k: category(kinds)
+  }
+}
+model m(o: s) {
+  e = embed(o.obs.k, 3)
+  h = relu(linear(concat(o.obs, e), 8))
+  out y = linear(h, 2)
+}
+"""
+# `wind` in the middle of the group, and two more hidden units
+NEW = OLD.replace("    x2: float\n", "    wind: float\n    x2: float\n").replace("8))", "10))")
+WIND = 1  # its column in obs (and so in h.linear.weight)
+
+OPTIMIZERS = {
+    "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "Adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True, weight_decay=1e-3),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True),
+    "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5, centered=True),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+}
+
+
+def batch(seed: int, wind: bool, n: int = 16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    if wind:  # the new feature, fed 0
+        x = torch.cat([x[:, :WIND], torch.zeros(n, 1), x[:, WIND:]], dim=1)
+    return {"obs": x, "obs.k": torch.randint(0, 3, (n,), generator=g)}
+
+
+def step(model, optimizer, inputs) -> None:
+    optimizer.zero_grad()
+    (model(inputs)["y"] ** 2).sum().backward()
+    optimizer.step()
+
+
+def trained(make, tmp_path, steps: int = 5):
+    """The old model after a few steps, and its surgered twin on disk, loaded."""
+    torch.manual_seed(0)
+    old = ss.compile(OLD, seed=3)
+    optimizer = make(old.parameters())
+    for i in range(steps):
+        step(old, optimizer, batch(i, wind=False))
+    plan = make_plan(read_spec(OLD), read_spec(NEW))
+    old_path, new_path = str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors")
+    old.save(old_path, optimizer=optimizer)
+    apply_plan(plan, old_path, read_spec(NEW), new_path)
+    return old, optimizer, plan, ss.load(new_path), new_path
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_one_more_step_moves_copied_parameters_as_in_the_old_model(kind, tmp_path, one_thread):
+    old, optimizer, plan, new, _ = trained(OPTIMIZERS[kind], tmp_path)
+    carried = carry_optimizer(optimizer, old, new, plan)
+    assert type(carried) is type(optimizer)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in carried.param_groups] == \
+           [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    assert sum(len(g["params"]) for g in carried.param_groups) == len(list(new.parameters()))
+    before = {n: p.detach().clone() for n, p in new.named_parameters()}
+    assert before["h.linear.weight"][:8, WIND].abs().max() == 0
+    # one step: after it the new units' outgoing weights are no longer zero, so the functions part
+    step(old, optimizer, batch(100, wind=False))
+    step(new, carried, batch(100, wind=True))
+    olds = dict(old.named_parameters())
+    news = dict(new.named_parameters())
+    for entry in plan.params:
+        if entry.source is None:
+            continue
+        got, want = news[entry.name].detach(), olds[entry.source].detach()
+        if entry.name == "h.linear.weight":  # rows: 8 old units then 2 new; columns: wind is new
+            got = torch.cat([got[:8, :WIND], got[:8, WIND + 1:]], dim=1)
+        elif entry.name == "h.linear.bias":
+            got = got[:8]
+        elif entry.name == "y.linear.weight":
+            got = got[:, :8]
+        assert torch.equal(got, want), f"{kind}: {entry.name} moved otherwise than in the old model"
+    assert news["h.linear.weight"][:8, WIND].abs().max() == 0, "a weight reading the new feature moved"
+
+
+def test_new_elements_follow_the_rule_of_their_optimizer(tmp_path, one_thread):
+    old, optimizer, plan, new, _ = trained(OPTIMIZERS["Adam"], tmp_path)
+    carried = carry_optimizer(optimizer, old, new, plan)
+    old_state = optimizer.state[old.get_parameter("h.linear.weight")]
+    state = carried.state[new.get_parameter("h.linear.weight")]
+    assert torch.equal(state["step"], old_state["step"])
+    # first moments of the new column and the new rows: zero
+    assert state["exp_avg"][:8, WIND].abs().max() == 0 and state["exp_avg"][8:].abs().max() == 0
+    # second moments: the mean of the parameter's copied ones, so a new element's first update is bounded
+    mean = old_state["exp_avg_sq"].double().mean().float()
+    assert torch.allclose(state["exp_avg_sq"][:8, WIND], mean.expand(8))
+    assert torch.allclose(state["exp_avg_sq"][8:], mean.expand(2, 6))
+    assert torch.equal(state["exp_avg_sq"][:8, WIND + 1:], old_state["exp_avg_sq"][:, WIND:])
+
+
+def test_rmsprop_second_moment_of_new_elements_is_not_zero(tmp_path, one_thread):
+    old, optimizer, plan, new, _ = trained(OPTIMIZERS["RMSprop"], tmp_path)
+    carried = carry_optimizer(optimizer, old, new, plan)
+    state = carried.state[new.get_parameter("y.linear.weight")]
+    old_state = optimizer.state[old.get_parameter("y.linear.weight")]
+    assert torch.allclose(state["square_avg"][:, 8:], old_state["square_avg"].double().mean().float().expand(2, 2))
+    assert state["grad_avg"][:, 8:].abs().max() == 0 and state["momentum_buffer"][:, 8:].abs().max() == 0
+
+
+def test_saved_state_reads_back_equal_keyed_by_name(tmp_path, one_thread):
+    old, optimizer, _, _, _ = trained(OPTIMIZERS["AdamW"], tmp_path)
+    path = str(tmp_path / "old.safetensors")
+    with safe_open(optimizer_path(path), framework="pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert "h.linear.weight/exp_avg" in keys and "h.linear.weight/step" in keys
+    assert meta["specsurgery.optimizer.class"] == "AdamW"
+    groups = json.loads(meta["specsurgery.optimizer.param_groups"])
+    assert groups[0]["params"] == [n for n, _ in old.named_parameters()] and groups[0]["weight_decay"] == 0.1
+    loaded = ss.load_optimizer(path, ss.load(path))
+    assert type(loaded) is torch.optim.AdamW
+    assert loaded.param_groups[0]["betas"] == (0.9, 0.999)
+    original = optimizer.state_dict()
+    again = loaded.state_dict()
+    assert original["param_groups"] == again["param_groups"]
+    for k, entries in original["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(value, again["state"][k][key])
+
+
+def test_apply_on_disk_gives_the_moments_of_surgery_in_memory(tmp_path, one_thread):
+    old, optimizer, plan, new, new_path = trained(OPTIMIZERS["Adam-amsgrad"], tmp_path)
+    carried = carry_optimizer(optimizer, old, new, plan)
+    written = carry_optimizer_file(plan, str(tmp_path / "old.safetensors"), new_path)
+    assert written == str(tmp_path / "new.optimizer.safetensors")
+    from_disk = ss.load_optimizer(new_path, new)
+    a, b = carried.state_dict(), from_disk.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for key in a["state"][k]:
+            assert torch.equal(a["state"][k][key], b["state"][k][key]), (k, key)
+
+
+def test_unsupported_optimizer_is_named(tmp_path, one_thread):
+    model = ss.compile(OLD)
+    optimizer = torch.optim.NAdam(model.parameters())
+    with pytest.raises(ss.UserError, match=r"cannot carry the state of optimizer torch\.optim\.nadam\.NAdam"):
+        model.save(str(tmp_path / "m.safetensors"), optimizer=optimizer)
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_optimizer_file_of_another_spec_is_refused(tmp_path, one_thread):
+    old, optimizer, _, new, new_path = trained(OPTIMIZERS["SGD"], tmp_path)
+    os.replace(tmp_path / "old.optimizer.safetensors", tmp_path / "new.optimizer.safetensors")
+    with pytest.raises(ss.UserError, match="saved for another spec"):
+        ss.load_optimizer(new_path, new)
+    with pytest.raises(ss.UserError, match="no such file"):
+        ss.load_optimizer(str(tmp_path / "old.safetensors"), old)
+
+
+def test_hostile_optimizer_file_is_one_clear_error(tmp_path, one_thread):
+    _, _, _, _, _ = trained(OPTIMIZERS["Adam"], tmp_path)
+    path = str(tmp_path / "old.safetensors")
+    sidecar = optimizer_path(path)
+    data = open(sidecar, "rb").read()
+    open(sidecar, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ss.UserError, match="not a valid checkpoint|does not fit"):
+        ss.load_optimizer(path, ss.load(path))
+    open(sidecar, "wb").write(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(ss.UserError, match="no optimizer class"):
+        ss.load_optimizer(path, ss.load(path))
