@@ -122,7 +122,9 @@ def table_rows(text: str, header_first: str) -> list[list[str]]:
 def test_build_writes_the_checkpoint_and_lists_the_model(project):
     result = first_build(project)
     assert result["returncode"] == 0, result["stderr"]
-    assert result["stderr"] == ""
+    # before writing, build says what it will write (tests/test_build_announce.py)
+    assert result["stderr"].splitlines()[0].startswith("writing 1 checkpoint to ")
+    assert result["stderr"].splitlines()[3].split() == ["policy", "1,586,538", "6.35", "MB", "new"]
     lines = result["stdout"].splitlines()
     assert lines[0].split() == ["model", "parameters", "action", "file"]
     rows = table_rows(result["stdout"], "model")
