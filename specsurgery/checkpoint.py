@@ -68,10 +68,10 @@ def read_header(path: str, embedded_spec: bool = True):
     A folder or an index file is a sharded checkpoint (shards.read_sharded);
     `embedded_spec=False` reads one shard, whose spec is in the index."""
     if not path.endswith(".safetensors"):
-        from .shards import is_folder_checkpoint, read_sharded
+        from .shards import is_folder_checkpoint, read_folder
 
         if is_folder_checkpoint(path):
-            return read_sharded(path)
+            return read_folder(path)
 
     def bad(why: str) -> UserError:
         return UserError(f"{path}: error: not a valid checkpoint: {why}")
@@ -280,10 +280,10 @@ def open_tensors(path: str):
     from safetensors import safe_open
 
     if not path.endswith(".safetensors"):
-        from .shards import ShardedTensors, is_folder_checkpoint, read_sharded
+        from .shards import is_folder_checkpoint, read_folder
 
         if is_folder_checkpoint(path):
-            return ShardedTensors(read_sharded(path))
+            return read_folder(path).open()
 
     try:
         return safe_open(path, framework="pt")

@@ -83,13 +83,20 @@ def _tensors_of(names: list[str]):
     header, seed = _WORKER["header"], _WORKER["seed"]
     for name in names:
         p = _WORKER["params"][name]
-        if p.action == "copied":
+        # a tensor a DCP job saved in several chunks has no bytes to copy as they are
+        in_one_piece = p.source is not None and getattr(header, "whole", lambda _: True)(p.source)
+        if p.action == "copied" and in_one_piece:
             yield name, StoredTensor.of(header, p.source)
             continue
-        from .surgery.apply import carried_tensor
+        from .surgery.apply import build_tensor, carried_tensor, fresh_generator, fresh_init
 
         graph, old = _built_parts()
-        yield name, carried_tensor(p, graph, header, p.source, old.get_tensor, seed)
+        if p.action == "copied":
+            yield name, old.get_tensor(p.source)
+        elif in_one_piece or p.source is None:
+            yield name, carried_tensor(p, graph, header, p.source, old.get_tensor, seed)
+        else:  # built in memory from the assembled chunks
+            yield name, build_tensor(p, old.get_tensor, fresh_init(graph, name, fresh_generator(seed, name)))
 
 
 def _write_shard(task: tuple[str, list[str]]) -> tuple[str, int, int]:

@@ -103,6 +103,9 @@ class ShardedHeader:
             seen.setdefault(h.path, h)
         return list(seen.values())
 
+    def open(self) -> "ShardedTensors":
+        return ShardedTensors(self)
+
     def largest_shard(self) -> int:
         return max((sum(i.end - i.start for i in h.tensors.values()) for h in self.shards), default=0)
 
@@ -110,6 +113,15 @@ class ShardedHeader:
 def is_folder_checkpoint(path: str) -> bool:
     """A folder, or an index file: not a single safetensors file."""
     return path.endswith(".index.json") or os.path.isdir(path)
+
+
+def read_folder(path: str):
+    """A folder checkpoint: a DCP folder (dcp.read_dcp) or a sharded one (read_sharded)."""
+    from .dcp import is_dcp, read_dcp
+
+    if os.path.isdir(path) and is_dcp(path):
+        return read_dcp(path)
+    return read_sharded(path)
 
 
 def read_sharded(path: str) -> ShardedHeader:
@@ -283,20 +295,27 @@ def staged_folder(target: str) -> Iterator[str]:
         raise UserError(f"{target}: error: cannot write: {e.strerror or e}") from None
     try:
         yield tmp
-        _fsync_dir(tmp)
-        if not os.path.exists(target):
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
-        else:  # no atomic exchange here: a crash between the renames leaves the old folder at `old`
-            old = tempfile.mkdtemp(prefix=f"{_stage_prefix(target)}{os.getpid()}-old-", dir=parent)
-            os.rename(target, os.path.join(old, "old"))
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(parent)
+        commit_folder(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def commit_folder(tmp: str, target: str) -> None:
+    """Put the finished folder `tmp` in the place of `target` (a sibling) in one
+    step: a rename, or an exchange with the old folder, which is removed after."""
+    parent = os.path.dirname(os.path.abspath(target))
+    _fsync_dir(tmp)
+    if not os.path.exists(target):
+        os.rename(tmp, target)
+    elif _exchange(tmp, target):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+    else:  # no atomic exchange here: a crash between the renames leaves the old folder at `old`
+        old = tempfile.mkdtemp(prefix=f"{_stage_prefix(target)}{os.getpid()}-old-", dir=parent)
+        os.rename(target, os.path.join(old, "old"))
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(parent)
 
 
 def index_json(spec_text: str, model_name: str, weight_map: dict[str, str], total_size: int,

@@ -10,10 +10,12 @@ from .spec.load import load
 
 
 def is_checkpoint(arg: str) -> bool:
-    """A safetensors file, or a sharded checkpoint: its folder or its index."""
+    """A safetensors file, or a sharded checkpoint (its folder or its index), or a DCP folder."""
+    from .dcp import SPEC_FILE
     from .shards import INDEX
 
-    return arg.endswith((".safetensors", ".index.json")) or os.path.isfile(os.path.join(arg, INDEX))
+    return arg.endswith((".safetensors", ".index.json")) or any(
+        os.path.isfile(os.path.join(arg, name)) for name in (INDEX, SPEC_FILE))
 
 
 def resolve_spec(arg: str, model: Optional[str] = None) -> m.ModelSpec:
