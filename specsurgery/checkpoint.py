@@ -130,6 +130,12 @@ def read_header(path: str, embedded_spec: bool = True):
     return Header(path, tensors, metadata, 8 + n)
 
 
+def optimizer_path(checkpoint: str) -> str:
+    """The optimizer file beside a checkpoint (optimizer_state.py): `models/a.safetensors` ->
+    `models/a.optimizer.safetensors`; a sharded folder `models/a` -> `models/a.optimizer.safetensors`."""
+    return os.fspath(checkpoint).rstrip("/").removesuffix(".safetensors") + ".optimizer.safetensors"
+
+
 def user_metadata(header: Header) -> dict[str, str]:
     """The metadata a user put in (model.save(metadata=...)): everything but specsurgery's own."""
     return {k: v for k, v in header.metadata.items() if not k.startswith("specsurgery.") and k != "format"}
@@ -214,6 +220,7 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
     """Stream `tensors` (name, tensor, or an object with `shape` and `copy_to(file)`
     such as StoredTensor) in the order of `shapes`; returns bytes written.
 
+    `spec_text` None writes a file with no embedded spec (an optimizer's state).
     `dtypes` (name -> F32, BF16, F16 or F64; F32 where absent) is each tensor's
     dtype in the file: a tensor is written in it, an object copying itself must
     already be in it.
@@ -233,6 +240,8 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
         table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     metadata = {META_SPEC: spec_text, META_MODEL: model_name, META_VERSION: package_version(), "format": "pt"}
+    if spec_text is None:  # not a model (an optimizer's state): no spec, only the caller's metadata
+        metadata = {"format": "pt"}
     metadata.update(extra_metadata or {})
     header = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)

@@ -6,6 +6,7 @@ Each registers its runner in COMMANDS and its parser in PARSERS; heavy imports
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Callable
 
@@ -244,18 +245,21 @@ def cmd_plan(args) -> int:
     return 0
 
 
-@command("apply", "carry a checkpoint over to a new spec")
+@command("apply", "carry checkpoints over to a new spec (each with the optimizer file beside it)")
 def cmd_apply(args) -> int:
     from .sources import resolve_spec
-    from .checkpoint import load_spec, read_header
+    from .checkpoint import load_spec, optimizer_path, read_header
     from .shards import is_folder_checkpoint
     from .surgery.diff import make_plan
 
     new = resolve_spec(args.new_spec, args.model)
+    args.checkpoint = args.checkpoints[0]  # the plan is made once, from the first
     if args.plan:
         plan = read_plan_file(args.plan)
     else:
         plan = make_plan(load_spec(read_header(args.checkpoint)), new)
+    if len(args.checkpoints) > 1:
+        return _apply_many(args, plan)
     sharded = args.max_shard_size is not None or (is_folder_checkpoint(args.checkpoint)
                                                   and not args.output.endswith(".safetensors"))
     if sharded and args.output.endswith(".safetensors"):
@@ -273,6 +277,10 @@ def cmd_apply(args) -> int:
             result = apply_plan(plan, args.checkpoint, new, args.output, seed=args.seed, progress=progress)
         finally:
             progress.close()
+    if os.path.exists(optimizer_path(args.checkpoint)):  # torch only then
+        from .optimizer_state import carry_optimizer_file
+
+        result["optimizer"] = carry_optimizer_file(plan, args.checkpoint, args.output)
     s = plan.summary
     report = {**result, **s.model_dump(), "transfer_share": s.transfer_share}
     if args.json:
@@ -284,6 +292,28 @@ def cmd_apply(args) -> int:
         for r in s.reasons:
             print(f"  {r.render()}")
     return 0
+
+
+def _apply_many(args, plan) -> int:
+    from .many_apply import apply_many
+
+    if args.max_shard_size is not None:
+        raise UserError("error: --max-shard-size takes one checkpoint; several are each written as they are")
+    outcomes = apply_many(plan, args.checkpoints, args.output, jobs=args.jobs, seed=args.seed)
+    failed = [o for o in outcomes if o.error]
+    if args.json:
+        emit_json({"outputs": [o.__dict__ for o in outcomes], "failed": len(failed), **plan.summary.model_dump()})
+    else:
+        for o in outcomes:
+            if not o.error:
+                print(f"wrote {o.output}" + (f" and {o.optimizer}" if o.optimizer else ""))
+        s = plan.summary
+        print(f"{len(outcomes) - len(failed)} of {len(outcomes)} checkpoints carried over: {s.transferred:,} of "
+              f"{s.old_params:,} old parameters transferred each; function "
+              + ("preserved" if s.function_preserving else "NOT preserved"))
+    for o in failed:
+        print(o.error, file=sys.stderr)
+    return 1 if failed else 0
 
 
 @command("verify", "run two checkpoints on the same random states and compare their heads")
@@ -319,16 +349,18 @@ def _surgery_parsers(add) -> None:
     p.add_argument("--schema", action="store_true", help="print the plan's JSON Schema")
 
     p = add("apply")
-    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="checkpoints of one spec (several: one plan, applied in worker processes)")
     p.add_argument("new_spec", metavar="NEW_SPEC", help="a .spec file or git:REV:path")
-    p.add_argument("-o", "--output", metavar="OUT", required=True, help="the new checkpoint")
+    p.add_argument("-o", "--output", metavar="OUT", required=True,
+                   help="the new checkpoint (with several checkpoints: a folder, each written under its name)")
     _model_arg(p)
     p.add_argument("--plan", metavar="plan.json", help="apply this plan (validated) instead of planning anew")
     p.add_argument("--seed", type=int, default=0, help="seed of fresh parameters (default 0)")
     p.add_argument("--max-shard-size", metavar="SIZE", help="write OUT as a sharded folder (Hugging Face layout) "
                    "of shards up to SIZE (bytes, or 2GB, 400MiB; default for a sharded input: its largest shard)")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
-                   help="worker processes writing shards (default: one per core)")
+                   help="worker processes writing shards or checkpoints (default: one per core)")
 
     p = add("verify")
     p.add_argument("old", metavar="OLD_CKPT")

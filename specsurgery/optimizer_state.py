@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .checkpoint import optimizer_path  # noqa: F401  (the file's name, no torch)
 from .errors import UserError
 
 # How the elements of a moment that no run copies start:
@@ -53,13 +54,6 @@ META_DEFAULTS = "specsurgery.optimizer.defaults"
 META_GROUPS = "specsurgery.optimizer.param_groups"
 META_EMPTY = "specsurgery.optimizer.empty"  # state entries that are None (SGD's buffer before momentum)
 META_SPEC_HASH = "specsurgery.optimizer.spec_sha256"
-
-
-def optimizer_path(checkpoint: str) -> str:
-    """The optimizer file beside a checkpoint: `models/a.safetensors` -> `models/a.optimizer.safetensors`
-    (a sharded folder `models/a` -> `models/a.optimizer.safetensors`)."""
-    checkpoint = os.fspath(checkpoint).rstrip("/")
-    return checkpoint.removesuffix(".safetensors") + ".optimizer.safetensors"
 
 
 def spec_sha256(spec_text: str) -> str:
@@ -255,10 +249,10 @@ def _decode(value):
 
 
 def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool = True) -> str:
-    """Write `named` to `path` atomically."""
-    from safetensors.torch import save
-
-    from .files import atomic_file
+    """Write `named` to `path` atomically, laid out as checkpoints are (the same
+    state gives the same bytes, in any process)."""
+    from .checkpoint import write_checkpoint
+    from .model import dtype_name
 
     tensors, empty = {}, []
     for name, entries in named.state.items():
@@ -266,7 +260,7 @@ def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool 
             if value is None:
                 empty.append(f"{name}/{key}")
             elif isinstance(value, torch.Tensor):
-                tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous().clone()
+                tensors[f"{name}/{key}"] = value.detach()
             else:  # a plain number (a step count kept as a float)
                 tensors[f"{name}/{key}"] = torch.tensor(float(value), dtype=torch.float32)
     metadata = {
@@ -276,11 +270,10 @@ def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool 
                                  for hyper, members in named.groups]),
         META_EMPTY: json.dumps(empty),
         META_SPEC_HASH: spec_sha256(spec_text),
-        "format": "pt",
     }
-    data = save(tensors, metadata=metadata)
-    with atomic_file(path, durable=durable) as f:
-        f.write(data)
+    write_checkpoint(path, None, None, {k: tuple(t.shape) for k, t in tensors.items()}, tensors.items(),
+                     extra_metadata=metadata, durable=durable,
+                     dtypes={k: dtype_name(t.dtype, f"optimizer state {k}") for k, t in tensors.items()})
     return path
 
 

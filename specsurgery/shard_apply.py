@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from .checkpoint import StoredTensor, check_shapes, read_header, write_checkpoint
 from .errors import UserError
@@ -48,6 +48,22 @@ def check_plan_fits(plan, header, new_spec) -> None:
     from .surgery.diff import check_plan
 
     check_plan(plan, build_graph(load_spec(header)), build_graph(new_spec))  # the plan the specs give, or none
+
+
+def in_workers(task: Callable, tasks: list, jobs: int, start: Callable, start_args: tuple) -> Iterator:
+    """task(t) for every t of `tasks`, as each finishes, in `jobs` worker
+    processes, each set up once by start(*start_args); in this process when
+    jobs is 1. Leaving the loop early (an error) stops the workers."""
+    if jobs == 1:
+        start(*start_args)
+        yield from map(task, tasks)
+        return
+    pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=start, initargs=start_args)
+    try:
+        yield from pool.imap_unordered(task, tasks)
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 # ---------------------------------------------------------------------------
@@ -131,20 +147,9 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     with staged_folder(out) as tmp:
         tasks = [(os.path.join(tmp, shard_file(k, len(shards))), names) for k, names in enumerate(shards, 1)]
         init = (plan.model_dump_json(), checkpoint, seed, durable)
-        if jobs == 1:
-            _start_worker(*init)
-            results = map(_write_shard, tasks)
-        else:
-            pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_start_worker, initargs=init)
-            results = pool.imap_unordered(_write_shard, tasks)
-        try:
-            for path, count, nbytes in results:
-                written += nbytes
-                if progress is not None:
-                    progress(os.path.basename(path), count)
-        finally:
-            if jobs > 1:
-                pool.terminate()
-                pool.join()
+        for path, count, nbytes in in_workers(_write_shard, tasks, jobs, _start_worker, init):
+            written += nbytes
+            if progress is not None:
+                progress(os.path.basename(path), count)
         write_index(tmp, plan.new_spec, plan.new_model, shards, shapes)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs}

@@ -14,7 +14,7 @@ import glob
 import os
 import shutil
 
-from ..checkpoint import load_spec, read_header
+from ..checkpoint import load_spec, optimizer_path, read_header
 from ..files import atomic_file
 from ..spec import model as m
 from ..surgery.diff import make_plan
@@ -49,16 +49,20 @@ def keep_in_history(target: str, spec_text: str) -> str:
         n += 1
         path = history_path(target, spec_text).removesuffix(".safetensors") + f".{n}.safetensors"
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    _link_or_copy(target, path)
+    return path
+
+
+def _link_or_copy(source: str, path: str) -> None:
     tmp = path + ".tmp"
     try:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        os.link(target, tmp)  # the target is only ever replaced by rename, so a link keeps the old bytes
+        os.link(source, tmp)  # the source is only ever replaced by rename, so a link keeps the old bytes
         os.replace(tmp, path)
     except OSError:
-        with atomic_file(path) as out, open(target, "rb") as src:
+        with atomic_file(path) as out, open(source, "rb") as src:
             shutil.copyfileobj(src, out, 16 * 1024 * 1024)
-    return path
 
 
 def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, dry_run: bool = False,
@@ -83,12 +87,19 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
     from ..surgery.verify import verify
 
     kept = keep_in_history(target, header.spec_text)
+    optimizer = optimizer_path(target)
+    if os.path.exists(optimizer):  # history keeps the optimizer beside its checkpoint
+        _link_or_copy(optimizer, optimizer_path(kept))
     staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged")
     for leftover in glob.glob(glob.escape(staged) + "*"):  # from a build killed mid-write
         os.unlink(leftover)
     bar = Progress(f"surgery {spec.model.name}", len(plan.params), enabled=progress)
     try:
         apply_plan(plan, kept, spec, staged, seed=seed, progress=bar)
+        if os.path.exists(optimizer):
+            from ..optimizer_state import carry_optimizer_file
+
+            carry_optimizer_file(plan, kept, staged)
     finally:
         bar.close()
     detail = [f"  surgery: {s.transferred:,} of {s.old_params:,} old parameters transferred "
@@ -98,6 +109,8 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
         row["verified"] = report["max"]
         if report["max"] > policy.tolerance:
             os.unlink(staged)
+            if os.path.exists(optimizer_path(staged)):
+                os.unlink(optimizer_path(staged))
             return {**row, "action": "refused", "refused": True,
                     "detail": f"{target}: surgery for model {spec.model.name} failed verification: "
                               f"largest difference {report['max']:.3g} > tolerance {policy.tolerance:g}; nothing changed"}
@@ -105,5 +118,8 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
     else:
         for r in s.reasons:
             detail.append(f"  lossy (allowed): {r.render()}")
+    if os.path.exists(optimizer_path(staged)):
+        os.replace(optimizer_path(staged), optimizer)
+        detail.append(f"  optimizer state carried to {optimizer}")
     os.replace(staged, target)
     return {**row, "action": "operated", "history": kept, "detail": "\n".join(detail)}
