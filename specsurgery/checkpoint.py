@@ -105,6 +105,8 @@ def read_header(path: str, embedded_spec: bool = True):
         table = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise bad("the header is not JSON") from None
+    except RecursionError:
+        raise bad("the header is nested too deeply to be a tensor table") from None
     if not isinstance(table, dict):
         raise bad("the header is not a JSON object")
     metadata = table.pop("__metadata__", None) or {}
@@ -125,6 +127,7 @@ def read_header(path: str, embedded_spec: bool = True):
         if dtype not in _DTYPES or end - start != count * _DTYPES[dtype] or not 0 <= start <= end <= data:
             raise bad(f"tensor {name!r} does not fit the file (truncated or corrupt)")
         tensors[name] = TensorInfo(dtype, shape, start, end)
+    _check_layout(tensors, data, bad)
     if embedded_spec and (META_SPEC not in metadata or META_MODEL not in metadata):
         raise UserError(f"{path}: error: this safetensors file has no embedded spec; it was not written by specsurgery")
     return Header(path, tensors, metadata, 8 + n)
@@ -139,6 +142,20 @@ def optimizer_path(checkpoint: str) -> str:
 def user_metadata(header: Header) -> dict[str, str]:
     """The metadata a user put in (model.save(metadata=...)): everything but specsurgery's own."""
     return {k: v for k, v in header.metadata.items() if not k.startswith("specsurgery.") and k != "format"}
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data: int, bad) -> None:
+    """The tensors' bytes tile the data exactly, as safetensors requires: no
+    overlaps (one write would change two tensors), no gaps, no trailing bytes."""
+    at, previous = 0, None
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.start < at:
+            raise bad(f"tensor {name!r} overlaps tensor {previous!r}")
+        if info.start > at:
+            raise bad(f"{info.start - at:,} bytes before tensor {name!r} belong to no tensor")
+        at, previous = info.end, name
+    if at != data:
+        raise bad(f"{data - at:,} bytes after the last tensor belong to no tensor")
 
 
 def _is_count(value) -> bool:

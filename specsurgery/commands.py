@@ -5,6 +5,7 @@ Each registers its runner in COMMANDS and its parser in PARSERS; heavy imports
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -13,6 +14,14 @@ from typing import Callable
 from .render import emit_json, table
 from .errors import UserError
 from .progress import Progress
+
+
+def seed(text: str) -> int:
+    """A --seed: a whole number torch's generator takes (0 to 2^63 - 1)."""
+    value = int(text)  # argparse turns a ValueError into "invalid seed value"
+    if not 0 <= value < 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text} is not a seed: seeds run from 0 to {(1 << 63) - 1}")
+    return value
 
 
 COMMANDS: dict[str, Callable] = {}
@@ -43,6 +52,8 @@ def cmd_build(args) -> int:
         emit_json(report)
     else:
         print(report["text"])
+        if report["errors"]:
+            print(report["errors"], file=sys.stderr)
     return report["exit"]
 
 
@@ -107,7 +118,7 @@ def _first_parsers(add) -> None:
     p.add_argument("--out", metavar="DIR", help="checkpoint folder (default: the policy's model folder, models/)")
     p.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
     p.add_argument("--allow-lossy", action="store_true", default=None, help="carry out surgery that does not preserve the function")
-    p.add_argument("--seed", type=int, default=0, help="seed of fresh parameters (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of fresh parameters (default 0)")
 
     p = add("inspect")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
@@ -137,7 +148,7 @@ def cmd_map(args) -> int:
     from .spec.load import load
     from .backends.shadow import group_rows, shadow_map
 
-    spec = load([args.spec]).model(args.model)
+    spec = load([args.spec]).model(args.model, where=args.spec)
     graph = build_graph(spec)
     phi = shadow_map(graph)
     if args.method == "boolean":
@@ -356,7 +367,7 @@ def _surgery_parsers(add) -> None:
                    help="the new checkpoint (with several checkpoints: a folder, each written under its name)")
     _model_arg(p)
     p.add_argument("--plan", metavar="plan.json", help="apply this plan (validated) instead of planning anew")
-    p.add_argument("--seed", type=int, default=0, help="seed of fresh parameters (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of fresh parameters (default 0)")
     p.add_argument("--max-shard-size", metavar="SIZE", help="write OUT as a sharded folder (Hugging Face layout) "
                    "of shards up to SIZE (bytes, or 2GB, 400MiB; default for a sharded input: its largest shard)")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
@@ -368,7 +379,7 @@ def _surgery_parsers(add) -> None:
     p.add_argument("--states", type=int, default=1000, help="random states (default 1000)")
     p.add_argument("--steps", type=int, default=None, help="observations per state for lstm models (default 3)")
     p.add_argument("--tol", type=float, default=1e-5, help="largest allowed difference (default 1e-5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
 
 
 PARSERS.append(_surgery_parsers)

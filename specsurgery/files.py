@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from typing import Iterator
@@ -16,6 +17,8 @@ def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
     `durable` also fsyncs the file and its folder, so the rename survives a power
     cut, not only a killed process (for benchmarks that compare like with like)."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{path}: error: cannot write: it is a folder; name a file")
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -45,10 +48,17 @@ def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:  # the disk, not a bug
+            raise UserError(f"{path}: error: cannot write: {e.strerror}; nothing was changed") from None
         raise
+
+
+# What writing a file can meet that is no bug: a full disk or quota, a file too
+# large for the file system, a read-only one.
+_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:

@@ -258,7 +258,7 @@ def test_folder_without_specs_is_not_an_error(work):
     assert not (work / "models").exists()
     result = run_untouched(["build", "--json", "empty"], work)
     assert result.returncode == 0
-    assert json.loads(result.stdout) == {"models": [], "exit": 0, "text": "no models found"}
+    assert json.loads(result.stdout) == {"models": [], "exit": 0, "text": "no models found", "errors": ""}
 
 
 # ---------------------------------------------------------------------------
@@ -283,7 +283,7 @@ USAGE: dict[str, tuple[list[str], str, str]] = {
         "specsurgery: error: unrecognized arguments: --frob"),
     "bad option value": (
         ["build", "--seed", "x"], "usage: specsurgery build [-h] [--json] [--out DIR] [--dry-run] [--allow-lossy]",
-        "specsurgery build: error: argument --seed: invalid int value: 'x'"),
+        "specsurgery build: error: argument --seed: invalid seed value: 'x'"),
 }
 
 

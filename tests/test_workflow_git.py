@@ -482,16 +482,17 @@ def test_build_refuses_a_removed_feature_until_allowed(project):
     result = run("build", cwd=root)
     assert result.returncode == 1, result.stdout
     assert result.stdout.splitlines()[2].split()[2] == "refused"
-    assert "refused surgery for model p" in result.stdout
-    assert "the change does not preserve the function" in result.stdout
-    assert "feature hero.mana was removed" in result.stdout
+    assert "refused surgery for model p" in result.stderr  # errors go to stderr, the table to stdout
+    assert "the change does not preserve the function" in result.stderr
+    assert "feature hero.mana was removed" in result.stderr
+    assert "refused surgery" not in result.stdout
     assert snapshot(root / "models") == before, "a refused build wrote something"
 
     # min_transfer above the share refuses even with allow_lossy
     write(root, {"pyproject.toml": POLICIES["min_transfer_in_pyproject"][0]})
     result = run("build", cwd=root)
     assert result.returncode == 1, result.stdout
-    assert "only 99.65% of the old parameters carry over; the policy asks for min_transfer = 0.999" in result.stdout
+    assert "only 99.65% of the old parameters carry over; the policy asks for min_transfer = 0.999" in result.stderr
     assert snapshot(root / "models") == before
 
     write(root, {"pyproject.toml": PYPROJECT_PLAIN})

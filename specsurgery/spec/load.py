@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class Loaded:
         """The model `name`, or the only one; `where` (a path) starts the messages."""
         head = f"{where}: error:" if where else "error:"
         names = ", ".join(self.models) or "none"
+        if not self.models:
+            raise UserError(f"{head} no model in this file (it defines {_count(len(self.schemas), 'schema')} "
+                            "and no `model NAME(obs: SCHEMA) { ... }`)")
         if name is None:
             if len(self.models) != 1:
                 raise UserError(f"{head} choose a model with --model (models: {names})")
@@ -82,6 +86,10 @@ class Loaded:
         if name not in self.models:
             raise UserError(f"{head} no model {name!r} (models: {names})")
         return self.models[name]
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _first_of_each(kind: str, items: list, diagnostics: list[Diagnostic]) -> dict:
@@ -199,11 +207,33 @@ def load(paths: list[str], reader: Reader = read_disk, cache: Optional[ParseCach
             continue
         try:
             loaded.graphs[name] = build_graph(spec)
+            too_big = _too_big(loaded.graphs[name])
         except SpecError as e:
             diagnostics.extend(e.diagnostics)
+        else:
+            diagnostics.extend(too_big)
     if diagnostics:
         raise SpecError(diagnostics)
     return loaded
+
+
+# The most parameters a model may have: 2^32 float32 values are 16 GiB, more
+# than a build, an apply or a verify can hold in memory on most machines.
+MAX_PARAMETERS = 1 << 32
+
+
+def _too_big(graph) -> list[Diagnostic]:
+    total = graph.parameter_count()
+    if total <= MAX_PARAMETERS:
+        return []
+    count = {node.index: 0 for node in graph.nodes}
+    for node in graph.nodes:
+        for spec in node.params.values():
+            count[node.index] += math.prod(spec.shape)
+    biggest = max(graph.nodes, key=lambda node: count[node.index])
+    return [Diagnostic(f"model {graph.model.name} has {total:,} parameters, more than the {MAX_PARAMETERS:,} "
+                       f"a model may have (16 GiB as float32); this op alone makes {count[biggest.index]:,}",
+                       biggest.span)]
 
 
 def _where(first: m.Span, again: m.Span) -> str:

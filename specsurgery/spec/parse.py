@@ -90,12 +90,40 @@ def parse_text(text: str, path: str = "<string>") -> m.SpecFile:
     gc.disable()
     try:
         tree = _parser().parse(text)
-        return _ToSpec(path).transform(tree)
+        too_deep = _first_too_deep(tree)
+        if too_deep is not None:
+            raise SpecError(Diagnostic(f"calls nest more than {MAX_NESTING} deep", _span(path, too_deep.meta),
+                                       "name the inner values in statements of their own"))
+        builder = _ToSpec(path)
+        spec_file = builder.transform(tree)
+        if builder.errors:
+            raise SpecError(builder.errors)
+        return spec_file
     except lark.UnexpectedInput as error:
         raise SpecError(_syntax_diagnostic(error, text, path)) from None
     finally:
         if was_enabled:
             gc.enable()
+
+
+# Limits that keep every later stage (graph, maps, plans, the torch model) in
+# bounds: nesting within the interpreter's stack, a whole number within what
+# an axis can hold in memory (the model's total is checked when it is loaded).
+MAX_NESTING = 100
+MAX_INT = 1 << 20
+
+
+def _first_too_deep(tree: lark.Tree) -> Optional[lark.Tree]:
+    """The outermost call nested more than MAX_NESTING calls deep (walked without recursion)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node.data == "call":
+            depth += 1
+            if depth > MAX_NESTING:
+                return node
+        stack.extend((child, depth) for child in node.children if isinstance(child, lark.Tree))
+    return None
 
 
 def _syntax_diagnostic(error: lark.UnexpectedInput, text: str, path: str) -> Diagnostic:
@@ -277,6 +305,17 @@ class _ToSpec(Transformer):
     def __init__(self, path: str):
         super().__init__()
         self.file = path
+        self.errors: list[Diagnostic] = []
+
+    def _int(self, token: Token) -> int:
+        """A whole number within MAX_INT; out of bounds it is reported, and 1 stands in for it."""
+        digits = str(token).lstrip("-")
+        if len(digits) <= 9 and int(digits) <= MAX_INT:
+            return int(str(token))
+        shown = str(token) if len(str(token)) <= 20 else f"{str(token)[:12]}... ({len(digits):,} digits)"
+        self.errors.append(Diagnostic(f"{shown} is too large: whole numbers in a spec are at most {MAX_INT:,}",
+                                      _span(self.file, token)))
+        return 1
 
     def _s(self, meta) -> m.Span:
         return _span(self.file, meta)
@@ -314,7 +353,7 @@ class _ToSpec(Transformer):
         return str(children[0])
 
     def entity_count(self, meta, children):
-        return (int(children[0]), _span(self.file, children[0]))
+        return (self._int(children[0]), _span(self.file, children[0]))
 
     def group(self, meta, children):
         name, count, was, *features = children
@@ -375,7 +414,7 @@ class _ToSpec(Transformer):
         return ("alias", str(children[0]))
 
     def int_argument(self, meta, children):
-        return m.IntArg(value=int(children[0]), span=self._s(meta))
+        return m.IntArg(value=self._int(children[0]), span=self._s(meta))
 
     def decimal_argument(self, meta, children):
         return m.DecimalArg(value=float(children[0]), span=self._s(meta))
@@ -383,7 +422,7 @@ class _ToSpec(Transformer):
     def keyword_argument(self, meta, children):
         name, value = children
         parsed = {"true": True, "false": False}.get(str(value))
-        return m.Keyword(name=str(name), value=int(value) if parsed is None else parsed, span=self._s(meta))
+        return m.Keyword(name=str(name), value=self._int(value) if parsed is None else parsed, span=self._s(meta))
 
     def path(self, meta, children):
         return m.Path(parts=tuple(str(c) for c in children), span=self._s(meta))

@@ -7,6 +7,7 @@ kept in `DIR/history/`, named by its spec's content hash.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Optional
 
@@ -16,6 +17,7 @@ from ..errors import UserError
 from ..ir import build_graph
 from ..spec.canonical import canonical
 from ..render import table
+from .folder import build_lock, checkpoint_path, sweep_leftovers
 from .policy import load_policy
 
 
@@ -37,34 +39,56 @@ def build(paths: Optional[list[str]] = None, out: Optional[str] = None, dry_run:
     models = load_each(files)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # say so before building anything
         raise UserError(f"{out_dir}: error: cannot write checkpoints here: it is a file, not a folder")
-    pending = []  # (row, spec, graph): what is to be done, decided before anything is written
+    # One build at a time writes a folder (a dry run writes nothing, so takes no lock).
+    with build_lock(out_dir) if models and not dry_run else contextlib.nullcontext():
+        rows = _build_all(models, out_dir, policy, seed, dry_run, progress, announce)
+    refusals = "\n".join(r["detail"] for r in rows if r.get("refused"))
+    return {"models": rows, "exit": 1 if refusals else 0, "text": _text(rows), "errors": refusals}
+
+
+def _build_all(models: dict, out_dir: str, policy, seed: int, dry_run: bool, progress: bool,
+               announce: Optional[Callable[[str], None]]) -> list[dict]:
+    pending = []  # (row, spec, graph, target): what is to be done, decided before anything is written
     for name, (loaded, file) in models.items():
         spec = loaded.models[name]
         graph = build_graph(spec)
-        target = os.path.join(out_dir, f"{name}.safetensors")
-        row = {"model": name, "spec": file, "parameters": graph.parameter_count(), "file": target,
+        shown = os.path.join(out_dir, f"{name}.safetensors")
+        target = checkpoint_path(shown)  # a symbolic link: the file it reaches
+        if not dry_run:
+            sweep_leftovers(target)  # of a build killed mid-write
+        row = {"model": name, "spec": file, "parameters": graph.parameter_count(), "file": shown,
                "bytes": checkpoint_bytes(graph)}
         if not os.path.exists(target):
             row["action"] = "would build" if dry_run else "build"
-        elif read_header(target).spec_text == canonical(spec):
+        elif _built_from(read_header(target), canonical(spec)):
             row["action"] = "unchanged"
         else:
             row["action"] = "surgery"
-        pending.append((row, spec, graph))
-    writes = [row for row, _, _ in pending if row["action"] in ("build", "surgery")]
+        pending.append((row, spec, graph, target))
+    writes = [row for row, _, _, _ in pending if row["action"] in ("build", "surgery")]
     if writes and announce is not None and not dry_run:
         announce(_announcement(writes, out_dir))
     rows = []
-    for row, spec, graph in pending:
+    for row, spec, graph, target in pending:
         if row["action"] == "surgery":
             from .surgery_step import surgery_step
 
-            row.update(surgery_step(row["file"], spec, policy, seed=seed, dry_run=dry_run, progress=progress))
+            row.update(surgery_step(target, spec, policy, seed=seed, dry_run=dry_run, progress=progress))
         elif row["action"] == "build":
-            write_fresh(graph, row["file"], seed=seed)
+            write_fresh(graph, target, seed=seed)
             row["action"] = "built"
         rows.append(row)
-    return {"models": rows, "exit": 1 if any(r.get("refused") for r in rows) else 0, "text": _text(rows)}
+    return rows
+
+
+def _built_from(header, text: str) -> bool:
+    """Whether a checkpoint was built from this canonical text (written by
+    another tool, or with other line endings, it may be the same spec in other words)."""
+    if header.spec_text == text:
+        return True
+    from ..checkpoint import load_spec
+
+    return canonical(load_spec(header)) == text
 
 
 def checkpoint_bytes(graph) -> int:
@@ -95,5 +119,5 @@ def _text(rows: list[dict]) -> str:
         return "no models found"
     body = table([[r["model"], f"{r['parameters']:,}", r["action"], r["file"]] for r in rows],
                  ["model", "parameters", "action", "file"], right=(1,))
-    notes = [r["detail"] for r in rows if r.get("detail")]
+    notes = [r["detail"] for r in rows if r.get("detail") and not r.get("refused")]  # refusals: "errors"
     return "\n".join([body] + notes)

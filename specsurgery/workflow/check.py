@@ -14,11 +14,12 @@ from typing import Optional
 from ..errors import SpecError, UserError
 from ..spec.load import ParseCache, load
 from ..surgery.diff import make_plan
-from .git import _git, git_dir, reader_at, repo_root
+from .git import NotAtRevision, _git, git_dir, reader_at, repo_root
 from .policy import Policy, load_policy
 from .policy import policy_verdict
 
-_USE = re.compile(r'^\s*use\s+"([^"\n]*)"', re.MULTILINE)
+# `[ \t]*`, not `\s*`: a run of blank lines is not rescanned from each of its lines
+_USE = re.compile(r'^[ \t]*use\s+"([^"\n]*)"', re.MULTILINE)
 
 
 def _paths(result) -> list[str]:
@@ -89,7 +90,12 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
             failed = True
             results.append({"file": path, "ok": False, "error": e.render()})
             continue
-        except UserError:  # not in the index (deleted): nothing to check
+        except NotAtRevision:  # not in the index (deleted): nothing to check
+            continue
+        except UserError as e:  # in the index, but unreadable (not UTF-8)
+            lines.append(str(e))
+            failed = True
+            results.append({"file": path, "ok": False, "error": str(e)})
             continue
         try:
             head_path = moved.get(path, path)  # a spec renamed in this commit keeps its history

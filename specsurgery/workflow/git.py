@@ -67,7 +67,7 @@ def show(rev: str, path: str, cwd: str = ".", root: Optional[str] = None) -> Opt
         return None
     from ..spec.load import decode_text
 
-    return decode_text(result.stdout, f"git:{rev}:{path}")
+    return decode_text(result.stdout, f"git:{rev}:{path}" if rev else path)  # '': the staged file
 
 
 def reader_at(rev: str, cwd: str = "."):

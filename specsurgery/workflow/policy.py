@@ -60,12 +60,14 @@ def load_policy(start: str = ".") -> Policy:
     path = find_pyproject(start)
     if path is None:
         return Policy(root=os.path.abspath(start))
+    from ..spec.load import read_disk
+
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_disk(path))  # UTF-8 checked, a bad byte reported at its line
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: error: not valid TOML ({e})") from None
-    section = data.get("tool", {}).get("specsurgery", {})
+    tool = data.get("tool", {})
+    section = tool.get("specsurgery", {}) if isinstance(tool, dict) else None
     root = os.path.dirname(path)
     if not isinstance(section, dict):
         raise UserError(f"{path}: error: [tool.specsurgery] must be a table")

@@ -8,14 +8,15 @@ checkpoint whole (old or new, never torn or missing):
 """
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import hashlib
-import glob
 import os
 import shutil
 
-from ..checkpoint import load_spec, optimizer_path, read_header
+from ..checkpoint import check_against, load_spec, optimizer_path, read_header
 from ..files import atomic_file
+from ..ir import build_graph
 from ..spec import model as m
 from ..surgery.diff import make_plan
 from ..surgery.plan import render_plan
@@ -38,24 +39,25 @@ def _same_bytes(a: str, b: str) -> bool:
     return os.path.getsize(a) == os.path.getsize(b) and filecmp.cmp(a, b, shallow=False)
 
 
-def keep_in_history(target: str, spec_text: str) -> str:
+def keep_in_history(target: str, spec_text: str) -> tuple[str, bool]:
     """Keep the target in history/, named by its spec's hash. The same spec can
-    come back with other (trained) weights: then a numbered name, never the old file."""
+    come back with other (trained) weights: then a numbered name, never the old file.
+    Returns the path and whether it was made now (False: it was already there)."""
     path = history_path(target, spec_text)
     n = 1
     while os.path.exists(path):
         if _same_bytes(path, target):
-            return path
+            return path, False
         n += 1
         path = history_path(target, spec_text).removesuffix(".safetensors") + f".{n}.safetensors"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     _link_or_copy(target, path)
-    return path
+    return path, True
 
 
 def _link_or_copy(source: str, path: str) -> None:
     tmp = path + ".tmp"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if os.path.exists(tmp):
             os.unlink(tmp)
         os.link(source, tmp)  # the source is only ever replaced by rename, so a link keeps the old bytes
@@ -69,6 +71,7 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
                  progress: bool = True) -> dict:
     header = read_header(target)
     old_spec = load_spec(header)
+    check_against(header, build_graph(old_spec))  # before anything is written (history, staging)
     plan = make_plan(old_spec, spec)
     s = plan.summary
     row = {"transferred": s.transferred, "old_params": s.old_params, "zeroed": s.zeroed, "fresh": s.fresh,
@@ -82,17 +85,40 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
     if dry_run:
         return {**row, "action": "would operate", "detail": render_plan(plan)}
 
+    made: list[str] = []  # what this surgery wrote: undone when it fails
+    staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged")  # build swept leftovers
+    try:
+        result = _operate(plan, header, spec, target, staged, policy, row, seed, progress, made)
+    except BaseException:
+        _undo(made + [staged, optimizer_path(staged)])
+        raise
+    if result.get("refused"):
+        _undo(made + [staged, optimizer_path(staged)])
+    return result
+
+
+def _undo(paths: list[str]) -> None:
+    """The old checkpoint is still the target: history gains nothing from a failed surgery."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: Policy, row: dict,
+             seed: int, progress: bool, made: list[str]) -> dict:
     from ..progress import Progress
     from ..surgery.apply import apply_plan
     from ..surgery.verify import verify
 
-    kept = keep_in_history(target, header.spec_text)
+    s = plan.summary
+    kept, kept_now = keep_in_history(target, header.spec_text)
+    if kept_now:
+        made.append(kept)
     optimizer = optimizer_path(target)
     if os.path.exists(optimizer):  # history keeps the optimizer beside its checkpoint
+        if not os.path.exists(optimizer_path(kept)):
+            made.append(optimizer_path(kept))
         _link_or_copy(optimizer, optimizer_path(kept))
-    staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged")
-    for leftover in glob.glob(glob.escape(staged) + "*"):  # from a build killed mid-write
-        os.unlink(leftover)
     bar = Progress(f"surgery {spec.model.name}", len(plan.params), enabled=progress)
     try:
         apply_plan(plan, kept, spec, staged, seed=seed, progress=bar)
@@ -108,9 +134,6 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
         report = verify(kept, staged, states=policy.verify_states, seed=seed)
         row["verified"] = report["max"]
         if report["max"] > policy.tolerance:
-            os.unlink(staged)
-            if os.path.exists(optimizer_path(staged)):
-                os.unlink(optimizer_path(staged))
             return {**row, "action": "refused", "refused": True,
                     "detail": f"{target}: surgery for model {spec.model.name} failed verification: "
                               f"largest difference {report['max']:.3g} > tolerance {policy.tolerance:g}; nothing changed"}
