@@ -60,10 +60,8 @@ def _build_all(models: dict, out_dir: str, policy, seed: int, dry_run: bool, pro
                "bytes": checkpoint_bytes(graph)}
         if not os.path.exists(target):
             row["action"] = "would build" if dry_run else "build"
-        elif _built_from(read_header(target), canonical(spec)):
-            row["action"] = "unchanged"
         else:
-            row["action"] = "surgery"
+            row["action"] = "unchanged" if _built_from(target, canonical(spec)) else "surgery"
         pending.append((row, spec, graph, target))
     writes = [row for row, _, _, _ in pending if row["action"] in ("build", "surgery")]
     if writes and announce is not None and not dry_run:
@@ -81,14 +79,18 @@ def _build_all(models: dict, out_dir: str, policy, seed: int, dry_run: bool, pro
     return rows
 
 
-def _built_from(header, text: str) -> bool:
-    """Whether a checkpoint was built from this canonical text (written by
-    another tool, or with other line endings, it may be the same spec in other words)."""
+def _built_from(target: str, text: str) -> bool:
+    """Whether the checkpoint was built from this canonical text; refused when
+    it does not load or its tensors do not fit its own spec (before a byte is
+    written). Written with other line endings, it may be the same spec in other words."""
+    from ..checkpoint import check_against, load_spec
+
+    header = read_header(target)
     if header.spec_text == text:
         return True
-    from ..checkpoint import load_spec
-
-    return canonical(load_spec(header)) == text
+    old = load_spec(header)
+    check_against(header, build_graph(old))
+    return canonical(old) == text
 
 
 def checkpoint_bytes(graph) -> int:

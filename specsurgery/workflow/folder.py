@@ -18,7 +18,9 @@ def build_lock(folder: str) -> Iterator[None]:
     """Hold `folder` for one build, or say that another build holds it.
 
     The lock is flock() on the folder itself, so there is no lock file to leave
-    behind; the kernel drops it when the holder exits, even by SIGKILL."""
+    behind; the kernel drops it when the holder exits, even by SIGKILL. A folder
+    made for the lock is removed again if the build wrote nothing into it."""
+    made = not os.path.isdir(folder)
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -32,6 +34,9 @@ def build_lock(folder: str) -> Iterator[None]:
                             "nothing was changed; run build again when it has finished") from None
         yield
     finally:
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the build wrote there
+                os.rmdir(folder)
         os.close(fd)
 
 
