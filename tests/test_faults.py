@@ -148,7 +148,8 @@ def test_two_builds_at_once_one_operates_the_other_waits_its_turn_or_is_told(tmp
     assert sorted(os.listdir(root / "models")) == ["history", "m.safetensors"]
 
 
-LEFTOVERS = [".m.safetensors.staged", ".m.safetensors.staged.optimizer.safetensors", "..m.safetensors.staged.optimizer.safetensors.x1.tmp", "..m.safetensors.staged.k2j4d.tmp", ".m.safetensors.u81qz.tmp",
+LEFTOVERS = [".m.safetensors.staged", "..m.safetensors.staged.k2j4d.tmp", ".m.safetensors.u81qz.tmp",
+             ".m.safetensors.staged.optimizer.safetensors", "..m.safetensors.staged.optimizer.safetensors.x1.tmp",
              "history/m-0123456789ab.safetensors.tmp", "history/.m-0123456789ab.safetensors.a8x0p.tmp"]
 NOT_OURS = ["notes.txt", ".other.safetensors.staged", "history/other-0123456789ab.safetensors.tmp"]
 
