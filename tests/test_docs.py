@@ -182,3 +182,14 @@ def test_readme_set_up_takes_torch_from_the_cpu_index():
     for after in ("Build the example specs", "Run the tests:"):
         command = readme_command(after)
         assert command.startswith("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && ")
+
+
+def test_readme_pre_commit_config_names_the_hook_this_repository_ships():
+    yaml = pytest.importorskip("yaml")  # pre-commit's own dependency
+    (block,) = [b for b in fenced_blocks(REPO / "README.md") if b.kind == "yaml"]
+    config = yaml.safe_load(block.body)
+    (repo,) = config["repos"]
+    assert len(str(repo["rev"])) == 40  # a full commit SHA: the repository has no tags yet
+    shipped = yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())
+    assert [h["id"] for h in repo["hooks"]] == [h["id"] for h in shipped]
+    assert all(h["verbose"] is True for h in shipped)  # the summary shows on success too

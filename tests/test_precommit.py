@@ -233,6 +233,10 @@ def test_pre_commit_run_rejects_a_removed_feature_and_accepts_an_added_one(insta
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "specsurgery check" in out and "Passed" in out, out
+    # the hook is verbose: a passing change shows its summary too, not only "Passed"
+    lines = [line.strip() for line in out.splitlines()]
+    assert "specs/x.spec:11:7: model p: 100.00% transferred (1,779 of 1,779), 8 zeroed, 0 fresh, " \
+           "function preserved" in lines, out
 
     # without --files: the staged files
     result = precommit("run", cwd=root, env=env)
@@ -266,6 +270,15 @@ def test_git_commit_with_the_installed_hook(installed, hook_repo, tmp_path):
     assert head(root) == first, "the commit went through"
     assert MANA_REMOVED in [line.strip() for line in out.splitlines()], out
     assert "does not preserve the function" in out
+
+    # a change that is lossy on purpose, committed past the hook (the README says how)
+    result = subprocess.run(["git", "commit", "-m", "drop mana, on purpose"], cwd=root,
+                            env={**env, "SKIP": HOOK_ID}, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout + result.stderr
+    assert "specsurgery check" in out and "Skipped" in out, out
+    assert git("show", "HEAD:specs/x.spec", cwd=root).stdout == REMOVE
+    git("reset", "-q", "--soft", first, cwd=root)
 
     write(root, {"specs/x.spec": ADD})
     git("add", "specs/x.spec", cwd=root)
