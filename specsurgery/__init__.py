@@ -17,6 +17,7 @@ _LAZY = {
     "compile": "api", "load": "api",
     "load_optimizer": "optimizer_state",
     "Model": "model",
+    "save_dcp": "dcp", "load_dcp": "dcp",
 }
 
 __all__ = ["SpecError", "UserError", *_LAZY, "__version__"]

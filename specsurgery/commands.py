@@ -46,7 +46,7 @@ def cmd_build(args) -> int:
     from .workflow.build import build
 
     report = build(args.paths or None, out=args.out, dry_run=args.dry_run, allow_lossy=args.allow_lossy,
-                   seed=args.seed, progress=not args.json,
+                   seed=args.seed, progress=not args.json, max_shard_size=args.max_shard_size,
                    announce=None if args.json else lambda text: print(text, file=sys.stderr, flush=True))
     if args.json:
         emit_json(report)
@@ -119,6 +119,8 @@ def _first_parsers(add) -> None:
     p.add_argument("--dry-run", action="store_true", help="print what would be done; write nothing")
     p.add_argument("--allow-lossy", action="store_true", default=None, help="carry out surgery that does not preserve the function")
     p.add_argument("--seed", type=seed, default=0, help="seed of fresh parameters (default 0)")
+    p.add_argument("--max-shard-size", metavar="SIZE", help="write each model as DIR/<model>/, sharded in the "
+                   "Hugging Face layout, shards up to SIZE (bytes, or 2GB, 400MiB)")
 
     p = add("inspect")
     p.add_argument("checkpoint", metavar="CHECKPOINT")

@@ -318,6 +318,31 @@ def commit_folder(tmp: str, target: str) -> None:
     _fsync_dir(parent)
 
 
+def keep_folder_in_history(target: str, path: str) -> tuple[str, bool]:
+    """Keep the sharded folder `target` as `path` (or `path.N` when `path` holds
+    other weights): its files hard-linked (the target's files are only ever
+    replaced whole, so a link keeps the old bytes), copied where links fail.
+    Returns the path and whether it was made now."""
+    def same(a: str, b: str) -> bool:
+        files = sorted(os.listdir(a))
+        return files == sorted(os.listdir(b)) and all(os.path.samefile(os.path.join(a, f), os.path.join(b, f))
+                                                      for f in files)
+
+    base, n = path, 1
+    while os.path.exists(path):
+        if os.path.isdir(path) and same(path, target):
+            return path, False
+        n += 1
+        path = f"{base}.{n}"
+    with staged_folder(path) as tmp:
+        for file in os.listdir(target):
+            try:
+                os.link(os.path.join(target, file), os.path.join(tmp, file))
+            except OSError:
+                shutil.copy2(os.path.join(target, file), os.path.join(tmp, file))
+    return path, True
+
+
 def index_json(spec_text: str, model_name: str, weight_map: dict[str, str], total_size: int,
                extra_metadata: Optional[dict[str, str]] = None) -> str:
     metadata = {"total_size": total_size, META_SPEC: spec_text, META_MODEL: model_name,

@@ -18,7 +18,9 @@ from safetensors.numpy import save_file as save_numpy
 
 import specsurgery as ss
 from specsurgery.checkpoint import read_header
-from specsurgery.dcp import SPEC_FILE, load_dcp, save_dcp
+from specsurgery.dcp import SPEC_FILE
+
+save_dcp, load_dcp = ss.save_dcp, ss.load_dcp  # the public names
 from specsurgery.errors import UserError
 from specsurgery.surgery.apply import apply_plan
 from specsurgery.surgery.diff import make_plan

@@ -378,3 +378,24 @@ def test_model_save_sharded_and_load_back(tmp_path):
     assert list(theirs) == list(mine)
     assert all(theirs[k].dtype == torch.bfloat16 and torch.equal(theirs[k], mine[k]) for k in mine)
     assert ss.load(os.path.join(path, INDEX)).state_dict().keys() == mine.keys()
+
+
+def test_build_writes_sharded_folders_and_carries_them_through_surgery(tmp_path):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "m.spec").write_text(OLD)
+    cmd = [sys.executable, "-m", "specsurgery", "build", str(specs), "--out", str(tmp_path / "models"), "--json"]
+    result = subprocess.run(cmd + ["--max-shard-size", "2MB"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "models" / "m"
+    first = read_all(str(folder))
+    assert len(read_sharded(str(folder)).shards) > 2
+    (specs / "m.spec").write_text(NEW)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)  # the folder stays a folder
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout)["models"][0]
+    assert row["action"] == "operated" and row["verified"] <= 1e-5
+    assert read_header(str(folder)).spec_text == canonical(load_model(NEW, "new.spec"))
+    kept = row["history"]
+    assert os.path.isdir(kept) and all(torch.equal(read_all(kept)[n], t) for n, t in first.items())
+    assert sorted(os.listdir(tmp_path / "models")) == ["history", "m"]

@@ -21,18 +21,30 @@ from .folder import build_lock, checkpoint_path, sweep_leftovers
 from .policy import load_policy
 
 
-def write_fresh(graph, path: str, seed: int = 0, progress=None) -> int:
+def write_fresh(graph, path: str, seed: int = 0, progress=None, max_shard_size=None) -> int:
     from ..model import Model
 
     state = Model(graph, seed=seed).state_dict()
     shapes = {name: tuple(t.shape) for name, t in state.items()}
+    if max_shard_size is not None:  # `path` is a folder in the Hugging Face sharded layout
+        from ..shards import write_sharded
+
+        return write_sharded(path, canonical(graph.spec), graph.model.name, shapes, state.items(), max_shard_size,
+                             progress=progress)
     return write_checkpoint(path, canonical(graph.spec), graph.model.name, shapes, state.items(), progress=progress)
 
 
 def build(paths: Optional[list[str]] = None, out: Optional[str] = None, dry_run: bool = False,
           allow_lossy: Optional[bool] = None, seed: int = 0, progress: bool = True,
-          announce: Optional[Callable[[str], None]] = None) -> dict:
-    """Build every model; `announce` is told what will be written (models, sizes) before it is."""
+          announce: Optional[Callable[[str], None]] = None, max_shard_size=None) -> dict:
+    """Build every model; `announce` is told what will be written (models, sizes) before it is.
+
+    With `max_shard_size` a model's checkpoint is the folder DIR/<model>/ in the
+    Hugging Face sharded layout; a model that has such a folder keeps it."""
+    from ..shards import parse_size
+
+    if max_shard_size is not None:
+        parse_size(max_shard_size)  # a bad size is said before anything is built
     policy = load_policy().override(allow_lossy=allow_lossy)
     files = spec_files(paths or [policy.path(policy.specs)])
     out_dir = out or policy.path(policy.models)
@@ -41,18 +53,22 @@ def build(paths: Optional[list[str]] = None, out: Optional[str] = None, dry_run:
         raise UserError(f"{out_dir}: error: cannot write checkpoints here: it is a file, not a folder")
     # One build at a time writes a folder (a dry run writes nothing, so takes no lock).
     with build_lock(out_dir) if models and not dry_run else contextlib.nullcontext():
-        rows = _build_all(models, out_dir, policy, seed, dry_run, progress, announce)
+        rows = _build_all(models, out_dir, policy, seed, dry_run, progress, announce, max_shard_size)
     refusals = "\n".join(r["detail"] for r in rows if r.get("refused"))
     return {"models": rows, "exit": 1 if refusals else 0, "text": _text(rows), "errors": refusals}
 
 
 def _build_all(models: dict, out_dir: str, policy, seed: int, dry_run: bool, progress: bool,
-               announce: Optional[Callable[[str], None]]) -> list[dict]:
+               announce: Optional[Callable[[str], None]], max_shard_size=None) -> list[dict]:
+    from ..shards import INDEX
+
     pending = []  # (row, spec, graph, target): what is to be done, decided before anything is written
     for name, (loaded, file) in models.items():
         spec = loaded.models[name]
         graph = build_graph(spec)
         shown = os.path.join(out_dir, f"{name}.safetensors")
+        if max_shard_size is not None or os.path.isfile(os.path.join(out_dir, name, INDEX)):
+            shown = os.path.join(out_dir, name)  # sharded: the folder DIR/<model>/
         target = checkpoint_path(shown)  # a symbolic link: the file it reaches
         if not dry_run:
             sweep_leftovers(target)  # of a build killed mid-write
@@ -73,7 +89,8 @@ def _build_all(models: dict, out_dir: str, policy, seed: int, dry_run: bool, pro
 
             row.update(surgery_step(target, spec, policy, seed=seed, dry_run=dry_run, progress=progress))
         elif row["action"] == "build":
-            write_fresh(graph, target, seed=seed)
+            sharded = not target.endswith(".safetensors")
+            write_fresh(graph, target, seed=seed, max_shard_size=(max_shard_size or "5GB") if sharded else None)
             row["action"] = "built"
         rows.append(row)
     return rows

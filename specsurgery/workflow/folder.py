@@ -8,6 +8,7 @@ import errno
 import fcntl
 import glob
 import os
+import shutil
 from typing import Iterator
 
 from ..errors import UserError
@@ -74,4 +75,4 @@ def sweep_leftovers(target: str) -> None:
     """Remove them; only under the build lock, when no other build is writing."""
     for path in leftovers(target):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)

@@ -43,6 +43,10 @@ def keep_in_history(target: str, spec_text: str) -> tuple[str, bool]:
     """Keep the target in history/, named by its spec's hash. The same spec can
     come back with other (trained) weights: then a numbered name, never the old file.
     Returns the path and whether it was made now (False: it was already there)."""
+    if os.path.isdir(target):
+        from ..shards import keep_folder_in_history
+
+        return keep_folder_in_history(target, history_path(target, spec_text).removesuffix(".safetensors"))
     path = history_path(target, spec_text)
     n = 1
     while os.path.exists(path):
@@ -101,7 +105,7 @@ def _undo(paths: list[str]) -> None:
     """The old checkpoint is still the target: history gains nothing from a failed surgery."""
     for path in paths:
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
 
 
 def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: Policy, row: dict,
@@ -121,7 +125,12 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
         _link_or_copy(optimizer, optimizer_path(kept))
     bar = Progress(f"surgery {spec.model.name}", len(plan.params), enabled=progress)
     try:
-        apply_plan(plan, kept, spec, staged, seed=seed, progress=bar)
+        if os.path.isdir(target):  # sharded: shard by shard, in worker processes
+            from ..shard_apply import apply_sharded
+
+            apply_sharded(plan, kept, spec, staged, seed=seed)
+        else:
+            apply_plan(plan, kept, spec, staged, seed=seed, progress=bar)
         if os.path.exists(optimizer):
             from ..optimizer_state import carry_optimizer_file
 
@@ -144,5 +153,10 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
     if os.path.exists(optimizer_path(staged)):
         os.replace(optimizer_path(staged), optimizer)
         detail.append(f"  optimizer state carried to {optimizer}")
-    os.replace(staged, target)
+    if os.path.isdir(staged):
+        from ..shards import commit_folder
+
+        commit_folder(staged, target)
+    else:
+        os.replace(staged, target)
     return {**row, "action": "operated", "history": kept, "detail": "\n".join(detail)}
