@@ -77,8 +77,8 @@ def check_schema(schema: m.Schema) -> list[Diagnostic]:
 
 
 def check_model_names(model: m.Model) -> list[Diagnostic]:
-    statements = [s for s in model.statements if s.was is not None]
-    return _renames(statements, "statement", f"model {model.name}") + _module_attributes(model)
+    # All statements: `c was a` while a new statement takes the name `a` is refused.
+    return _renames(model.statements, "statement", f"model {model.name}") + _module_attributes(model)
 
 
 def _module_attributes(model: m.Model) -> list[Diagnostic]:

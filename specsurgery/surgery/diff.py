@@ -434,7 +434,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             known = [k in old_keys for k in side_keys]
             if any(known) and not all(known):
                 old_side = side_keys[known.index(True)]
-                new_side = side_keys[known.index(False)]
+                new_side = sides[known.index(False)].keys[i]  # named as in the new version
                 t = t | {check.add(f"{node.op} joins a new input ({K.source(new_side)}) to "
                                    f"{K.source(old_side)}", node.span)}
             out.append(t)
@@ -633,22 +633,10 @@ def head_maps(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: Inte
     return tuple(out)
 
 
-def make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph,
-              old_map: Optional[InteractionMap] = None, new_map: Optional[InteractionMap] = None) -> Plan:
-    """The surgery plan from the old version to the new one (each a ModelSpec or
-    its Graph; the maps are computed if not given)."""
-    old_graph = old_map.graph if old_map else as_graph(old_spec)
-    new_graph = new_map.graph if new_map else as_graph(new_spec)
-    renames = find_renames(old_graph.spec, new_graph.spec)
-    old = old_map or shadow_map(old_graph)
-    new = new_map or shadow_map(new_graph)
-    match_ops(old_graph, new_graph, renames)
-    old_keys = set()
-    for axis in old.values.values():
-        old_keys.update(axis.keys)
-    starts = choose_starts(new_graph, new, old_keys, renames)
-    proof = proof_map(new_graph, new, renames, starts, old_graph, old) if renames.new_ops else new
-    shared = shared_features(old, new, renames)
+def _param_plans(new_graph: Graph, new: InteractionMap, proof: InteractionMap, old: InteractionMap,
+                 renames: Renames, starts: dict[str, str], shared) -> tuple[list[ParamPlan], tuple, int]:
+    """Per new parameter its plan; the old parameters dropped; how many matched
+    indices carry, in `proof`, other features than before."""
     params: list[ParamPlan] = []
     used_old: set[str] = set()
     unproven = 0
@@ -677,6 +665,28 @@ def make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph,
         params.append(_counted(ParamPlan(name=name, shape=p.shape, source=source, old_shape=q.shape, axes=axes,
                                          fills=_copy_fills(p.roles, axes))))
     dropped = tuple(DroppedParam(name=n, shape=q.shape, elements=q.size) for n, q in old.params.items() if n not in used_old)
+    return params, dropped, unproven
+
+
+def make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph,
+              old_map: Optional[InteractionMap] = None, new_map: Optional[InteractionMap] = None) -> Plan:
+    """The surgery plan from the old version to the new one (each a ModelSpec or
+    its Graph; the maps are computed if not given)."""
+    old_graph = old_map.graph if old_map else as_graph(old_spec)
+    new_graph = new_map.graph if new_map else as_graph(new_spec)
+    renames = find_renames(old_graph.spec, new_graph.spec)
+    old = old_map or shadow_map(old_graph)
+    new = new_map or shadow_map(new_graph)
+    match_ops(old_graph, new_graph, renames)
+    old_keys = set()
+    for axis in old.values.values():
+        old_keys.update(axis.keys)
+    starts = choose_starts(new_graph, new, old_keys, renames)
+    shared = shared_features(old, new, renames)
+    params, dropped, unproven = _param_plans(new_graph, new, new, old, renames, starts, shared)
+    if unproven:  # new inputs may carry features old units never met: they start at zero, so prove on that
+        proof = proof_map(new_graph, new, renames, starts, old_graph, old)
+        params, dropped, unproven = _param_plans(new_graph, new, proof, old, renames, starts, shared)
     reasons = function_check(old_graph, new_graph, old, new, renames, _old_feature_spans(old_graph.spec), old_keys)
     if unproven and not reasons:  # never claim what the maps do not show
         reasons.append(Reason(message=f"{unproven} matched indices carry other input features than before"))

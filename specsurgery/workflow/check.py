@@ -31,6 +31,11 @@ def staged_specs(root: str) -> list[str]:
     return _paths(_git(["diff", "--cached", "-z", "--name-only", "--diff-filter=ACMR", "--", "*.spec"], root))
 
 
+def deleted_specs(root: str) -> list[str]:
+    """Specs removed from the index in this commit (`git rm`)."""
+    return _paths(_git(["diff", "--cached", "-z", "--name-only", "--diff-filter=D", "--", "*.spec"], root))
+
+
 def tracked_specs(root: str) -> list[str]:
     return _paths(_git(["ls-files", "-z", "--cached", "--", "*.spec"], root))
 
@@ -71,10 +76,20 @@ def with_dependents(root: str, changed: list[str]) -> list[str]:
 def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cwd: str = ".") -> dict:
     root = repo_root(cwd)
     policy = policy or load_policy(root)
+    deleted = {os.path.normpath(p) for p in deleted_specs(root)}
     if files:
-        rel = [os.path.relpath(os.path.abspath(os.path.join(cwd, f)), root) for f in files if f.endswith(".spec")]
+        tracked = {os.path.normpath(p) for p in tracked_specs(root)}
+        rel = []
+        for f in files:
+            if not f.endswith(".spec"):
+                continue  # a hook may pass every staged file: only specs are checked
+            full = os.path.abspath(os.path.join(cwd, f))
+            r = os.path.normpath(os.path.relpath(full, root))
+            if not os.path.exists(full) and r not in tracked and r not in deleted:
+                raise UserError(f"{f}: error: no such file")
+            rel.append(r)
     else:
-        rel = staged_specs(root)
+        rel = staged_specs(root) + sorted(deleted)
     targets = with_dependents(root, rel)
     lines: list[str] = []
     failed = False
@@ -90,7 +105,9 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
             failed = True
             results.append({"file": path, "ok": False, "error": e.render()})
             continue
-        except NotAtRevision:  # not in the index (deleted): nothing to check
+        except NotAtRevision:  # not in the index: deleted in this commit, or never there
+            if os.path.normpath(path) in deleted:
+                lines.extend(_deleted(path, head, cache, results))
             continue
         except UserError as e:  # in the index, but unreadable (not UTF-8)
             lines.append(str(e))
@@ -116,7 +133,7 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
             lines.append(f"{where}: model {name}: {100 * s.transfer_share:.2f}% transferred "
                          f"({s.transferred:,} of {s.old_params:,}), {s.zeroed:,} zeroed, {s.fresh:,} fresh, {verdict}")
             for r in s.reasons:
-                lines.append(r.render() if r.line else f"{where}: {r.message}")
+                lines.append(_revision_path(r.render()) if r.line else f"{where}: {r.message}")
             problems = policy_verdict(s, policy)
             for p in problems:
                 lines.append(f"{where}: error: model {name}: {p}")
@@ -126,3 +143,28 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
     if not targets:
         lines.append("no spec changes to check")
     return {"ok": not failed, "results": results, "text": "\n".join(lines), "exit": 1 if failed else 0}
+
+
+def _deleted(path: str, head, cache, results: list) -> list[str]:
+    """What `git rm` of a spec implies: the models it defined are no longer built."""
+    try:
+        old = load([f"git:HEAD:{path}"], head, cache)
+    except (SpecError, UserError):
+        results.append({"file": path, "ok": True, "deleted": True})
+        return [f"{path}: deleted"]
+    out = []
+    for name, spec in old.models.items():
+        if os.path.normpath(old.model_files[name]) != os.path.normpath(f"git:HEAD:{path}"):
+            continue
+        out.append(f"git:HEAD:{path}:{spec.model.span.line}:{spec.model.span.column}: model {name}: "
+                   "removed with its spec: nothing is carried over, its checkpoint is no longer built")
+        results.append({"file": path, "model": name, "ok": True, "deleted": True})
+    return out or [f"{path}: deleted (it defined no model)"]
+
+
+_REVISION_PATH = re.compile(r"^(git:[^:\n]*:)([^:\n]*)(:\d+:\d+: )")
+
+
+def _revision_path(text: str) -> str:
+    """`git:HEAD:specs/../common/x.spec:4:5: ...` -> `git:HEAD:common/x.spec:4:5: ...`"""
+    return _REVISION_PATH.sub(lambda m: m.group(1) + os.path.normpath(m.group(2)) + m.group(3), text, count=1)
