@@ -29,9 +29,12 @@ def dense_slices(name: str, mask: np.ndarray) -> list[str]:
 
 def gradient_rows(graph: Graph, gmap, per_feature: bool = False) -> list[dict]:
     names = graph.features.names
+    by_group: dict[str, list[int]] = {}
+    for i, n in enumerate(names):  # once, not once per group
+        by_group.setdefault(n.split("=")[0].split(".")[0], []).append(i)
     rows = []
     for group in graph.schema.groups:
-        members = [i for i, n in enumerate(names) if n.split("=")[0].split(".")[0] == group.name]
+        members = by_group.get(group.name, [])
         units = [[i] for i in members] if per_feature else [members]
         for unit in units:
             touched, elements = [], 0

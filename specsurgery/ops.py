@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import math
 from functools import cached_property
+from itertools import chain
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
@@ -583,7 +584,8 @@ class Concat(Op):
     probe = forward
 
     def shadow(self, node, xs):
-        return Axis(sum((x.keys for x in xs), ()), sum((x.sets for x in xs), ())), {}
+        # chained, not summed: summing tuples is quadratic in the number of inputs
+        return Axis(tuple(chain.from_iterable(x.keys for x in xs)), tuple(chain.from_iterable(x.sets for x in xs))), {}
 
 
 class Elementwise(Op):

@@ -10,18 +10,15 @@ Parameter sizes of SMALL (model m), for the arithmetic below:
 """
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 try:  # tests/ as a package or as a rootdir-relative folder
-    from .surgery_helpers import NEW_FILE, OLD_FILE, TOL, check, edit, line_of, load_model, run_surgery, write_trained
+    from .surgery_helpers import NEW_FILE, OLD_FILE, TOL, check, edit, line_of, load_model, run_surgery, stepwise_report
 except ImportError:
-    from surgery_helpers import NEW_FILE, OLD_FILE, TOL, check, edit, line_of, load_model, run_surgery, write_trained
+    from surgery_helpers import NEW_FILE, OLD_FILE, TOL, check, edit, line_of, load_model, run_surgery, stepwise_report
 
 from specsurgery.errors import SpecError
-from specsurgery.features import featurise, random_record
 from specsurgery.surgery.diff import make_plan
 from specsurgery.surgery.plan import head_columns
 
@@ -180,24 +177,8 @@ model m(obs: s) {
 # recurrence added to a model that had none
 
 
-def _stepwise_difference(o, states: int = 1000, steps: int = 3) -> float:
-    """The old (feed-forward) model run on each step alone against the new
-    (recurrent) one run over the steps: the largest difference of any head output."""
-    from specsurgery.surgery.verify import load_module
-
-    old_spec, old_model = load_module(o.old_ckpt)
-    new_spec, new_model = load_module(o.new_ckpt)
-    rng = random.Random(0)
-    worst = 0.0
-    with torch.no_grad():
-        for start in range(0, states, 250):
-            seqs = [[random_record(old_spec.schema, rng, 4) for _ in range(steps)] for _ in range(250)]
-            new_out = new_model(featurise(new_spec.schema, seqs, time=True, validate=False))
-            for t in range(steps):
-                old_out = old_model(featurise(old_spec.schema, [seq[t] for seq in seqs], validate=False))
-                for head, value in old_out.items():
-                    worst = max(worst, (value - new_out[head][:, t]).abs().max().item())
-    return worst
+def _stepwise_difference(o) -> float:
+    return stepwise_report(o.old_ckpt, o.new_ckpt, states=1000)["max"]
 
 
 def test_add_lstm_to_a_model_that_had_none(surgery):

@@ -181,26 +181,88 @@ def slices(name: str, shape: tuple[int, ...], hits: list[np.ndarray]) -> list[st
     return out
 
 
+def _index_runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct indices as (start, stop) runs."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
 def group_rows(phi: InteractionMap, per_feature: bool = False) -> list[dict]:
-    """One row per feature group (or feature): what it touches, parameter by parameter."""
+    """One row per feature group (or feature): what it touches, parameter by parameter.
+
+    Each axis is read once: its indices grouped by their (interned, so few)
+    feature sets, each set split into the rows it touches. A schema of 20,000
+    groups costs what its axes and sets cost, not groups x axes."""
     schema = phi.graph.schema
     names = phi.features.names
-    rows = []
-    for group in schema.groups:
-        members = [n for n in names if n.split("=")[0].split(".")[0] == group.name]
-        units = [[n] for n in members] if per_feature else [members]
-        for unit in units:
-            bits = phi.bits_of(unit)
-            touched, elements = [], 0
-            for pname, p in phi.params.items():
-                hits = p.hits(bits)
-                n = p.touched(bits)
-                if n:
-                    elements += n
-                    touched.extend(slices(pname, p.shape, hits))
-            rows.append({"features": unit[0] if per_feature else group.name, "count": len(unit),
-                         "elements": elements, "slices": touched})
-    return rows
+    labels: list[str] = []  # row -> its label
+    row_of_bit: list[int] = []
+    counts: list[int] = []
+    group_row: dict[str, int] = {}
+    for name in names:
+        group = name.split("=")[0].split(".")[0]
+        if per_feature:
+            labels.append(name)
+            counts.append(1)
+            row_of_bit.append(len(labels) - 1)
+        else:
+            if group not in group_row:
+                group_row[group] = len(labels)
+                labels.append(group)
+                counts.append(0)
+            counts[group_row[group]] += 1
+            row_of_bit.append(group_row[group])
+    if not per_feature:  # groups without a feature that reaches the model still get a (empty) row
+        for group in schema.groups:
+            if group.name not in group_row:
+                group_row[group.name] = len(labels)
+                labels.append(group.name)
+                counts.append(0)
+    order = ([group_row[g.name] for g in schema.groups] if not per_feature else list(range(len(labels))))
+    # row -> param -> per axis the indices it touches
+    hits: list[dict[str, list[list[int]]]] = [dict() for _ in labels]
+    rows_of_set: dict[int, list[int]] = {}
+    for pname, p in phi.params.items():
+        for k, axis in enumerate(p.axes):
+            by_set: dict[int, list[int]] = {}
+            for i, bits in enumerate(axis.sets):
+                if bits:
+                    by_set.setdefault(bits, []).append(i)
+            for bits, indices in by_set.items():
+                if bits not in rows_of_set:
+                    touched, b = set(), bits
+                    while b:  # one step per feature in the set, lowest first
+                        low = b & -b
+                        touched.add(row_of_bit[low.bit_length() - 1])
+                        b ^= low
+                    rows_of_set[bits] = sorted(touched)
+                for row in rows_of_set[bits]:
+                    hits[row].setdefault(pname, [[] for _ in p.axes])[k].extend(indices)
+    out = []
+    for row in order:
+        touched_slices, elements = [], 0
+        for pname, axes in hits[row].items():
+            p = phi.params[pname]
+            axes = [sorted(set(ix)) for ix in axes]
+            untouched = 1
+            for ix, n in zip(axes, p.shape):
+                untouched *= n - len(ix)
+            elements += p.size - untouched
+            if any(len(ix) == n for ix, n in zip(axes, p.shape)):
+                touched_slices.append(pname)  # one axis fully hit: every element is touched
+                continue
+            for k, ix in enumerate(axes):
+                for a, b in _index_runs(ix):
+                    parts = [":"] * len(p.shape)
+                    parts[k] = f"{a}:{b}" if b - a > 1 else str(a)
+                    touched_slices.append(f"{pname}[{', '.join(parts)}]")
+        out.append({"features": labels[row], "count": counts[row], "elements": elements, "slices": touched_slices})
+    return out
 
 
 def plot_bins(phi: InteractionMap, width: int = 1200) -> tuple[np.ndarray, list[tuple[str, int, int]]]:

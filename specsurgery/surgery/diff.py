@@ -488,7 +488,8 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
 # 5. how new ops start: fresh, at zero (a join), or as the identity (a new layer)
 
 
-def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames: Renames) -> dict[str, str]:
+def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames: Renames,
+                  old_heads: set) -> dict[str, str]:
     """New op scope -> "zero" or "identity" where that keeps the function (else it
     starts fresh), recording in `renames` what each such start makes its keys mean.
 
@@ -496,13 +497,14 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
       new side starts at zero when every path back from it reaches a new op
       that can start at zero through ops that map 0 to 0.
     * A new op that can be the identity, square over an old value, read (not
-      through a join) by an old op: it starts as the identity."""
+      through a join) by an old op or an old head: it starts as the identity."""
     starts: dict[str, str] = {}
     nodes = new_graph.nodes
     readers: dict[int, list] = {}
     for node in nodes:
         for i in node.inputs:
             readers.setdefault(i, []).append(node)
+    old_head_values = {index for head, index in new_graph.outputs.items() if renames.scopes.get(head, head) in old_heads}
 
     def is_old(index: int) -> Optional[bool]:
         """True: every index of the value is an old one; False: none is; None: some are."""
@@ -526,10 +528,12 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
         return True
 
     def read_by_an_old_op(node) -> bool:
-        """Whether an old op reads the value (through index-by-index ops and concat, not a join)."""
+        """Whether an old op or head reads the value (through index-by-index ops and concat, not a join)."""
         stack, seen = [node.index], set()
         while stack:
             index = stack.pop()
+            if index in old_head_values:
+                return True
             for reader in readers.get(index, ()):
                 if reader.index in seen:
                     continue
@@ -681,7 +685,7 @@ def make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph,
     old_keys = set()
     for axis in old.values.values():
         old_keys.update(axis.keys)
-    starts = choose_starts(new_graph, new, old_keys, renames)
+    starts = choose_starts(new_graph, new, old_keys, renames, {s.name for s in old_graph.model.statements if s.out})
     shared = shared_features(old, new, renames)
     params, dropped, unproven = _param_plans(new_graph, new, new, old, renames, starts, shared)
     if unproven:  # new inputs may carry features old units never met: they start at zero, so prove on that
