@@ -237,3 +237,80 @@ def test_the_plan_holds_the_head_maps(surgery):
     o = surgery(SMALL, new)
     assert head_columns(o.plan) == {"o": ("o", [0, 1], [0, 1])}
     assert o.plan.new_only_heads == ("w",) and o.plan.old_only_heads == ()
+
+
+# ---------------------------------------------------------------------------
+# a plan from a file is checked against both specs before anything is written
+
+
+def _tampered(plan, index: int, **update):
+    params = list(plan.params)
+    params[index] = params[index].model_copy(update=update)
+    return plan.model_copy(update={"params": tuple(params)})
+
+
+def test_a_plan_that_does_not_fit_the_specs_writes_nothing(surgery, tmp_path):
+    import os
+
+    from specsurgery.errors import UserError
+    from specsurgery.surgery.apply import apply_plan
+    from specsurgery.surgery.plan import Run
+
+    new = edit(SMALL, ("linear(h, 2)", "linear(concat(h, obs.b), 2)"))
+    o = surgery(SMALL, new)
+    weight = next(i for i, p in enumerate(o.plan.params) if p.name == "o.linear.weight")
+    p = o.plan.params[weight]
+    rows, cols = p.axes
+    cases = {
+        "changed shape": (_tampered(o.plan, weight, shape=(3, 5)), "params[2].shape"),
+        "runs removed": (_tampered(o.plan, weight, axes=(rows.model_copy(update={"runs": ()}), cols)), "params[2].axes[0].runs"),
+        "row duplicated": (_tampered(o.plan, weight, axes=(rows.model_copy(update={"runs": (Run(new=0, old=0, length=1), Run(new=1, old=0, length=1))}), cols)),
+                           "params[2].axes[0].runs"),
+        "claims preserved": (o.plan.model_copy(update={"summary": o.plan.summary.model_copy(update={"transferred": 24})}),
+                             "summary.transferred"),
+    }
+    for what, (plan, where) in cases.items():
+        out = tmp_path / f"{what}.safetensors"
+        with pytest.raises(UserError) as e:
+            apply_plan(plan, o.old_ckpt, o.new_spec, str(out))
+        message = str(e.value)
+        assert message.startswith(f"error: the plan does not fit the specs: {where}"), (what, message)
+        assert message.endswith("make it again with `specsurgery plan`")
+        assert os.listdir(tmp_path) == []  # nothing written, no temporary file left
+
+
+# ---------------------------------------------------------------------------
+# checkpoints written by 0.1.0
+
+
+def test_a_checkpoint_with_0_1_0_names_is_carried_over(surgery, tmp_path):
+    """0.1.0 numbered named ops too: `linear(x, 2) as p, linear(y, 3)` had `linear_2`
+    where the unnamed op is now `linear`. apply reads either name."""
+    from safetensors.torch import load_file
+
+    from specsurgery.checkpoint import write_checkpoint
+    from specsurgery.ir import build_graph
+    from specsurgery.spec.canonical import canonical
+    from specsurgery.surgery.apply import apply_plan
+    old_text = SCHEMA + """
+model m(obs: s) {
+  out o = linear(concat(linear(obs.a, 2) as p, linear(obs.b, 3)), 2)
+}
+"""
+    old = load_model(old_text, OLD_FILE)
+    graph = build_graph(old)
+    assert graph.names_0_1_0() == {"o.linear_2.weight": "o.linear_3.weight", "o.linear_2.bias": "o.linear_3.bias"}
+    legacy = graph.names_0_1_0()
+    generator = torch.Generator().manual_seed(5)
+    tensors = {legacy.get(name, name): torch.randn(node.params[local].shape, generator=generator)
+               for name, (node, local) in graph.parameters().items()}
+    path = str(tmp_path / "v010.safetensors")
+    write_checkpoint(path, canonical(old), "m", {k: tuple(t.shape) for k, t in tensors.items()}, tensors.items())
+    new = load_model(edit(old_text, ("linear(obs.b, 3)", "linear(obs.b, 4)")), NEW_FILE)
+    plan = make_plan(old, new)
+    out = str(tmp_path / "new.safetensors")
+    apply_plan(plan, path, new, out)
+    got = load_file(out)
+    assert torch.equal(got["o.linear_2.weight"][:3], tensors["o.linear_3.weight"])
+    assert torch.equal(got["o.p.weight"], tensors["o.p.weight"])
+    assert torch.equal(got["o.linear.weight"][:, 5], torch.zeros(2))  # the widened op's new unit, read at zero
