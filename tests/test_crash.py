@@ -65,6 +65,7 @@ PYPROJECT = '[project]\nname = "crash"\nversion = "0"\n\n[tool.specsurgery]\nver
 TARGET = "big.safetensors"
 LEFTOVER_PATTERNS = [  # what a killed build may leave behind (never at the final path)
     re.compile(r"\.big\.safetensors\.staged"),                    # staged, complete, not yet verified/renamed
+    re.compile(r"\.big\.safetensors\.[^/]+\.tmp"),               # a fresh checkpoint, half written
     re.compile(r"\.\.big\.safetensors\.staged\.[^/]+\.tmp"),     # apply's atomic writer, half written
     re.compile(r"history/big-[0-9a-f]{12}\.safetensors\.tmp"),   # the history link before its rename
     re.compile(r"history/\.big-[0-9a-f]{12}\.safetensors\.[^/]+\.tmp"),  # history copied (no hard links)
@@ -124,10 +125,10 @@ def leftovers(models: Path) -> list[str]:
 class Build:
     """`specsurgery build` as a child process that can be killed."""
 
-    def __init__(self, root: Path, log: Path):
+    def __init__(self, root: Path, log: Path, args: tuple[str, ...] = ("build",)):
         self.log = open(log, "w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(specsurgery_cmd() + ["build"], cwd=root, env=base_env(), stdout=self.log,
+        self.proc = subprocess.Popen(specsurgery_cmd() + list(args), cwd=root, env=base_env(), stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
     def wait_first_write(self, models: Path, before: set[str]) -> float | None:
@@ -251,8 +252,87 @@ def test_killed_builds_never_leave_a_torn_checkpoint(crash_project, tmp_path):
 
     left_after = leftovers(models)
     print(f"left after the final build: {left_after} (seen during the rounds: {sorted(seen_leftovers)})")
-    assert ".big.safetensors.staged" not in left_after  # renamed into place by the final build
-    assert not [n for n in left_after if LEFTOVER_PATTERNS[2].fullmatch(n)]  # the history link's .tmp is reused
-    assert set(left_after) <= set(left_before), "the final build left new temporary files behind"
+    assert left_after == [], f"the final build did not sweep what killed builds left: {left_after}"
     result = run("build", cwd=root)
     assert result.returncode == 0 and result.stdout.splitlines()[2].split()[2] == "unchanged", result.stdout
+
+
+def whole_or_absent(path: Path, spec: str) -> str:
+    """'absent', or 'whole' after checking the file is a complete checkpoint of `spec`."""
+    if not path.exists():
+        return "absent"
+    info = inspect_in_process(path)
+    assert info["spec"] == spec, f"{path} holds another spec"
+    assert read_every_tensor(path) == info["total"]
+    return "whole"
+
+
+def test_every_other_write_path_killed_leaves_old_or_new_and_the_sweep_cleans_up(tmp_path):
+    """A fresh build, `apply -o`, `plan -o` and a build sweeping leftovers, each
+    killed at random moments: the file each writes is absent or whole (never
+    torn), nothing but the documented temporary files is left, and the next
+    build sweeps every one of them."""
+    root = make_repo(tmp_path / "proj", {"pyproject.toml": PYPROJECT, "specs/big.spec": OLD, "new.spec": NEW})
+    models = root / "models"
+    rng = random.Random(SEED + 1)
+
+    # a fresh build, killed: models/big.safetensors is absent or whole
+    log = tmp_path / "fresh.log"
+    build = Build(root, log)
+    assert build.proc.wait(timeout=600) == 0, log.read_text()
+    duration = time.monotonic() - build.started
+    build.log.close()
+    old_spec = inspect_in_process(models / TARGET)["spec"]
+    old_sha = sha256(models / TARGET)
+    states = []
+    for i in range(max(4, ROUNDS // 2)):
+        os.unlink(models / TARGET)
+        build = Build(root, tmp_path / f"fresh{i}.log")
+        killed = build.kill_at(rng.uniform(0, duration))
+        state = whole_or_absent(models / TARGET, old_spec)
+        if state == "whole":
+            assert sha256(models / TARGET) == old_sha  # the seeded init: the same bytes every time
+        left = leftovers(models)
+        assert all(LEFTOVER_PATTERNS[1].fullmatch(n) for n in left), left
+        states.append((killed, state, len(left)))
+    print(f"fresh builds (killed, checkpoint, leftovers): {states}")
+    result = run("build", cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sha256(models / TARGET) == old_sha and leftovers(models) == []
+
+    # apply -o and plan -o, killed: the output is absent or whole
+    for args, out in ((("apply", f"models/{TARGET}", "new.spec", "-o", "applied.safetensors"), "applied.safetensors"),
+                      (("plan", f"models/{TARGET}", "new.spec", "-o", "plan.json"), "plan.json")):
+        log = tmp_path / "calibrate.log"
+        run_ = Build(root, log, args)
+        assert run_.proc.wait(timeout=600) == 0, log.read_text()
+        duration = time.monotonic() - run_.started
+        run_.log.close()
+        finished = (root / out).read_bytes() if out.endswith(".json") else sha256(root / out)
+        for i in range(max(4, ROUNDS // 2)):
+            os.unlink(root / out)
+            run_ = Build(root, tmp_path / f"{args[0]}{i}.log", args)
+            run_.kill_at(rng.uniform(0, duration))
+            if (root / out).exists():
+                got = (root / out).read_bytes() if out.endswith(".json") else sha256(root / out)
+                assert got == finished, f"{out} is torn"
+            strays = [n for n in os.listdir(root) if n.startswith(f".{out}.")]
+            assert all(re.fullmatch(rf"\.{re.escape(out)}\.[^/]+\.tmp", n) for n in strays), strays
+            for n in strays:  # outside models/, no build sweeps them: they are what a kill leaves, named so
+                os.unlink(root / n)
+        (root / out).unlink(missing_ok=True)
+
+    # the sweep itself, killed: whatever it had not removed yet, the next build removes
+    for i in range(4):
+        planted = [".big.safetensors.staged", "..big.safetensors.staged.ab12.tmp", ".big.safetensors.cd34.tmp",
+                   "history/big-0123456789ab.safetensors.tmp", "history/.big-0123456789ab.safetensors.ef56.tmp"]
+        (models / "history").mkdir(exist_ok=True)
+        for name in planted:
+            (models / name).write_bytes(os.urandom(1 << 16))
+        build = Build(root, tmp_path / f"sweep{i}.log")
+        build.kill_at(rng.uniform(0, 1.0))
+        assert sha256(models / TARGET) == old_sha
+        assert set(leftovers(models)) <= set(planted)
+    result = run("build", cwd=root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert leftovers(models) == [] and sha256(models / TARGET) == old_sha

@@ -505,7 +505,7 @@ def test_build_refuses_a_removed_feature_until_allowed(project):
     assert inspect_json(root, "models/p.safetensors")["spec"] == canonical_of(REMOVE)
     # the function did change: verify says so
     result = run("verify", f"models/history/{kept.name}", "models/p.safetensors", cwd=root)
-    assert result.returncode == 1 and "DIFFERS" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 3 and "DIFFERS" in result.stdout, result.stdout + result.stderr  # 3: they differ
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from .parse import parse_text
 Reader = Callable[[str], str]
 
 
-def read_disk(path: str) -> str:
+def read_disk(path: str, what: str = ".spec file") -> str:
     try:
         # O_NONBLOCK: a FIFO must not hang the open; only regular files are read
         # (not /dev/zero, not a pipe)
@@ -29,7 +29,7 @@ def read_disk(path: str) -> str:
     except FileNotFoundError:
         raise UserError(f"{path}: error: no such file") from None
     except IsADirectoryError:
-        raise UserError(f"{path}: error: is a folder, not a .spec file") from None
+        raise UserError(f"{path}: error: is a folder, not a {what}") from None
     except OSError as e:
         raise UserError(f"{path}: error: cannot read ({e.strerror})") from None
     except ValueError:  # a NUL byte in the path
@@ -38,7 +38,7 @@ def read_disk(path: str) -> str:
     if not stat.S_ISREG(mode):
         os.close(fd)
         if stat.S_ISDIR(mode):
-            raise UserError(f"{path}: error: is a folder, not a .spec file")
+            raise UserError(f"{path}: error: is a folder, not a {what}")
         raise UserError(f"{path}: error: not a regular file")
     with os.fdopen(fd, "rb") as f:
         try:
