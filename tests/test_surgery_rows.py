@@ -314,3 +314,18 @@ model m(obs: s) {
     assert torch.equal(got["o.linear_2.weight"][:3], tensors["o.linear_3.weight"])
     assert torch.equal(got["o.p.weight"], tensors["o.p.weight"])
     assert torch.equal(got["o.linear.weight"][:, 5], torch.zeros(2))  # the widened op's new unit, read at zero
+
+
+@pytest.mark.slow  # loading 1,500 statements twice takes seconds
+def test_a_chain_deeper_than_the_recursion_limit_plans():
+    import sys
+
+    n = 1500
+    assert sys.getrecursionlimit() < n
+    body = ["  s0 = linear(obs.b, 4)"] + [f"  s{i} = tanh(s{i - 1})" for i in range(1, n)] + [f"  out o = linear(s{n - 1}, 2)"]
+    text = SCHEMA + "\nmodel m(obs: s) {\n" + "\n".join(body) + "\n}\n"
+    old = load_model(text, OLD_FILE)
+    new = load_model(edit(text, ("    z: float\n", "    z: float\n    w: float\n")), NEW_FILE)
+    s = make_plan(old, new).summary
+    # s0.linear [4, 1] -> [4, 2]: 4 + 4 bias copied, 4 zero; o.linear 10 copied
+    assert (s.transferred, s.zeroed, s.fresh, s.function_preserving) == (18, 4, 0, True)
