@@ -47,6 +47,7 @@ RULES: dict[str, dict] = {
     "Adagrad": {"moments": {"sum": INITIAL}, "fresh": "start"},
 }
 SCALAR_KEYS = ("step",)
+PENDING_KEY = "new_elements"  # on disk: 1 where a second moment waits for its element's first gradient
 SUPPORTED = ", ".join(f"torch.optim.{c}" for c in RULES)
 
 META_CLASS = "specsurgery.optimizer.class"
@@ -68,6 +69,8 @@ class NamedState:
     defaults: dict
     groups: list[tuple[dict, list[str]]]  # (hyperparameters, parameter names), in order
     state: dict[str, dict] = field(default_factory=dict)  # name -> state key -> tensor or None
+    # name -> the elements whose second moments wait for their first gradient (in memory only)
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def rule(self) -> dict:
@@ -111,7 +114,9 @@ def named_state(optimizer, model) -> NamedState:
                                     f"for {name}, which specsurgery does not know how to carry")
                 state[name] = dict(entries)
         groups.append(({k: v for k, v in group.items() if k != "params"}, members))
-    return NamedState(cls, dict(optimizer.defaults), groups, state)
+    waiting = getattr(optimizer, "_ss_awaiting_gradient", {})
+    pending = {names[id(p)]: mask.clone() for p, mask in waiting.items() if id(p) in names and mask.any()}
+    return NamedState(cls, dict(optimizer.defaults), groups, state, pending)
 
 
 def build_optimizer(named: NamedState, model):
@@ -124,31 +129,65 @@ def build_optimizer(named: NamedState, model):
     optimizer.defaults.update(named.defaults)
     for name, entries in named.state.items():
         optimizer.state[params[name]] = dict(entries)
+    if named.pending:
+        _start_at_first_gradient(optimizer, {params[n]: mask.to(params[n].device).clone()
+                                             for n, mask in named.pending.items()},
+                                 [k for k, rule in named.rule["moments"].items() if rule == MEAN])
     return optimizer
+
+
+def _start_at_first_gradient(optimizer, pending: dict, keys: list[str]) -> None:
+    """Set each new element's second moment to the square of its first non-zero
+    gradient, just before the step that uses it: the element then starts as if
+    it had seen that gradient since step 1, which is what the shared step
+    count's bias correction assumes, so its first updates are as large as a
+    settled element's (at most lr), not sqrt(1/(1 - beta2)) times larger. The
+    hook removes itself once every new element has had a gradient."""
+
+    def hook(opt, args, kwargs):
+        with torch.no_grad():
+            for p, waiting in list(pending.items()):
+                if p.grad is None or p not in opt.state:
+                    continue
+                seen = waiting & (p.grad != 0)
+                if seen.any():
+                    square = p.grad[seen].to(torch.float64).square()
+                    for key in keys:
+                        if opt.state[p].get(key) is not None:
+                            opt.state[p][key][seen] = square.to(opt.state[p][key].dtype)
+                    waiting &= ~seen
+                if not waiting.any():
+                    del pending[p]
+        if not pending:
+            handle.remove()
+
+    handle = optimizer.register_step_pre_hook(hook)
+    optimizer._ss_awaiting_gradient = pending  # saved with the state (PENDING_KEY), so a reload keeps waiting
 
 
 # ---------------------------------------------------------------------------
 # through surgery
 
 
-def _moved(entry, old: torch.Tensor, rule: str, hyper: dict) -> torch.Tensor:
+def _moved(entry, old: torch.Tensor, rule: str, hyper: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One moment in the parameter's new shape: each copied element where the
-    plan puts it (apply.copy_runs, the parameters' own copier), the others by `rule`."""
+    plan puts it (apply.copy_runs, the parameters' own copier), the others by
+    `rule`; and the mask of the copied elements (None: all of them)."""
     from .surgery.apply import copy_runs
 
     if entry.action == "copied":
-        return old.clone()
+        return old.clone(), None
     new = copy_runs(entry, old, torch.zeros(tuple(entry.shape), dtype=old.dtype, device=old.device))
-    if rule == ZERO:
-        return new
     copied = copy_runs(entry, torch.ones(old.shape, dtype=torch.bool, device=old.device),
                        torch.zeros(tuple(entry.shape), dtype=torch.bool, device=old.device))
+    if rule == ZERO:
+        return new, copied
     if rule == INITIAL:
         value = float(hyper.get("initial_accumulator_value", 0.0))
-    else:  # MEAN
+    else:  # MEAN: a stand-in until the element's first gradient (_start_at_first_gradient)
         value = float(new[copied].double().mean())
     new[~copied] = value
-    return new
+    return new, copied
 
 
 def carry(named: NamedState, plan) -> NamedState:
@@ -164,6 +203,7 @@ def carry(named: NamedState, plan) -> NamedState:
 
     members: list[list[str]] = [[] for _ in named.groups]
     state: dict[str, dict] = {}
+    pending: dict[str, torch.Tensor] = {}
     fresh_params = []
     for entry in plan.params:
         if entry.source is not None and entry.source in group_of:
@@ -187,11 +227,15 @@ def carry(named: NamedState, plan) -> NamedState:
             if key in SCALAR_KEYS or value is None:
                 new[key] = value.clone() if isinstance(value, torch.Tensor) else value
             else:
-                new[key] = _moved(entry, value, rule["moments"][key], hyper)
+                new[key], copied = _moved(entry, value, rule["moments"][key], hyper)
+                if rule["moments"][key] == MEAN and copied is not None and not copied.all():
+                    pending[entry.name] = ~copied
         state[entry.name] = new
     if rule["fresh"] == "group mean":
         _start_at_group_mean(named, plan, members, state, fresh_params)
-    return NamedState(named.cls, dict(named.defaults), [(dict(h), m) for (h, _), m in zip(named.groups, members)], state)
+        pending.update({entry.name: torch.ones(tuple(entry.shape), dtype=torch.bool) for entry, _, _ in fresh_params})
+    return NamedState(named.cls, dict(named.defaults), [(dict(h), m) for (h, _), m in zip(named.groups, members)],
+                      state, pending)
 
 
 def _start_at_group_mean(named, plan, members, state, fresh_params) -> None:
@@ -263,6 +307,8 @@ def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool 
                 tensors[f"{name}/{key}"] = value.detach()
             else:  # a plain number (a step count kept as a float)
                 tensors[f"{name}/{key}"] = torch.tensor(float(value), dtype=torch.float32)
+    for name, mask in named.pending.items():
+        tensors[f"{name}/{PENDING_KEY}"] = mask.to(torch.float32)
     metadata = {
         META_CLASS: named.cls,
         META_DEFAULTS: json.dumps({k: _encode(v) for k, v in named.defaults.items()}),
@@ -315,7 +361,7 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
                 raise bad(f"parameter {n!r} is in two param groups")
             seen.add(n)
         groups.append(({k: _decode(v) for k, v in g.items() if k != "params"}, list(members)))
-    allowed = set(RULES[cls]["moments"]) | set(SCALAR_KEYS)
+    allowed = set(RULES[cls]["moments"]) | set(SCALAR_KEYS) | {PENDING_KEY}
     keys = list(header.tensors) + list(empty if isinstance(empty, list) else [])
     state: dict[str, dict] = {}
     for full in keys:
@@ -339,7 +385,12 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
                 if info.dtype not in ("F32", "F64", "F16", "BF16"):
                     raise bad(f"state {full} is {info.dtype}, not a floating dtype")
                 state[name][key] = f.get_tensor(full)
-    return NamedState(cls, defaults, groups, state)
+    pending = {}
+    for name, entries in state.items():
+        if PENDING_KEY in entries:
+            pending[name] = entries.pop(PENDING_KEY) != 0
+    state = {name: entries for name, entries in state.items() if entries}
+    return NamedState(cls, defaults, groups, state, pending)
 
 
 def save_optimizer(optimizer, model, checkpoint: str) -> str:

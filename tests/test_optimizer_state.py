@@ -119,6 +119,27 @@ def test_new_elements_follow_the_rule_of_their_optimizer(tmp_path, one_thread):
     assert torch.equal(state["exp_avg_sq"][:8, WIND + 1:], old_state["exp_avg_sq"][:, WIND:])
 
 
+@pytest.mark.parametrize("kind", ["Adam", "AdamW", "RMSprop"])
+def test_first_updates_of_new_elements_are_normal_sized(kind, tmp_path, one_thread):
+    """The issue's finding: new second moments at zero with the old step count made the first
+    updates of new elements 4.5 times a normal one. Here each new element's second moment
+    starts at the square of its first gradient: its first update is at most lr (Adam: (1 - beta1)
+    lr), as large as a settled element's can be."""
+    old, optimizer, plan, new, _ = trained(OPTIMIZERS[kind], tmp_path, steps=30)
+    carried = carry_optimizer(optimizer, old, new, plan)
+    weight = new.get_parameter("h.linear.weight")
+    lr = carried.param_groups[0]["lr"]
+    # RMSprop (no first-moment average) divides each gradient by the RMS of those so far: a later
+    # gradient larger than the first moves any element, old or new, by more than lr; its first is bounded
+    for i in range(1 if kind == "RMSprop" else 3):
+        before = weight.detach().clone()
+        inputs = batch(200 + i, wind=True)
+        inputs["obs"][:, WIND] = 3.0 * torch.randn(16, generator=torch.Generator().manual_seed(i))  # a strong new signal
+        step(new, carried, inputs)
+        moved = (weight.detach() - before)[:8, WIND].abs().max().item()
+        assert 0 < moved <= lr * (1 + 1e-4), f"{kind}: a new element moved {moved / lr:.2f} lr at step {i + 1}"
+
+
 def test_rmsprop_second_moment_of_new_elements_is_not_zero(tmp_path, one_thread):
     old, optimizer, plan, new, _ = trained(OPTIMIZERS["RMSprop"], tmp_path)
     carried = carry_optimizer(optimizer, old, new, plan)
@@ -157,6 +178,9 @@ def test_apply_on_disk_gives_the_moments_of_surgery_in_memory(tmp_path, one_thre
     from_disk = ss.load_optimizer(new_path, new)
     a, b = carried.state_dict(), from_disk.state_dict()
     assert a["param_groups"] == b["param_groups"]
+    waiting_a, waiting_b = carried._ss_awaiting_gradient, from_disk._ss_awaiting_gradient
+    assert [n for n, p in new.named_parameters() if p in waiting_a] == ["h.linear.weight", "h.linear.bias", "y.linear.weight"]
+    assert all(torch.equal(waiting_a[p], waiting_b[p]) for p in waiting_a) and waiting_a.keys() == waiting_b.keys()
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
         for key in a["state"][k]:
