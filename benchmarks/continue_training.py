@@ -16,18 +16,29 @@ loss plateaus at about var(g).
 
  1. The OLD model trains for --pre-steps steps (default: twice --steps; Adam,
     MSE, fresh batches from a seeded generator, learning rate warmed up then
-    decayed, as every run here) and is saved with write_checkpoint
-    (canonical old spec).
- 2. make_plan(old, new) + apply_plan write the surgered checkpoint; load_module
-    reads it back. On the same held-out batch the surgered model's loss must
-    equal the old model's loss (the function is preserved: the weights that read
-    `wind` start at zero).
- 3. The surgered model keeps training for --steps steps (a fresh Adam, as after
-    loading any checkpoint, with the same warm-up and decay). Beside it the NEW
-    spec trains from scratch (SpecModule(new_graph, seed)) for the same --steps
-    steps on the same batches.
+    decayed, as every run here) and is saved with its Adam state
+    (model.save(path, optimizer=adam)).
+ 2. make_plan(old, new) + apply_plan write the surgered checkpoint, and
+    carry_optimizer_file the optimizer file beside it (what `specsurgery apply`
+    does); ss.load reads it back. On the same held-out batch the surgered
+    model's loss must equal the old model's loss (the function is preserved:
+    the weights that read `wind` start at zero).
+ 3. The surgered model keeps training for --steps steps, four ways, each on the
+    same batches with the same warm-up and decay:
+      - fresh Adam: as after loading any checkpoint;
+      - carried Adam: the old run's Adam, carried by the plan (ss.load_optimizer
+        of the file apply wrote);
+      - lr 0 for 50 steps, then carried (OpenAI Five's way: the moments adapt
+        to the new parameters before any update);
+      - carried, new second moments zero: the obvious carry the issue tried.
+    Beside them the NEW spec trains from scratch for the same --steps steps.
     The old model's pre-surgery steps were already spent before the spec
-    changed, so both runs are compared over the steps after the change.
+    changed, so the runs are compared over the steps after the change.
+    For each: the size of the first 10 updates after surgery (RMS per element,
+    per unit of learning rate, over all elements and over the new ones)
+    relative to the old run's last 10, the loss jump (the highest held-out loss
+    in the first 50 steps over the loss at surgery) and the steps taken to
+    reach the from-scratch model's final loss.
 
 Every loss is the MSE on one fixed held-out batch of 2048 states, evaluated
 after every 5th step. The script checks that its input tensors equal what
@@ -38,6 +49,7 @@ initialisation). Nothing is asserted; the numbers are printed.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import random
@@ -91,6 +103,9 @@ FINAL_LR = 0.1
 BATCH = 256
 HELD_OUT = 2048
 EVAL_EVERY = 5  # held-out loss after every 5th step (and the last)
+HOLD = 50  # OpenAI Five's way: steps at learning rate 0 after surgery, the carried moments adapting
+FIRST = 10  # the first updates after surgery, compared with the old run's last ones
+JUMP_WINDOW = 50  # the loss jump: the highest held-out loss in this many steps after surgery
 
 
 # ---------------------------------------------------------------------------
@@ -168,24 +183,61 @@ def schedule(step: int, steps: int) -> float:
     return FINAL_LR + (1 - FINAL_LR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(module, schema, steps: int, data_seed: int, held_out: dict, curve: list[tuple[int, float]]) -> None:
-    """Adam + MSE on fresh batches from a generator seeded with `data_seed`; appends
-    (step, held-out loss) to `curve` after every EVAL_EVERY-th step and the last."""
-    gen = torch.Generator().manual_seed(data_seed)
+def fresh_adam(module, steps: int):
+    """Adam with warm-up then cosine decay over `steps` (what every fresh start here uses)."""
     opt = torch.optim.Adam(module.parameters(), lr=LR)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(i, steps))
+    return opt, (lambda i: schedule(i, steps))
+
+
+def train(module, schema, steps: int, data_seed: int, held_out: dict, curve: list[tuple[int, float]],
+          optimizer=None, lr_factor=None, updates: list | None = None, new_masks: dict | None = None) -> None:
+    """MSE on fresh batches from a generator seeded with `data_seed`; appends
+    (step, held-out loss) to `curve` after every EVAL_EVERY-th step and the last.
+    Without `optimizer`: a fresh Adam with the warm-up and decay schedule.
+    `lr_factor(i)` scales LR at step i (from 0). With `updates`, appends per step
+    (RMS of the update over all elements / lr, and over the elements of
+    `new_masks` (name -> bool mask) / lr); steps at lr 0 append None."""
+    if optimizer is None:
+        optimizer, lr_factor = fresh_adam(module, steps)
+    gen = torch.Generator().manual_seed(data_seed)
     eval_inputs, eval_y = layout(schema, held_out), held_out["y"]
+    params = dict(module.named_parameters())
     module.train()
     for step in range(1, steps + 1):
+        lr = LR * lr_factor(step - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         batch = draw(BATCH, gen)
         loss = torch.nn.functional.mse_loss(module(layout(schema, batch))["y"], batch["y"])
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
+        before = {n: p.detach().clone() for n, p in params.items()} if updates is not None else None
+        optimizer.step()
+        if updates is not None:
+            if lr == 0:
+                updates.append(None)
+            else:
+                deltas = {n: (p.detach() - before[n]) / lr for n, p in params.items()}
+                every = torch.cat([d.flatten() for d in deltas.values()])
+                new = [deltas[n][m] for n, m in (new_masks or {}).items() if m.any()]
+                updates.append((every.square().mean().sqrt().item(),
+                                torch.cat(new).square().mean().sqrt().item() if new else float("nan")))
         if step % EVAL_EVERY == 0 or step == steps:
             curve.append((step, mse(module, eval_inputs, eval_y)))
     module.eval()
+
+
+def new_element_masks(plan) -> dict:
+    """Per new parameter, the elements no run copies (they start by the optimizer's rule)."""
+    from specsurgery.surgery.apply import copy_runs
+
+    out = {}
+    for p in plan.params:
+        if p.source is None:
+            out[p.name] = torch.ones(p.shape, dtype=torch.bool)
+        else:
+            out[p.name] = ~copy_runs(p, torch.ones(p.old_shape, dtype=torch.bool), torch.zeros(p.shape, dtype=torch.bool))
+    return out
 
 
 def first_at_or_below(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -205,9 +257,10 @@ def at_step(curve: list[tuple[int, float]], step: int) -> tuple[int, float]:
 # the picture
 
 
-def plot(path: str, n1: int, n2: int, pre: list, post: list, scratch: list, old_loss: float, k: int | None,
-         floor: float, plateau: float, subtitle: str) -> None:
-    """Both runs on one log-scale axis; curves are lists of (step, loss) that start at step 0."""
+def plot(path: str, n1: int, n2: int, pre: list, posts: dict, main_label: str, scratch: list, old_loss: float,
+         k: int | None, floor: float, plateau: float, subtitle: str) -> None:
+    """Every run on one log-scale axis; curves are lists of (step, loss) that start at step 0;
+    `posts` holds the continuations after surgery, `main_label` the one annotated."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,6 +271,7 @@ def plot(path: str, n1: int, n2: int, pre: list, post: list, scratch: list, old_
     def xy(curve, shift=0):
         return [step + shift for step, _ in curve], [loss for _, loss in curve]
 
+    post = posts[main_label]
     at_surgery = post[0][1]
     final = scratch[-1][1]
     fig, ax = plt.subplots(figsize=(10, 5.6), dpi=120)
@@ -227,7 +281,11 @@ def plot(path: str, n1: int, n2: int, pre: list, post: list, scratch: list, old_
     ax.text(n2 / 2, 0.97, "after the change:\nNEW spec (adds 'wind')", transform=ax.get_xaxis_transform(),
             ha="center", va="top", fontsize=9, color="0.3")
     ax.plot(*xy(pre, -n1), color="0.45", lw=1.3, label="old spec, trained before the change")
-    ax.plot(*xy(post), color="tab:blue", lw=1.6, label="new spec after surgery (continues from the old weights)")
+    colors = iter(["tab:red", "tab:purple", "tab:brown", "tab:cyan"])
+    for label, curve in posts.items():
+        main = label == main_label
+        ax.plot(*xy(curve), color="tab:blue" if main else next(colors), lw=1.6 if main else 1.0,
+                alpha=1.0 if main else 0.8, label=f"after surgery: {label}")
     ax.plot(*xy(scratch), color="tab:orange", lw=1.6, label="new spec from scratch (same steps, same batches)")
     ax.axvline(0, color="black", lw=1.0)
     ax.annotate(f"surgery at step 0: loss unchanged\n({old_loss:.4f} before, {at_surgery:.4f} after)",
@@ -277,14 +335,12 @@ def main(argv=None) -> None:
     if n1 < 1 or n2 < 1:
         parser.error("--steps and --pre-steps must be at least 1")
 
-    from specsurgery.backends.torch import SpecModule
-    from specsurgery.checkpoint import write_checkpoint
+    import specsurgery as ss
     from specsurgery.ir import build_graph
-    from specsurgery.spec.canonical import canonical
+    from specsurgery.optimizer_state import carry_optimizer_file
     from specsurgery.spec.load import load_text
     from specsurgery.surgery.apply import apply_plan
     from specsurgery.surgery.diff import make_plan
-    from specsurgery.surgery.verify import load_module
 
     t_start = time.perf_counter()
     torch.set_num_threads(1)
@@ -305,74 +361,112 @@ def main(argv=None) -> None:
           f"var(g) {plateau:.3f}, noise floor {floor:.4f}")
     print(f"model: {old_graph.parameter_count():,} parameters (old spec), {new_graph.parameter_count():,} (new spec)")
 
-    # 1. the old model
-    old = SpecModule(old_graph, seed=args.seed)
+    # 1. the old model, with its Adam (kept: the carried continuations start from it)
+    old = ss.compile(OLD_SPEC, seed=args.seed)
     old.eval()
     pre = [(0, mse(old, layout(old_spec.schema, held_out), held_out["y"]))]
+    pre_updates: list = []
+    old_opt, old_lr = fresh_adam(old, n1)
     t = time.perf_counter()
-    train(old, old_spec.schema, n1, 1 + 2 * args.seed, held_out, pre)
+    train(old, old_spec.schema, n1, 1 + 2 * args.seed, held_out, pre, old_opt, old_lr, pre_updates)
     t_old = time.perf_counter() - t
     old_loss = mse(old, layout(old_spec.schema, held_out), held_out["y"])
     print(f"old spec after {n1} steps: held-out loss {old_loss:.6f} ({t_old:.1f} s)")
 
     with tempfile.TemporaryDirectory(prefix="specsurgery-continue-") as tmp:
-        # 2. checkpoint, plan, apply, load
+        # 2. checkpoint (with its optimizer), plan, apply, load
         old_path = os.path.join(tmp, "old.safetensors")
         new_path = os.path.join(tmp, "new.safetensors")
-        state = old.state_dict()
-        write_checkpoint(old_path, canonical(old_spec), old_spec.model.name,
-                         {name: tuple(v.shape) for name, v in state.items()}, state.items())
+        old.save(old_path, optimizer=old_opt)
         t = time.perf_counter()
         plan = make_plan(old_spec, new_spec)
         apply_plan(plan, old_path, new_spec, new_path, seed=args.seed)
-        _, surgered = load_module(new_path)
+        carry_optimizer_file(plan, old_path, new_path)
+        surgered = ss.load(new_path)
+        surgered.eval()
         t_surgery = time.perf_counter() - t
         s = plan.summary
         print(f"surgery ({t_surgery:.2f} s): copied {s.transferred:,} of {s.old_params:,} old parameters, "
               f"{s.zeroed:,} zeroed, {s.fresh:,} fresh; function preserving: {s.function_preserving}")
 
-    new_inputs = layout(new_spec.schema, held_out)
-    at_surgery = mse(surgered, new_inputs, held_out["y"])
-    with torch.no_grad():
-        out_diff = (surgered(new_inputs)["y"] - old(layout(old_spec.schema, held_out))["y"]).abs().max().item()
-    print(f"loss right after surgery: {at_surgery:.6f} (old model: {old_loss:.6f}, |diff| {abs(at_surgery - old_loss):.2e}); "
-          f"largest |output difference| on the {HELD_OUT} held-out states: {out_diff:.2e}")
+        def carried(model):
+            """The old run's Adam carried to `model` through the optimizer file apply wrote."""
+            return ss.load_optimizer(new_path, model)
 
-    # 3. continue the surgered model; the new spec from scratch beside it, same steps and batches
-    post = [(0, at_surgery)]
-    t = time.perf_counter()
-    train(surgered, new_spec.schema, n2, 2 + 2 * args.seed, held_out, post)
-    t_post = time.perf_counter() - t
-    scratch_model = SpecModule(new_graph, seed=args.seed)
+        new_inputs = layout(new_spec.schema, held_out)
+        at_surgery = mse(surgered, new_inputs, held_out["y"])
+        with torch.no_grad():
+            out_diff = (surgered(new_inputs)["y"] - old(layout(old_spec.schema, held_out))["y"]).abs().max().item()
+        print(f"loss right after surgery: {at_surgery:.6f} (old model: {old_loss:.6f}, |diff| "
+              f"{abs(at_surgery - old_loss):.2e}); largest |output difference| on the {HELD_OUT} held-out states: "
+              f"{out_diff:.2e}")
+
+        # 3. continuations of the surgered model, each on the same batches; the new spec from scratch beside them
+        masks = new_element_masks(plan)
+        hold = min(HOLD, n2 // 2)
+
+        def naive(model):
+            """The obvious carry the issue tried: new second moments zero, the old step count."""
+            opt = carried(model)
+            opt._ss_awaiting_gradient.clear()  # no start at the first gradient: the zeros stay
+            for name, p in model.named_parameters():
+                if p in opt.state:
+                    opt.state[p]["exp_avg_sq"][masks[name]] = 0.0
+            return opt
+
+        runs = {
+            "fresh Adam": (None, None),
+            "carried Adam": (carried, lambda i: schedule(i, n2)),
+            f"lr 0 for {hold} steps, then carried": (carried, lambda i: 0.0 if i < hold else schedule(i - hold, n2 - hold)),
+            "carried, new second moments zero (naive)": (naive, lambda i: schedule(i, n2)),
+        }
+        posts, update_logs, times = {}, {}, {}
+        for label, (make_opt, lr_factor) in runs.items():
+            model = copy.deepcopy(surgered)
+            curve, log = [(0, at_surgery)], []
+            t = time.perf_counter()
+            train(model, new_spec.schema, n2, 2 + 2 * args.seed, held_out, curve,
+                  make_opt(model) if make_opt else None, lr_factor, log, masks)
+            times[label] = time.perf_counter() - t
+            posts[label], update_logs[label] = curve, log
+
+    scratch_model = ss.compile(NEW_SPEC, seed=args.seed)
     scratch_model.eval()
     scratch = [(0, mse(scratch_model, new_inputs, held_out["y"]))]
     t = time.perf_counter()
     train(scratch_model, new_spec.schema, n2, 2 + 2 * args.seed, held_out, scratch)
     t_scratch = time.perf_counter() - t
 
-    final_scratch, final_surgery = scratch[-1][1], post[-1][1]
-    k = first_at_or_below(post, final_scratch)
-    print(f"comparison: the surgered model's {n2} continued steps against the new spec trained from scratch "
-          f"for the same {n2} steps on the same batches ({t_post:.1f} s and {t_scratch:.1f} s); "
-          f"the old model's {n1} steps were spent before the change")
-    if k is None:
-        print(f"surgery reaches the from-scratch final loss ({final_scratch:.6f}) after - of {n2} steps (never)")
-    else:
-        print(f"surgery reaches the from-scratch final loss ({final_scratch:.6f}) after {k} of {n2} steps "
-              f"(fraction {k / n2:.3f})")
-    print(f"final loss: surgery {final_surgery:.6f} vs scratch {final_scratch:.6f} "
-          f"(ratio {final_scratch / final_surgery:.2f}x; noise floor {floor:.4f})")
-    shown = sorted({at_step(post[1:], frac * n2)[0] for frac in (0.1, 0.25, 0.5)} - {n2})
-    for i in shown:
-        print(f"  after {i:>5} steps: surgery {dict(post)[i]:.6f}, scratch {dict(scratch)[i]:.6f}")
+    final_scratch = scratch[-1][1]
+    before = [u[0] for u in pre_updates[-FIRST:]]
+    before_rms = sum(before) / len(before)
+    print(f"comparison over the {n2} steps after the change, every run on the same batches; the new spec from "
+          f"scratch ({t_scratch:.1f} s) ends at {final_scratch:.6f}. Update sizes are RMS per element per unit of "
+          f"learning rate, over the first {FIRST} steps with lr > 0 after surgery, relative to the old run's last "
+          f"{FIRST} steps ({before_rms:.3g})")
+    rows = []
+    for label, curve in posts.items():
+        first = [u for u in update_logs[label] if u is not None][:FIRST]
+        every = sum(u[0] for u in first) / len(first) / before_rms
+        new = sum(u[1] for u in first) / len(first) / before_rms
+        jump = max(loss for step, loss in curve if step <= JUMP_WINDOW) / at_surgery
+        k = first_at_or_below(curve, final_scratch)
+        rows.append((label, every, new, jump, k, curve[-1][1]))
+    print(f"  {'continuation':<44} {'first updates':>13} {'new elements':>12} {'loss jump':>9} "
+          f"{'steps to scratch final':>22} {'final loss':>10}")
+    for label, every, new, jump, k, final in rows:
+        reached = f"{k} of {n2}" if k is not None else f"never in {n2}"
+        print(f"  {label:<44} {every:>12.2f}x {new:>11.2f}x {jump:>8.3f}x {reached:>22} {final:>10.6f}")
+    print(f"  (loss jump: the highest held-out loss in the first {JUMP_WINDOW} steps / the loss at surgery)")
 
     if args.plot:
-        subtitle = (f"seed {args.seed}; batch {BATCH}; Adam, peak lr {LR:g}, {WARMUP}-step warm-up and cosine decay in every run; "
+        subtitle = (f"seed {args.seed}; batch {BATCH}; Adam, peak lr {LR:g}, {WARMUP}-step warm-up and cosine decay; "
                     f"held-out MSE on {HELD_OUT} states every {EVAL_EVERY} steps")
-        plot(args.plot, n1, n2, pre, post, scratch, old_loss, k, floor, plateau, subtitle)
+        main_label = "carried Adam"
+        plot(args.plot, n1, n2, pre, posts, main_label, scratch, old_loss, first_at_or_below(posts[main_label], final_scratch),
+             floor, plateau, subtitle)
         print(f"plot written to {args.plot}")
     print(f"total time {time.perf_counter() - t_start:.1f} s")
-
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 """One plan, many checkpoints: 8 checkpoints (each with its Adam state beside
-it) carried over to a new spec by one pool apply, against 8 separate applies,
-measured in the same run.
+it) carried over to a new spec by one `specsurgery apply` with a pool of
+workers, against 8 separate `specsurgery apply` commands, measured in the same run.
 
     python benchmarks/pool_apply.py                   # 8 checkpoints, 2 workers
-    python benchmarks/pool_apply.py --checkpoints 8 --jobs 2 --width 1024
+    python benchmarks/pool_apply.py --checkpoints 8 --jobs 2 --width 2048
 
 The old spec has a group of 128 floats and two hidden layers of --width units;
 the new one inserts a feature in the middle of the group and widens both
@@ -11,21 +11,25 @@ hidden layers by 16 units, so every large parameter grows (nothing is only
 copied file to file). Each checkpoint is written by model.save(optimizer=Adam
 after one step).
 
-- separate: for each checkpoint, what `ss.apply` / `specsurgery apply` does
-  for one: read its spec, make the plan, apply it, carry the optimizer file.
-- pool: the plan made once, then many_apply.apply_many (worker processes,
-  spawned, each importing torch) over all of them.
+- separate: `specsurgery apply CKPT NEW_SPEC -o OUT`, once per checkpoint, one
+  after the other (each reads the spec, makes the plan, applies it and
+  carries the optimizer file);
+- pool: `specsurgery apply CKPT... NEW_SPEC -o OUTDIR --jobs 2`: the plan made
+  once, the checkpoints applied in worker processes;
+- in-process (for reference): the separate applies' work in this process,
+  one after the other, with no interpreter start-up (make_plan, apply_plan,
+  carry_optimizer_file; durable as the commands are).
 
-Both write with durable=False (no fsync) so the disk's flush time, shared with
-every other process on the machine, is not what is measured. The outputs are
-compared byte for byte, checkpoint and optimizer file, and the ratio
-pool / separate is printed. Nothing is asserted.
+The outputs are compared byte for byte, checkpoint and optimizer file, and the
+ratios are printed. Nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +72,7 @@ def main(argv=None) -> None:
     import specsurgery as ss
     from specsurgery.api import read_spec
     from specsurgery.checkpoint import load_spec, optimizer_path, read_header
-    from specsurgery.many_apply import apply_many
+    from specsurgery.many_apply import Outcome
     from specsurgery.optimizer_state import carry_optimizer_file
     from specsurgery.surgery.apply import apply_plan
     from specsurgery.surgery.diff import make_plan
@@ -91,21 +95,33 @@ def main(argv=None) -> None:
         print(f"pool_apply: {args.checkpoints} checkpoints of {params:,} parameters "
               f"({size / 1e6:.0f} MB each with its Adam state), {args.jobs} workers, {os.cpu_count()} cores")
 
-        new = read_spec(new_text)
+        spec_path = os.path.join(tmp, "new.spec")
+        with open(spec_path, "w") as f:
+            f.write(new_text)
+        command = [sys.executable, "-m", "specsurgery"]
         separate_dir = os.path.join(tmp, "separate")
-        os.makedirs(separate_dir)
         t = time.perf_counter()
         for path in olds:
-            out = os.path.join(separate_dir, os.path.basename(path))
-            plan = make_plan(load_spec(read_header(path)), new)
-            apply_plan(plan, path, new, out, durable=False)
-            carry_optimizer_file(plan, path, out, durable=False)
+            subprocess.run([*command, "apply", path, spec_path, "-o", os.path.join(separate_dir, os.path.basename(path)),
+                            "--json"], check=True, stdout=subprocess.DEVNULL)
         separate = time.perf_counter() - t
 
+        pool_dir = os.path.join(tmp, "pool")
         t = time.perf_counter()
-        plan = make_plan(load_spec(read_header(olds[0])), new)
-        outcomes = apply_many(plan, olds, os.path.join(tmp, "pool"), jobs=args.jobs, durable=False)
+        done = subprocess.run([*command, "apply", *olds, spec_path, "-o", pool_dir, "--jobs", str(args.jobs), "--json"],
+                              stdout=subprocess.PIPE, text=True)
         pool = time.perf_counter() - t
+        outcomes = [Outcome(**o) for o in json.loads(done.stdout)["outputs"]]
+
+        new = read_spec(new_text)
+        inproc_dir = os.path.join(tmp, "inproc")
+        t = time.perf_counter()
+        for path in olds:
+            out = os.path.join(inproc_dir, os.path.basename(path))
+            plan = make_plan(load_spec(read_header(path)), new)
+            apply_plan(plan, path, new, out)
+            carry_optimizer_file(plan, path, out)
+        inproc = time.perf_counter() - t
 
         failed = [o for o in outcomes if o.error]
         differ = [o.checkpoint for o in outcomes if not o.error and not (
@@ -113,11 +129,12 @@ def main(argv=None) -> None:
             and filecmp.cmp(o.optimizer, optimizer_path(os.path.join(separate_dir, os.path.basename(o.checkpoint))),
                             shallow=False))]
         same = not differ and not failed
-        print(f"separate applies: {separate:.2f} s ({separate / args.checkpoints:.2f} s each)")
-        print(f"pool apply:       {pool:.2f} s ({len(outcomes) - len(failed)} written, {len(failed)} failed)")
+        print(f"separate commands:     {separate:.2f} s ({separate / args.checkpoints:.2f} s each)")
+        print(f"one command, a pool:   {pool:.2f} s ({len(outcomes) - len(failed)} written, {len(failed)} failed)")
+        print(f"in-process, one by one: {inproc:.2f} s (reference: no interpreter start-up)")
         print(f"outputs equal to the separate applies, byte for byte (checkpoints and optimizer files): {same}"
               + (f" (differ: {', '.join(differ)})" if differ else ""))
-        print(f"ratio pool / separate: {pool / separate:.2f}")
+        print(f"ratio pool / separate commands: {pool / separate:.2f}; pool / in-process one by one: {pool / inproc:.2f}")
 
 
 if __name__ == "__main__":

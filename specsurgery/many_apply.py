@@ -47,9 +47,13 @@ def output_paths(checkpoints: list[str], out_dir: str) -> list[str]:
 _WORKER: dict = {}
 
 
-def _start_worker(plan_json: str, seed: int, durable: bool) -> None:
+def _start_worker(plan_json: str, seed: int, durable: bool, threads: int) -> None:
+    import torch
+
     from .spec.load import load_text
     from .surgery.plan import Plan
+
+    torch.set_num_threads(threads)  # the workers share the cores: one thread each, not one per core each
 
     plan = Plan.model_validate_json(plan_json)
     spec = load_text(plan.new_spec, "<plan new spec>").model(plan.new_model)
@@ -72,6 +76,12 @@ def _apply_one(task: tuple[str, str]) -> Outcome:
     return Outcome(checkpoint, out, optimizer)
 
 
+def _current_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def apply_many(plan, checkpoints: list[str], out_dir: str, jobs: Optional[int] = None, seed: int = 0,
                durable: bool = True, progress: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
     """Apply `plan` to every checkpoint, writing OUT_DIR/<its name>; outcomes in
@@ -81,7 +91,9 @@ def apply_many(plan, checkpoints: list[str], out_dir: str, jobs: Optional[int] =
     tasks = list(zip(checkpoints, outs))
     jobs = max(1, min(jobs or default_jobs(), len(tasks)))
     done = {}
-    for outcome in in_workers(_apply_one, tasks, jobs, _start_worker, (plan.model_dump_json(), seed, durable)):
+    threads = 1 if jobs > 1 else None
+    start = (plan.model_dump_json(), seed, durable, threads or _current_threads())
+    for outcome in in_workers(_apply_one, tasks, jobs, _start_worker, start):
         done[outcome.checkpoint] = outcome
         if progress is not None:
             progress(outcome)
