@@ -292,7 +292,7 @@ def _apply(args) -> int:
         from .shard_apply import apply_sharded
 
         result = apply_sharded(plan, args.checkpoint, new, args.output, max_shard_size=args.max_shard_size,
-                               jobs=args.jobs, seed=args.seed)
+                               jobs=args.jobs, seed=args.seed, checked=not args.plan)
     else:
         from .surgery.apply import apply_plan
 

@@ -31,9 +31,10 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
-def check_plan_fits(plan, header, new_spec) -> None:
-    """Refuse a plan made for another old checkpoint or another new spec.
-    (The same checks as apply_plan makes, without its torch import.)"""
+def check_plan_fits(plan, header, new_spec, checked: bool = False) -> None:
+    """Refuse a plan made for another old checkpoint or another new spec, and
+    (unless `checked`: the caller made it from both specs just now) one that
+    is not the plan the specs give. The checks apply_plan makes, without torch."""
     from .ir import build_graph
     from .spec.canonical import canonical
 
@@ -47,7 +48,8 @@ def check_plan_fits(plan, header, new_spec) -> None:
     from .checkpoint import load_spec
     from .surgery.diff import check_plan
 
-    check_plan(plan, build_graph(load_spec(header)), build_graph(new_spec))  # the plan the specs give, or none
+    if not checked:  # planning again costs as much as planning: once is enough
+        check_plan(plan, build_graph(load_spec(header)), build_graph(new_spec))  # the plan the specs give, or none
 
 
 def in_workers(task: Callable, tasks: list, jobs: int, start: Callable, start_args: tuple) -> Iterator:
@@ -125,17 +127,41 @@ def _write_shard(task: tuple[str, list[str]]) -> tuple[str, int, int]:
     return path, len(names), written
 
 
+def _needs_torch(name: str) -> bool:
+    p = _WORKER["params"][name]
+    return p.action != "copied" or not getattr(_WORKER["header"], "whole", lambda _: True)(p.source)
+
+
+def _run(built: list, copies: list, jobs: int, init: tuple):
+    """Write every shard, `jobs` at a time: shards that are only copies in threads
+    of this process (the kernel copies; no torch, no process to start), the
+    others in the jobs the copies leave free (in_workers: in this process when
+    that is one; a worker with torch takes ~220 MB before its first tensor)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if jobs == 1:
+        yield from map(_write_shard, copies + built)
+        return
+    workers = min(len(built), jobs - 1 if copies else jobs)
+    with ThreadPoolExecutor(max(1, jobs - workers)) as threads:
+        copied = threads.map(_write_shard, copies)  # submitted now: they run while the built shards are made
+        if workers:
+            yield from in_workers(_write_shard, built, workers, _start_worker, init)
+        yield from copied
+
+
 # ---------------------------------------------------------------------------
 
 
 def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Union[int, str, None] = None,
                   jobs: Optional[int] = None, seed: int = 0, durable: bool = True,
-                  progress: Optional[Callable[[str, int], None]] = None) -> dict:
+                  progress: Optional[Callable[[str, int], None]] = None, checked: bool = False) -> dict:
     """Write the surgered checkpoint to the folder `out`, in the Hugging Face
     sharded layout. `max_shard_size` defaults to the old checkpoint's largest
-    shard (or 5GB for a one-file input); `jobs` to one worker per core."""
+    shard (or 5GB for a one-file input); `jobs` to one per core. `checked`:
+    the caller made the plan from both specs just now (else it is made again to compare)."""
     header = read_header(checkpoint)
-    check_plan_fits(plan, header, new_spec)
+    check_plan_fits(plan, header, new_spec, checked)
     if os.path.abspath(out) == os.path.abspath(header.path):
         raise UserError(f"{out}: error: the output would replace the checkpoint being read; write elsewhere")
     if max_shard_size is None:
@@ -147,9 +173,13 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     with staged_folder(out) as tmp:
         tasks = [(os.path.join(tmp, shard_file(k, len(shards))), names) for k, names in enumerate(shards, 1)]
         init = (plan.model_dump_json(), checkpoint, seed, durable)
-        for path, count, nbytes in in_workers(_write_shard, tasks, jobs, _start_worker, init):
+        _start_worker(*init)  # this process writes the shards that are only copies
+        built = [t for t in tasks if any(_needs_torch(name) for name in t[1])]
+        copies = [t for t in tasks if t not in built]
+        for path, count, nbytes in _run(built, copies, jobs, init):
             written += nbytes
             if progress is not None:
                 progress(os.path.basename(path), count)
         write_index(tmp, plan.new_spec, plan.new_model, shards, shapes)
-    return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs}
+    return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs,
+            "built_shards": len(built)}

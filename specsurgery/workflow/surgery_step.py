@@ -128,7 +128,7 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
         if os.path.isdir(target):  # sharded: shard by shard, in worker processes
             from ..shard_apply import apply_sharded
 
-            apply_sharded(plan, kept, spec, staged, seed=seed)
+            apply_sharded(plan, kept, spec, staged, seed=seed, checked=True)
         else:
             apply_plan(plan, kept, spec, staged, seed=seed, progress=bar)
         if os.path.exists(optimizer):
