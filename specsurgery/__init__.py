@@ -13,21 +13,30 @@ __version__ = "0.1.0"
 
 from .errors import SpecError, UserError  # noqa: E402  (no torch)
 
+# `ss.surgery` is the function; the subpackage of the same name (diff, plan,
+# apply, verify) is imported first so that importing it later never rebinds the
+# name: use `from specsurgery.surgery.diff import ...`, not `import ... as`.
+from . import surgery as _surgery_package  # noqa: E402,F401
+from .api import surgery  # noqa: E402
+
 _LAZY = {
-    "compile": "api", "load": "api",
+    "compile": "api", "load": "api", "plan": "api", "apply": "api", "verify": "api",
+    "Plan": "api", "Surgery": "api",
     "load_optimizer": "optimizer_state",
     "Model": "model",
     "save_dcp": "dcp", "load_dcp": "dcp",
+    "Verification": "surgery.verify",
 }
 
-__all__ = ["SpecError", "UserError", *_LAZY, "__version__"]
+__all__ = ["SpecError", "UserError", "surgery", *_LAZY, "__version__"]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'specsurgery' has no attribute {name!r}")

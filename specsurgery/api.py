@@ -78,3 +78,217 @@ def load(path: str, *, device=None, dtype=None):
         return t.to(device=device, dtype=dtype) if device is not None or dtype is not None else t
 
     return Model(graph, tensors=tensor, metadata=user_metadata(header))
+
+
+# ---------------------------------------------------------------------------
+# surgery
+
+
+def _spec_of(source, model: Optional[str] = None) -> m.ModelSpec:
+    """A Model, a checkpoint, a .spec path, spec text or git:REV:path -> its ModelSpec."""
+    from .model import Model
+    from .sources import is_checkpoint
+
+    if isinstance(source, Model):
+        return source._ss_graph.spec
+    if isinstance(source, (str, os.PathLike)) and is_checkpoint(os.fspath(source)):
+        from .checkpoint import load_spec, read_header
+
+        return load_spec(read_header(os.fspath(source)))
+    return read_spec(source, model)
+
+
+class Plan:
+    """The surgery from one version to another: what every weight becomes.
+
+    `function_preserving`, `summary` (old_params, new_params, transferred,
+    zeroed, fresh, dropped), `reasons` (each with file, line, column: why the
+    function is not preserved), `to_json()` and `Plan.from_json(text)`."""
+
+    def __init__(self, plan):
+        self._plan = plan  # surgery.plan.Plan, the data
+
+    @property
+    def function_preserving(self) -> bool:
+        return self._plan.summary.function_preserving
+
+    @property
+    def summary(self):
+        return self._plan.summary
+
+    @property
+    def reasons(self) -> tuple:
+        return self._plan.summary.reasons
+
+    @property
+    def only_old(self) -> list[str]:
+        return list(self._plan.old_only_heads)
+
+    @property
+    def only_new(self) -> list[str]:
+        return list(self._plan.new_only_heads)
+
+    def to_json(self) -> str:
+        return self._plan.model_dump_json(indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "plan") -> "Plan":
+        """A plan from its JSON, checked against the published JSON Schema (and,
+        when it is used, against both specs)."""
+        import json
+
+        import jsonschema
+
+        from .surgery.plan import Plan as PlanData, plan_json_schema
+
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, RecursionError) as e:
+            raise UserError(f"{where}: error: not JSON ({e})") from None
+        validator = jsonschema.Draft202012Validator(plan_json_schema())
+        try:
+            error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+        except RecursionError:
+            raise UserError(f"{where}: error: not a valid plan: nested too deep") from None
+        if error is not None:
+            path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "(plan)"
+            raise UserError(f"{where}: error: not a valid plan: {path.lstrip('.')}: {error.message}")
+        return cls(PlanData.model_validate(data))
+
+    def __str__(self) -> str:
+        from .surgery.plan import render_plan
+
+        return render_plan(self._plan)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (f"<ss.Plan {self._plan.old_model} -> {self._plan.new_model}: {s.transferred:,} of {s.old_params:,} "
+                f"transferred, {'function preserved' if s.function_preserving else 'function NOT preserved'}>")
+
+
+def plan(old, new, *, model: Optional[str] = None) -> Plan:
+    """The surgery from `old` to `new` (each a Model, a checkpoint, a .spec path,
+    spec text or git:REV:path; `model` picks one in a file with several)."""
+    from .ir import build_graph
+    from .surgery.diff import make_plan
+
+    return Plan(make_plan(build_graph(_spec_of(old, model)), build_graph(_spec_of(new, model))))
+
+
+def _checked_plan(given: Optional[Plan], old_graph, new_graph) -> Plan:
+    from .surgery.diff import check_plan, make_plan
+
+    if given is None:
+        return Plan(make_plan(old_graph, new_graph))
+    if not isinstance(given, Plan):
+        raise UserError(f"error: plan= takes an ss.Plan (ss.plan or ss.Plan.from_json), got {type(given).__name__}")
+    check_plan(given._plan, old_graph, new_graph)
+    return given
+
+
+def refuse_lossy(p: Plan, allow_lossy: bool, what: str = "surgery") -> None:
+    """A plan that does not preserve the function is carried out only when asked."""
+    if p.function_preserving or allow_lossy:
+        return
+    lines = [f"error: the {what} does not preserve the function; allow it with allow_lossy=True "
+             "(--allow-lossy), or change the spec lines to blame:"]
+    lines += [f"  {r.render()}" for r in p.reasons]
+    raise UserError("\n".join(lines))
+
+
+class Surgery:
+    """What ss.surgery made: `.model` (a new ss.Model), `.plan` (the plan carried
+    out) and `.optimizer` (None: no optimizer was given)."""
+
+    def __init__(self, model, plan: Plan, optimizer=None):
+        self.model, self.plan, self.optimizer = model, plan, optimizer
+
+    def __repr__(self) -> str:
+        return f"<ss.Surgery {self.plan!r}>"
+
+
+def surgery(model, new, *, plan: Optional[Plan] = None, allow_lossy: bool = False, seed: int = 0) -> Surgery:
+    """Carry `model` over to the spec `new`, in memory: a new ss.Model whose weights
+    are the plan's (old ones copied, new ones zero or fresh), on the old model's
+    device and in its dtype. The old model is left as it was. Fresh values are
+    those `ss.apply` writes with the same seed."""
+    import torch
+
+    from .ir import build_graph
+    from .model import Model, model_device, model_dtype
+    from .surgery.apply import build_tensor, fresh_generator, fresh_init
+
+    if not isinstance(model, Model):
+        raise UserError(f"error: ss.surgery takes an ss.Model, got {type(model).__name__} (for a checkpoint file, "
+                        "ss.load it or use ss.apply)")
+    old_graph = model._ss_graph
+    new_graph = build_graph(_spec_of(new))
+    carried = _checked_plan(plan, old_graph, new_graph)
+    refuse_lossy(carried, allow_lossy)
+    old = dict(model.named_parameters())
+    entries = {p.name: p for p in carried._plan.params}
+    dtype, device = model_dtype(model), model_device(model)
+
+    def tensor(name: str) -> torch.Tensor:
+        entry = entries[name]
+        source = old.get(entry.source) if entry.source is not None else None
+        init = fresh_init(new_graph, name, fresh_generator(seed, name))
+        with torch.no_grad():
+            return build_tensor(entry, lambda n: old[n].detach(), init,
+                                dtype=source.dtype if source is not None else dtype,
+                                device=source.device if source is not None else device)
+
+    new_model = Model(new_graph, tensors=tensor, metadata=model.metadata)
+    new_model.train(model.training)
+    return Surgery(new_model, carried)
+
+
+def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_lossy: bool = False,
+          seed: int = 0, max_shard_size=None, jobs: Optional[int] = None, progress=None) -> Plan:
+    """Carry a checkpoint over to `new`, file to file, streaming tensor by tensor
+    (the new file appears whole or not at all). User metadata and each tensor's
+    dtype are kept. With `max_shard_size`, or from a sharded checkpoint, `out` is
+    a sharded folder."""
+    from .checkpoint import load_spec, read_header
+    from .ir import build_graph
+    from .shards import is_folder_checkpoint
+
+    checkpoint, out = os.fspath(checkpoint), os.fspath(out)
+    old_graph = build_graph(load_spec(read_header(checkpoint)))
+    new_graph = build_graph(_spec_of(new))
+    carried = _checked_plan(plan, old_graph, new_graph)
+    refuse_lossy(carried, allow_lossy)
+    sharded = max_shard_size is not None or (is_folder_checkpoint(checkpoint) and not out.endswith(".safetensors"))
+    if sharded and out.endswith(".safetensors"):
+        raise UserError(f"{out}: error: a sharded checkpoint is a folder; name it without .safetensors")
+    if sharded:
+        from .shard_apply import apply_sharded
+
+        apply_sharded(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size, jobs=jobs, seed=seed,
+                      checked=True)
+    else:
+        from .surgery.apply import apply_plan
+
+        apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True)
+    return carried
+
+
+def verify(old, new, *, states: int = 1000, records=None, tolerance: float = 1e-5, seed: int = 0,
+           steps: Optional[int] = None):
+    """Run `old` and `new` (each an ss.Model or a checkpoint path) on the same
+    states and compare their heads output by output, in float64. The states are
+    random (`states` of them), or the caller's `records` of the old schema."""
+    from .surgery.verify import verify_models
+
+    return verify_models(_model_of(old), _model_of(new), states=states, records=records, tolerance=tolerance,
+                         seed=seed, steps=steps)
+
+
+def _model_of(source):
+    from .model import Model
+
+    if isinstance(source, Model):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return load(source)
+    raise UserError(f"error: ss.verify takes ss.Models or checkpoint paths, got {type(source).__name__}")

@@ -291,12 +291,25 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
     return written
 
 
+class _TorchDtypes(dict):
+    """safetensors dtype name -> torch dtype, filled when first read (torch is imported late)."""
+
+    def __missing__(self, key):
+        import torch
+
+        self.update({"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64})
+        return dict.__getitem__(self, key)
+
+
+TORCH_DTYPES = _TorchDtypes()
+
+
 def tensor_bytes(tensor, dtype: str) -> memoryview:
     """A tensor's bytes in `dtype`, little-endian as safetensors lays them out
     (bfloat16 has no numpy type: its bytes are taken through a uint8 view)."""
     import torch
 
-    wanted = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}[dtype]
+    wanted = TORCH_DTYPES[dtype]
     flat = tensor.detach().to(device="cpu", dtype=wanted).contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Callable
 
-from .render import emit_json, table
+from .render import apply_text, emit_json, table
 from .errors import UserError
 from .progress import Progress
 
@@ -208,53 +208,38 @@ PARSERS.append(_map_parser)
 
 
 def read_plan_file(path: str):
-    """A plan from JSON, validated against the published schema before use."""
-    import json
-
-    import jsonschema
-
-    from .surgery.plan import Plan, plan_json_schema
-
+    """An ss.Plan from a JSON file, validated against the published schema."""
+    from .api import Plan
     from .spec.load import read_disk
 
     text = read_disk(path, what="plan file")  # a regular file (not a FIFO), UTF-8
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: error: not JSON ({e})") from None
+        return Plan.from_json(text, where=path)
     except RecursionError:
         raise UserError(f"{path}: error: not a valid plan: nested too deeply") from None
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(plan_json_schema()).iter_errors(data))
-    if error is not None:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "(plan)"
-        raise UserError(f"{path}: error: not a valid plan: {where.lstrip('.')}: {error.message}")
-    return Plan.model_validate(data)
 
 
 @command("plan", "work out the surgery from one spec version to another")
 def cmd_plan(args) -> int:
     import json
 
+    from .api import plan
     from .files import atomic_file
-    from .sources import resolve_spec
-    from .surgery.diff import make_plan
-    from .surgery.plan import plan_json_schema, render_plan
+    from .surgery.plan import plan_json_schema
 
     if args.schema:
         emit_json(plan_json_schema())
         return 0
     if not args.old or not args.new:
         raise UserError("error: plan needs OLD and NEW (or --schema)")
-    old = resolve_spec(args.old, args.model)
-    new = resolve_spec(args.new, args.model)
-    plan = make_plan(old, new)
+    result = plan(args.old, args.new, model=args.model)
     if args.output:
         with atomic_file(args.output, "w") as f:
-            f.write(plan.model_dump_json(indent=1))
+            f.write(result.to_json())
     if args.json:
-        emit_json(json.loads(plan.model_dump_json()))
+        emit_json(json.loads(result.to_json()))
     else:
-        print(render_plan(plan))
+        print(result)
         if args.output:
             print(f"wrote {args.output}")
     return 0
@@ -271,50 +256,27 @@ def cmd_apply(args) -> int:
 
 
 def _apply(args) -> int:
-    from .sources import resolve_spec
-    from .checkpoint import load_spec, optimizer_path, read_header
-    from .shards import is_folder_checkpoint
-    from .surgery.diff import make_plan
+    from .api import apply_checkpoint, plan, read_spec, refuse_lossy
 
-    new = resolve_spec(args.new_spec, args.model)
+    new = read_spec(args.new_spec, args.model) if args.model else args.new_spec
+    given = read_plan_file(args.plan) if args.plan else None
     args.checkpoint = args.checkpoints[0]  # the plan is made once, from the first
-    if args.plan:
-        plan = read_plan_file(args.plan)
-    else:
-        plan = make_plan(load_spec(read_header(args.checkpoint)), new)
     if len(args.checkpoints) > 1:
-        return _apply_many(args, plan)
-    sharded = args.max_shard_size is not None or (is_folder_checkpoint(args.checkpoint)
-                                                  and not args.output.endswith(".safetensors"))
-    if sharded and args.output.endswith(".safetensors"):
-        raise UserError(f"{args.output}: error: a sharded checkpoint is a folder; name it without .safetensors")
-    if sharded:  # no torch in this process; workers import it only for tensors that are not only moved
-        from .shard_apply import apply_sharded
-
-        result = apply_sharded(plan, args.checkpoint, new, args.output, max_shard_size=args.max_shard_size,
-                               jobs=args.jobs, seed=args.seed, checked=not args.plan)
-    else:
-        from .surgery.apply import apply_plan
-
-        progress = Progress("apply", len(plan.params), enabled=not args.json)
-        try:
-            result = apply_plan(plan, args.checkpoint, new, args.output, seed=args.seed, progress=progress)
-        finally:
-            progress.close()
-    if os.path.exists(optimizer_path(args.checkpoint)):  # torch only then
-        from .optimizer_state import carry_optimizer_file
-
-        result["optimizer"] = carry_optimizer_file(plan, args.checkpoint, args.output)
-    s = plan.summary
-    report = {**result, **s.model_dump(), "transfer_share": s.transfer_share}
+        many = given or plan(args.checkpoint, new)
+        refuse_lossy(many, args.allow_lossy)
+        return _apply_many(args, many._plan)
+    progress = Progress("apply", 0, enabled=not args.json)
+    try:
+        result, written = apply_checkpoint(args.checkpoint, new, args.output, plan=given,
+                                           allow_lossy=args.allow_lossy, seed=args.seed,
+                                           max_shard_size=args.max_shard_size, jobs=args.jobs, progress=progress)
+    finally:
+        progress.close()
+    s = result.summary
     if args.json:
-        emit_json(report)
+        emit_json({"checkpoint": args.output, **s.model_dump(), "transfer_share": s.transfer_share})
     else:
-        print(f"wrote {args.output}: {s.transferred:,} of {s.old_params:,} old parameters transferred "
-              f"({100 * s.transfer_share:.2f}%), {s.zeroed:,} zero, {s.fresh:,} fresh; function "
-              + ("preserved" if s.function_preserving else "NOT preserved"))
-        for r in s.reasons:
-            print(f"  {r.render()}")
+        print(apply_text(args.output, s))
     return 0
 
 
@@ -340,20 +302,18 @@ def _apply_many(args, plan) -> int:
     return 1 if failed else 0
 
 
-@command("verify", "run two checkpoints on the same random states and compare their heads")
+@command("verify", "run two checkpoints on the same states and compare their heads")
 def cmd_verify(args) -> int:
-    from .surgery.verify import verify
+    from .api import verify
+    from .workflow.policy import load_policy
 
-    report = verify(args.old, args.new, states=args.states, steps=args.steps, seed=args.seed)
-    report["tolerance"] = args.tol
-    report["ok"] = report["max"] <= args.tol
+    states = args.states if args.states is not None else load_policy().verify_states
+    result = verify(args.old, args.new, states=states, tolerance=args.tol, seed=args.seed, steps=args.steps)
     if args.json:
-        emit_json(report)
+        emit_json(result.report())
     else:
-        rows = [[h, f"{d:.3g}", "ok" if d <= args.tol else "DIFFERS"] for h, d in report["heads"].items()]
-        print(f"{report['states']} random states ({report['steps']} step{'s' if report['steps'] > 1 else ''} each), tolerance {args.tol:g}")
-        print(table(rows, ["head", "max |old - new|", ""], right=(1,)))
-    return 0 if report["ok"] else HEADS_DIFFER
+        print(result)
+    return 0 if result.ok else HEADS_DIFFER
 
 
 HEADS_DIFFER = 3  # verify's own: the models differ (1 stays "the input is bad", as everywhere)
@@ -365,6 +325,9 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+DEFAULT_STATES = 1000  # workflow.policy.DEFAULT_STATES (not imported here: help must stay cheap)
 
 
 def _surgery_parsers(add) -> None:
@@ -384,6 +347,7 @@ def _surgery_parsers(add) -> None:
     _model_arg(p)
     p.add_argument("--plan", metavar="plan.json", help="apply this plan (validated) instead of planning anew")
     p.add_argument("--seed", type=seed, default=0, help="seed of fresh parameters (default 0)")
+    p.add_argument("--allow-lossy", action="store_true", help="carry out a change that does not preserve the function")
     p.add_argument("--max-shard-size", metavar="SIZE", help="write OUT as a sharded folder (Hugging Face layout) "
                    "of shards up to SIZE (bytes, or 2GB, 400MiB; default for a sharded input: its largest shard)")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
@@ -392,10 +356,12 @@ def _surgery_parsers(add) -> None:
     p = add("verify")
     p.add_argument("old", metavar="OLD_CKPT")
     p.add_argument("new", metavar="NEW_CKPT")
-    p.add_argument("--states", type=int, default=1000, help="random states (default 1000)")
-    p.add_argument("--steps", type=int, default=None, help="observations per state for lstm models (default 3)")
+    p.add_argument("--states", type=_positive_int, default=None, metavar="N",
+                   help=f"random states (default: the policy's verify_states, {DEFAULT_STATES:,} unless set)")
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="T",
+                   help="observations per state for recurrent models (default 3)")
     p.add_argument("--tol", type=float, default=1e-5, help="largest allowed difference (default 1e-5)")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random states (default 0)")
 
 
 PARSERS.append(_surgery_parsers)

@@ -14,7 +14,10 @@ class Progress:
     def __call__(self, name: str, nbytes: int) -> None:
         self.done += 1
         self.bytes += nbytes
-        if self.enabled:
+        if self.enabled and not self.total:  # the count is not known beforehand
+            sys.stderr.write(f"\r{self.label}: {self.done} tensors, {self.bytes / 1e6:,.1f} MB")
+            sys.stderr.flush()
+        elif self.enabled:
             width = 30
             filled = width * self.done // max(1, self.total)
             _terminal().write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "

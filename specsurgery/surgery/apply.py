@@ -14,7 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..checkpoint import StoredTensor, check_shapes, load_spec, open_tensors, read_header, write_checkpoint
+from ..checkpoint import (TORCH_DTYPES, StoredTensor, check_shapes, load_spec, open_tensors, read_header,
+                          user_metadata, write_checkpoint)
 from ..errors import UserError
 from ..ir import Graph, build_graph
 from ..ops import OPS, OUT
@@ -181,13 +182,23 @@ def _spliced(p: ParamPlan, init: Callable[[torch.Tensor], None], header, stored:
 
 
 def carried_tensor(p: ParamPlan, new_graph: Graph, header, stored: Optional[str],
-                   read_old: Callable[[str], torch.Tensor], seed: int):
-    """What apply writes for `p` (file to file): a large grown tensor streamed
-    row block by row block, else the tensor build_tensor makes. `stored` is the
-    old tensor's name in the checkpoint."""
+                   read_old: Callable[[str], torch.Tensor], seed: int, dtype: torch.dtype = torch.float32):
+    """What apply writes for `p` (file to file): a large grown float32 tensor
+    streamed row block by row block, else the tensor build_tensor makes, in
+    `dtype`. `stored` is the old tensor's name in the checkpoint."""
     init = fresh_init(new_graph, p.name, fresh_generator(seed, p.name))
-    spliced = _spliced(p, init, header, stored) if p.source is not None else None
-    return spliced or build_tensor(p, read_old, init)
+    spliced = _spliced(p, init, header, stored) if p.source is not None and dtype == torch.float32 else None
+    return spliced or build_tensor(p, read_old, init, dtype=dtype)
+
+
+def carried_dtypes(plan: Plan, header, stored: dict[str, str]) -> dict[str, str]:
+    """Each new tensor's dtype in the file: its old tensor's; a fresh one takes
+    the dtype most of the checkpoint is in."""
+    from collections import Counter
+
+    counts = Counter(info.dtype for info in header.tensors.values())
+    usual = counts.most_common(1)[0][0] if counts else "F32"
+    return {p.name: header.tensors[stored[p.source]].dtype if p.source is not None else usual for p in plan.params}
 
 
 def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
@@ -223,13 +234,16 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
     def read_old(name: str) -> torch.Tensor:
         return tensors.get_tensor(stored[name])
 
+    dtypes = carried_dtypes(plan, header, stored)
+
     def produce():
         for p in plan.params:
             if p.action == "copied":  # unchanged: its bytes go file to file
                 yield p.name, StoredTensor.of(header, stored[p.source])
                 continue
-            yield p.name, carried_tensor(p, new_graph, header, stored.get(p.source), read_old, seed)
+            yield p.name, carried_tensor(p, new_graph, header, stored.get(p.source), read_old, seed,
+                                         dtype=TORCH_DTYPES[dtypes[p.name]])
 
     written = write_checkpoint(out, plan.new_spec, new_graph.model.name, shapes, produce(), progress=progress,
-                               durable=durable)
+                               durable=durable, dtypes=dtypes, extra_metadata=user_metadata(header))
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes)}

@@ -5,7 +5,7 @@
     models = "models"        # checkpoint folder
     min_transfer = 0.9       # least share of old parameters a change carries over
     allow_lossy = false      # allow changes that do not preserve the function
-    verify_states = 200      # random states build verifies surgery on
+    verify_states = 1000     # random states build and verify run (one rule for both)
     tolerance = 1e-5         # largest allowed output difference when preserved
 
 These are the defaults (what holds without a pyproject.toml); command-line
@@ -23,6 +23,10 @@ from typing import Optional
 
 from ..errors import UserError
 
+# The random states `build` verifies a surgery on and `verify` runs, unless
+# verify_states says otherwise: one rule for both (ss.verify's default too).
+DEFAULT_STATES = 1000
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -30,7 +34,7 @@ class Policy:
     models: str = "models"
     min_transfer: float = 0.9
     allow_lossy: bool = False
-    verify_states: int = 200
+    verify_states: int = DEFAULT_STATES
     tolerance: float = 1e-5
     root: str = "."  # the folder of the pyproject.toml it came from
 

@@ -112,7 +112,7 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
              seed: int, progress: bool, made: list[str]) -> dict:
     from ..progress import Progress
     from ..surgery.apply import apply_plan
-    from ..surgery.verify import verify
+    from ..api import verify
 
     s = plan.summary
     kept, kept_now = keep_in_history(target, header.spec_text)
@@ -140,13 +140,16 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
     detail = [f"  surgery: {s.transferred:,} of {s.old_params:,} old parameters transferred "
               f"({100 * s.transfer_share:.2f}%), {s.zeroed:,} zero, {s.fresh:,} fresh; previous kept as {kept}"]
     if s.function_preserving and policy.verify_states > 0:
-        report = verify(kept, staged, states=policy.verify_states, seed=seed)
-        row["verified"] = report["max"]
-        if report["max"] > policy.tolerance:
+        result = verify(kept, staged, states=policy.verify_states, tolerance=policy.tolerance, seed=seed)
+        report = result.report()
+        row["verified"] = report["max"]  # the largest difference (null: a NaN)
+        row["verified_ok"] = result.ok
+        if not result.ok:
             return {**row, "action": "refused", "refused": True,
                     "detail": f"{target}: surgery for model {spec.model.name} failed verification: "
-                              f"largest difference {report['max']:.3g} > tolerance {policy.tolerance:g}; nothing changed"}
-        detail.append(f"  verified on {report['states']} random states: largest difference {report['max']:.3g}")
+                              f"largest difference {result.largest:.3g} > tolerance {policy.tolerance:g}; nothing changed"}
+        detail.append(f"  verified on {result.states:,} random states (compared in float64): "
+                      f"largest difference {result.largest:.3g}")
     else:
         for r in s.reasons:
             detail.append(f"  lossy (allowed): {r.render()}")
