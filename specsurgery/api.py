@@ -249,6 +249,14 @@ def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_
     (the new file appears whole or not at all). User metadata and each tensor's
     dtype are kept. With `max_shard_size`, or from a sharded checkpoint, `out` is
     a sharded folder."""
+    return apply_checkpoint(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed,
+                            max_shard_size=max_shard_size, jobs=jobs, progress=progress)[0]
+
+
+def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_lossy: bool = False,
+                     seed: int = 0, max_shard_size=None, jobs: Optional[int] = None,
+                     progress=None) -> tuple[Plan, dict]:
+    """ss.apply, and what the writer reports (bytes, tensors; shards and jobs for a folder)."""
     from .checkpoint import load_spec, read_header
     from .ir import build_graph
     from .shards import is_folder_checkpoint
@@ -264,13 +272,19 @@ def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_
     if sharded:
         from .shard_apply import apply_sharded
 
-        apply_sharded(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size, jobs=jobs, seed=seed,
-                      checked=True)
+        written = apply_sharded(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size, jobs=jobs,
+                                seed=seed, checked=True)
     else:
         from .surgery.apply import apply_plan
 
-        apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True)
-    return carried
+        written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True)
+    from .checkpoint import optimizer_path
+
+    if os.path.exists(optimizer_path(checkpoint)):  # the optimizer's state goes along, moved by the same plan
+        from .optimizer_state import carry_optimizer_file
+
+        written["optimizer"] = carry_optimizer_file(carried._plan, checkpoint, out)
+    return carried, written
 
 
 def verify(old, new, *, states: int = 1000, records=None, tolerance: float = 1e-5, seed: int = 0,

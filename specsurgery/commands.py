@@ -274,7 +274,7 @@ def _apply(args) -> int:
         progress.close()
     s = result.summary
     if args.json:
-        emit_json({"checkpoint": args.output, **s.model_dump(), "transfer_share": s.transfer_share})
+        emit_json({**written, **s.model_dump(), "transfer_share": s.transfer_share})
     else:
         print(apply_text(args.output, s))
     return 0
