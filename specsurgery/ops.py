@@ -528,6 +528,83 @@ class LSTM(Op):
         return Axis(hidden_keys, tuple(h)), params
 
 
+GRU_GATES = ("r", "z", "n")  # PyTorch's order of the three row blocks
+
+
+class GRU(Op):
+    name = "gru"
+    n_ints = 1
+    int_names = ("units",)
+    # All parameters at zero: r = z = 1/2 and n = tanh(0) = 0, so h' = h/2 stays 0.
+    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False,
+                      layout=Layout(entities="forbidden", time=True), starts_at_zero=True)
+    recurrent_state = ("h",)
+
+    def infer(self, inputs, ints, kw):
+        (x,), (units,) = inputs, ints
+        _tensor_input("gru", x, allow_entities=False)
+        _positive_width("gru", "units", units, 1)
+        rows = 3 * units
+        return Value(units), {
+            "weight_ih": ParamSpec((rows, x.width), (OUT, IN)),
+            "weight_hh": ParamSpec((rows, units), (OUT, IN)),
+            "bias_ih": ParamSpec((rows,), (OUT,)),
+            "bias_hh": ParamSpec((rows,), (OUT,)),
+        }
+
+    def init(self, node, name, tensor, generator):
+        bound = 1.0 / math.sqrt(node.value.width)  # nn.GRU's default
+        tensor.uniform_(-bound, bound, generator=generator)
+
+    def forward(self, node, params, xs, ctx):
+        torch = _torch()
+        x = xs[0]
+        start = ctx.state.get(node.scope)
+        h0 = x.new_zeros(1, x.shape[0], node.value.width) if start is None else start["h"].unsqueeze(0)
+        weights = [params["weight_ih"], params["weight_hh"], params["bias_ih"], params["bias_hh"]]
+        out, h = torch.gru(x, h0, weights, True, 1, 0.0, False, False, True)
+        ctx.new_state[node.scope] = {"h": h[0]}
+        return out
+
+    def probe(self, node, params, xs, ctx):
+        # The same cell written out with zero-preserving gates (sigmoid(z) - 1/2)
+        # and h' = n + z*h: PyTorch's (1 - z)*n + z*h subtracts, which could
+        # cancel a path; this one is increasing in every positive input.
+        torch = _torch()
+        x = xs[0]
+        h = x.new_zeros(x.shape[0], node.value.width)
+        outputs = []
+        for t in range(x.shape[1]):
+            from_x, from_h = x[:, t] @ params["weight_ih"].T, h @ params["weight_hh"].T
+            reached = ((from_x + from_h) != 0).to(x.dtype)  # biases count where an input reached the unit
+            from_x, from_h = from_x + params["bias_ih"] * reached, from_h + params["bias_hh"] * reached
+            xr, xz, xn = from_x.chunk(3, dim=-1)
+            hr, hz, hn = from_h.chunk(3, dim=-1)
+            r, z = torch.sigmoid(xr + hr) - 0.5, torch.sigmoid(xz + hz) - 0.5
+            h = torch.tanh(xn + r * hn) + z * h
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+    def shadow(self, node, xs):
+        (x,) = xs
+        units = node.value.width
+        # Every gate of every unit mixes all of x and all of h, so from the first
+        # step on every unit carries what x carries, and weight_hh meets it from
+        # the second step (the LSTM's fixpoint, reached at once).
+        seen = x.union()
+        rows = tuple(key for gate in GRU_GATES for key in K.units(node.scope, units, gate))
+        hidden = Axis(K.units(node.scope, units), (seen,) * units)
+        empty_rows = Axis(rows, (0,) * len(rows))
+        bias_rows = Axis(rows, (seen,) * len(rows))
+        params = {
+            "weight_ih": (empty_rows, x),
+            "weight_hh": (empty_rows, hidden),
+            "bias_ih": (bias_rows,),
+            "bias_hh": (bias_rows,),
+        }
+        return hidden, params
+
+
 # ---------------------------------------------------------------------------
 # ops without parameters
 
@@ -737,6 +814,204 @@ class MaxPool(Pool):
         return pooled.masked_fill(mask.sum(dim=-2) == 0, 0.0)
 
 
+class Dropout(Op):
+    """Zeroes elements while training; the identity in eval mode (inference,
+    verification, both maps). So its indices keep their keys and feature sets:
+    adding or removing a dropout, or changing p, moves no weight and keeps the function."""
+
+    name = "dropout"
+    n_ints = 1
+    int_names = ("p",)
+    decimals = True
+    surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=True, idempotent=True, layout=Layout(entities="any"))
+
+    def infer(self, inputs, ints, kw):
+        (x,), (p,) = inputs, ints
+        _tensor_input("dropout", x)
+        if not 0 <= p < 1:
+            raise OpError(f"dropout p is a probability below 1, got {p:g}", 1)
+        return x, {}
+
+    init = _no_params
+
+    def forward(self, node, params, xs, ctx):
+        return _torch().nn.functional.dropout(xs[0], node.attrs["ints"][0], training=ctx.training)
+
+    def probe(self, node, params, xs, ctx):
+        return xs[0]
+
+    def shadow(self, node, xs):
+        return xs[0], {}
+
+
+# ---------------------------------------------------------------------------
+# attention over entity sets
+
+
+def _entity_mask(node: Node, x, ctx: RunContext):
+    """[..., E]: 1 for a real entity of the op's set, 0 for padding."""
+    return ctx.masks[node.attrs["entities"]].to(x.dtype)
+
+
+def _linear_init(node: Node, name: str, tensor, generator) -> None:
+    """nn.Linear's default, U(±1/sqrt(in)), for `<p>_weight` and `<p>_bias` alike."""
+    fan_in = node.params[name.rsplit("_", 1)[0] + "_weight"].shape[1]
+    bound = 1.0 / math.sqrt(fan_in)
+    tensor.uniform_(-bound, bound, generator=generator)
+
+
+class Attention(Op):
+    """Masked multi-head self-attention: each entity attends to the real
+    entities of its own set; head h owns rows h*D .. h*D+D-1 of q, k and v."""
+
+    name = "attention"
+    n_ints = 2
+    int_names = ("heads", "head_dim")
+    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False, layout=Layout(entities="required"),
+                      starts_at_zero=True, fixed_args={"head_dim": "scores are scaled by 1/sqrt(head_dim)"})
+    projections = ("q", "k", "v")
+
+    def infer(self, inputs, ints, kw):
+        (x,), (heads, head_dim) = inputs, ints
+        _tensor_input("attention", x)
+        if not x.entities:
+            raise OpError(f"attention needs an entity set, got {x.describe()}", 0)
+        _positive_width("attention", "heads", heads, 1)
+        _positive_width("attention", "head_dim", head_dim, 2)
+        width = heads * head_dim
+        params = {}
+        for p in self.projections:
+            params[f"{p}_weight"] = ParamSpec((width, x.width), (OUT, IN))
+            params[f"{p}_bias"] = ParamSpec((width,), (OUT,))
+        params["out_weight"] = ParamSpec((width, width), (OUT, IN))
+        params["out_bias"] = ParamSpec((width,), (OUT,))
+        return Value(width, x.entities), params
+
+    init = staticmethod(_linear_init)
+
+    @staticmethod
+    def _split(t, heads: int):
+        """[..., E, H*D] -> [..., H, E, D]"""
+        return t.unflatten(-1, (heads, -1)).transpose(-2, -3)
+
+    @staticmethod
+    def _join(t):
+        """[..., H, E, D] -> [..., E, H*D]"""
+        return t.transpose(-2, -3).flatten(-2)
+
+    def forward(self, node, params, xs, ctx):
+        torch = _torch()
+        linear = torch.nn.functional.linear
+        x = xs[0]
+        heads, head_dim = node.attrs["ints"]
+        mask = _entity_mask(node, x, ctx)
+        q, k, v = (self._split(linear(x, params[f"{p}_weight"], params[f"{p}_bias"]), heads) for p in self.projections)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)  # [..., H, E, E]
+        # Padding keys score the lowest finite value, not -inf: a set with no real
+        # entity would give nan (and nan gradients). With one real entity the
+        # padding's weight underflows to exactly 0.
+        scores = scores.masked_fill(mask[..., None, None, :] == 0, torch.finfo(scores.dtype).min)
+        mixed = self._join(torch.softmax(scores, dim=-1) @ v)
+        out = linear(mixed, params["out_weight"], params["out_bias"])
+        return out * mask.unsqueeze(-1)  # padding entities, and a set with none real, give zeros
+
+    def probe(self, node, params, xs, ctx):
+        # The probe turns a feature on in every entity alike, and a softmax over
+        # equal scores is flat: q and k would get no gradient. Here each value
+        # v_j is weighted by 1 + softsign(q·k_j), averaged over real entities:
+        # zero stays zero, every path of the forward is kept, and the output
+        # grows like its input (a product q·k·v would saturate later tanhs).
+        x = xs[0]
+        heads, head_dim = node.attrs["ints"]
+        mask = _entity_mask(node, x, ctx)
+        q, k, v = (self._split(_gated_bias(x @ params[f"{p}_weight"].T, params[f"{p}_bias"]), heads)
+                   for p in self.projections)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+        weights = (1 + scores / (1 + scores.abs())) * mask[..., None, None, :]
+        weights = weights / mask.sum(dim=-1).clamp(min=1.0)[..., None, None, None]
+        out = _gated_bias(self._join(weights @ v) @ params["out_weight"].T, params["out_bias"])
+        return out * mask.unsqueeze(-1)
+
+    def shadow(self, node, xs):
+        (x,) = xs
+        heads, head_dim = node.attrs["ints"]
+        width = heads * head_dim
+        seen = x.union()  # every output mixes every input index of every entity (q·k, softmax, v)
+        params = {}
+        for p in self.projections:
+            rows = tuple(K.Unit(node.scope, f"{p} head {h}", d) for h in range(heads) for d in range(head_dim))
+            params[f"{p}_weight"] = (Axis(rows, (0,) * width), x)
+            params[f"{p}_bias"] = (Axis(rows, (seen,) * width),)
+        mixed = tuple(K.Unit(node.scope, f"head {h}", d) for h in range(heads) for d in range(head_dim))
+        out_keys = K.units(node.scope, width)
+        params["out_weight"] = (Axis(out_keys, (0,) * width), Axis(mixed, (seen,) * width))
+        params["out_bias"] = (Axis(out_keys, (seen,) * width),)
+        return Axis(out_keys, (seen,) * width), params
+
+
+class Pointer(Op):
+    """One score per entity slot of `x` for a vector `query`; padding scores -inf."""
+
+    name = "pointer"
+    n_tensors = 2
+    n_ints = 1
+    int_names = ("dim",)
+    head_only = True
+    # The output's last axis is the set's entity slots (the entity axis becomes the last).
+    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False,
+                      layout=Layout(entities="required", pools=True),
+                      fixed_args={"dim": "scores are scaled by 1/sqrt(dim)"})
+
+    def infer(self, inputs, ints, kw):
+        (query, x), (dim,) = inputs, ints
+        _tensor_input("pointer", query, 0, allow_entities=False)
+        _tensor_input("pointer", x, 1)
+        if not x.entities:
+            raise OpError(f"pointer scores the entities of a set, got {x.describe()}", 1)
+        _positive_width("pointer", "dim", dim, 2)
+        return Value(x.cap), {
+            "q_weight": ParamSpec((dim, query.width), (OUT, IN)),
+            "q_bias": ParamSpec((dim,), (OUT,)),
+            "k_weight": ParamSpec((dim, x.width), (OUT, IN)),
+            "k_bias": ParamSpec((dim,), (OUT,)),
+        }
+
+    init = staticmethod(_linear_init)
+
+    def forward(self, node, params, xs, ctx):
+        torch = _torch()
+        linear = torch.nn.functional.linear
+        query, x = xs
+        (dim,) = node.attrs["ints"]
+        q = linear(query, params["q_weight"], params["q_bias"])  # [..., dim]
+        k = linear(x, params["k_weight"], params["k_bias"])  # [..., E, dim]
+        scores = (k @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(dim)
+        return scores.masked_fill(_entity_mask(node, x, ctx) == 0, float("-inf"))
+
+    def probe(self, node, params, xs, ctx):
+        # A dot product is zero when either side is off (as a product is: the
+        # paper's footnote 5); sum over d of (1 + q)(1 + k) - 1 sees the union.
+        # Padding scores 0 here: zero stays zero.
+        query, x = xs
+        q = _gated_bias(query @ params["q_weight"].T, params["q_bias"]).unsqueeze(-2)
+        k = _gated_bias(x @ params["k_weight"].T, params["k_bias"])
+        return (q + k + q * k).sum(dim=-1) * _entity_mask(node, x, ctx)
+
+    def shadow(self, node, xs):
+        query, x = xs
+        dim = node.params["q_bias"].shape[0]
+        seen_q, seen_x = query.union(), x.union()
+        q_rows, k_rows = K.units(node.scope, dim, "query"), K.units(node.scope, dim, "key")
+        params = {
+            "q_weight": (Axis(q_rows, (0,) * dim), query),
+            "q_bias": (Axis(q_rows, (seen_q,) * dim),),
+            "k_weight": (Axis(k_rows, (0,) * dim), x),
+            "k_bias": (Axis(k_rows, (seen_x,) * dim),),
+        }
+        slots = node.value.width  # one score per entity slot; slots are not told apart
+        return Axis(K.units(node.scope, slots, "entity"), (seen_q | seen_x,) * slots), params
+
+
 AVGPOOL = AvgPool()
 
 OPS: dict[str, Op] = {
@@ -746,6 +1021,7 @@ OPS: dict[str, Op] = {
         Linear(), Embed(), OneHot(), Concat(), LayerNorm(), LSTM(),
         Relu(), Tanh(), Sigmoid(), Gelu(), Add(), Mul(),
         MaxPool(), AVGPOOL, SumPool(),
+        Attention(), Pointer(), GRU(), Dropout(),
     )
 }
 

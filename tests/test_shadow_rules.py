@@ -122,7 +122,7 @@ def test_weaker_probes_find_subsets():
 def test_registry_covers_every_op_the_grammar_accepts():
     # Every op of the language reference's table has one registry entry with every rule.
     language = {"linear", "embed", "onehot", "concat", "relu", "tanh", "sigmoid", "gelu", "add", "mul",
-                "layernorm", "maxpool", "avgpool", "sumpool", "lstm"}
+                "layernorm", "maxpool", "avgpool", "sumpool", "lstm", "attention", "pointer", "gru", "dropout"}
     assert set(LANGUAGE_OPS) == language
     for name in language:
         op = OPS[name]
