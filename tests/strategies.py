@@ -7,9 +7,10 @@ and only combines compatible things:
   * concat joins values over one entity set (or all plain);
   * add / mul get a second operand brought to the first one's width with a
     linear;
-  * pools read entity-set values only; lstm reads plain values only (at most
-    two per model, and only in some models);
-  * output heads are plain.
+  * pools and attention read entity-set values only; lstm and gru read plain
+    values only (at most two per model, and only in some models);
+  * output heads are plain; a pointer (plain query, entity-set keys) is a
+    whole head statement, which nothing reads.
 
 The generator is written against a tiny "picker" interface, so the same code
 runs under hypothesis (`spec_texts()`, which shrinks well: every choice
@@ -55,7 +56,8 @@ NAMES = (
 )
 
 OPS = ("linear", "embed", "onehot", "concat", "relu", "tanh", "sigmoid", "gelu",
-       "add", "mul", "layernorm", "maxpool", "avgpool", "sumpool", "lstm")
+       "add", "mul", "layernorm", "maxpool", "avgpool", "sumpool", "lstm",
+       "attention", "pointer", "gru", "dropout")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
 POOLS = ("maxpool", "avgpool", "sumpool")
 FEATURE_TYPES = ("float", "int", "bool", "category")
@@ -261,6 +263,8 @@ class _Gen:
                 return self.pool(0)
             return self.p.choice(leaves)()
         kinds = (["leaf"] if leaves else []) + ["linear", "activation", "layernorm", "concat", "binary"]
+        if ent is not None:
+            kinds.append("attention")
         if ent is None:
             if self.entity_sets:
                 kinds.append("pool")
@@ -274,7 +278,14 @@ class _Gen:
             return self.linear(self.term(ent, d), self.p.integer(1, MAX_WIDTH))
         if kind == "activation":
             x = self.term(ent, d)
-            return Val(self.call(self.p.choice(ACTIVATIONS), [x.text]), x.width, ent)
+            op = self.p.choice(ACTIVATIONS + ("dropout",))
+            if op == "dropout":
+                return Val(self.call("dropout", [x.text], [self.p.choice(("0.1", "0.5", "0"))]), x.width, ent)
+            return Val(self.call(op, [x.text]), x.width, ent)
+        if kind == "attention":
+            x = self.term(ent, d)
+            heads, head_dim = self.p.integer(1, 2), self.p.integer(1, 3)
+            return Val(self.call("attention", [x.text], [heads, head_dim]), heads * head_dim, ent)
         if kind == "layernorm":
             x = self.term(ent, d)
             return Val(self.call("layernorm", [x.text]), x.width, ent)
@@ -292,7 +303,13 @@ class _Gen:
         self.lstm_budget -= 1
         x = self.term(None, d)
         units = self.p.integer(1, MAX_WIDTH)
-        return Val(self.call("lstm", [x.text], [units]), units, None)
+        return Val(self.call(self.p.choice(("lstm", "gru")), [x.text], [units]), units, None)
+
+    def pointer(self, depth: int) -> str:
+        """A pointer head: a plain query scoring the entities of one set."""
+        ent = self.p.choice(self.entity_sets)
+        query, keys = self.term(None, depth), self.term(ent, depth)
+        return self.call("pointer", [query.text, keys.text], [self.p.integer(1, 4)])
 
     # -- model -------------------------------------------------------------
 
@@ -310,6 +327,10 @@ class _Gen:
             name = self.name(taken)
             taken.add(name)
             self.aliases: set[str] = set()
+            if head and self.entity_sets and self.p.chance(0.2):
+                text = self.pointer(self.p.integer(0, 2))
+                lines.append(f"  out {name}{self.was(0.1)} = {text}{self.comment()}")
+                continue  # a pointer's scores are read by no statement
             paths = self.leaves(ent, paths_only=True)
             if paths and self.p.chance(0.1):
                 value = self.p.choice(paths)()
