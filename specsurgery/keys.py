@@ -190,6 +190,26 @@ def parts(key: Key) -> list[Key]:
     return out
 
 
+def carried(key: Key, memo: dict) -> frozenset:
+    """The base of `key` and of every value it joins. `memo` (one per walk) keeps
+    each key's answer: a residual stream 30 adds deep is walked once per index,
+    not once per reader."""
+    stack = [key]
+    while stack:  # bottom-up without recursion, as transform
+        k = stack[-1]
+        if k in memo:
+            stack.pop()
+            continue
+        sides = (k.left, k.right) if isinstance(k, Joined) else ()
+        pending = [d for d in sides if d not in memo]
+        if pending:
+            stack.extend(pending)
+            continue
+        stack.pop()
+        memo[k] = frozenset((base(k),)).union(*(memo[d] for d in sides))
+    return memo[key]
+
+
 def source(key: Key, depth: int = 4) -> str:
     """What made a value, without the unit: `g.linear`, `feature hero.mana`."""
     key = base(key)

@@ -937,14 +937,17 @@ class Attention(Op):
         heads, head_dim = node.attrs["ints"]
         width = heads * head_dim
         seen = x.union()  # every output mixes every input index of every entity (q·k, softmax, v)
+        # Rows of q, k and v, and the heads' outputs that out_weight reads, are
+        # keyed by head and dimension: a new head is new keys, and a head keeps
+        # its first rows when head_dim changes.
+        per_head = tuple(key for h in range(heads) for key in K.units(node.scope, head_dim, f"head {h}"))
+        rows, bias_rows = Axis(per_head, (0,) * width), Axis(per_head, (seen,) * width)
         params = {}
         for p in self.projections:
-            rows = tuple(K.Unit(node.scope, f"{p} head {h}", d) for h in range(heads) for d in range(head_dim))
-            params[f"{p}_weight"] = (Axis(rows, (0,) * width), x)
-            params[f"{p}_bias"] = (Axis(rows, (seen,) * width),)
-        mixed = tuple(K.Unit(node.scope, f"head {h}", d) for h in range(heads) for d in range(head_dim))
+            params[f"{p}_weight"] = (rows, x)
+            params[f"{p}_bias"] = (bias_rows,)
         out_keys = K.units(node.scope, width)
-        params["out_weight"] = (Axis(out_keys, (0,) * width), Axis(mixed, (seen,) * width))
+        params["out_weight"] = (Axis(out_keys, (0,) * width), bias_rows)
         params["out_bias"] = (Axis(out_keys, (seen,) * width),)
         return Axis(out_keys, (seen,) * width), params
 

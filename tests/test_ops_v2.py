@@ -74,10 +74,10 @@ def test_attention_weights_meet_their_input_and_every_output_meets_the_whole_set
 def test_attention_rows_belong_to_heads():
     graph = graph_of("t = attention(obs.e, 2, 3)\nout h = linear(maxpool(t), 1)")
     phi = shadow_map(graph)
-    q_rows = phi.params["t.attention.q_weight"].axes[0].keys
-    assert q_rows == tuple(K.Unit("t.attention", f"q head {h}", d) for h in range(2) for d in range(3))
-    columns = phi.params["t.attention.out_weight"].axes[1].keys
-    assert columns == tuple(K.Unit("t.attention", f"head {h}", d) for h in range(2) for d in range(3))
+    per_head = tuple(K.Unit("t.attention", f"head {h}", d) for h in range(2) for d in range(3))
+    for p in ("q", "k", "v"):
+        assert phi.params[f"t.attention.{p}_weight"].axes[0].keys == per_head
+    assert phi.params["t.attention.out_weight"].axes[1].keys == per_head  # the heads' outputs
     assert phi.params["t.attention.out_weight"].axes[0].keys == K.units("t.attention", 6)
     assert [p.shape for p in phi.params.values()][:8] == [(6, 2), (6,), (6, 2), (6,), (6, 2), (6,), (6, 6), (6,)]
 

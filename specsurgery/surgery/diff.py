@@ -360,6 +360,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
     check = _Check()
     old_ops = {n.scope: n for n in old_graph.nodes if n.params}
     old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
+    carried: dict = {}  # key -> the bases it carries (K.carried), shared by every reader
     # taint[node][i]: names of the reasons index i no longer computes what it did
     taint: dict[int, list[frozenset]] = {}
     empty = frozenset()
@@ -399,9 +400,9 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         for new_input, old_input, in_taint in zip(node.inputs, old_node.inputs, ins):
             new_in, old_in = new.values[new_input], old.values[old_input]
             new_in_keys = renames.keys(new_in.keys)
-            new_in_base = {K.base(k) for k in new_in_keys}
+            new_in_base = set()  # what the input still carries, through joins too
             for k in new_in_keys:
-                new_in_base.update(K.base(p) for p in K.parts(k))
+                new_in_base |= K.carried(k, carried)
             missing = [k for k in old_in.keys if K.base(k) not in new_in_base]
             if missing:
                 unit_taint |= missing_reasons(node, missing)
@@ -430,7 +431,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             if key in renames.zero_joins:  # joined with a value that starts at zero: it is its old side
                 out.append(t)
                 continue
-            side_keys = [renames.key(x.keys[i]) for x in sides]
+            side_keys = [renames.key(x.keys[i]) if renames else x.keys[i] for x in sides]
             known = [k in old_keys for k in side_keys]
             if any(known) and not all(known):
                 old_side = side_keys[known.index(True)]
