@@ -47,9 +47,10 @@ def test_the_first_build_of_specs_announces_its_gigabyte_before_writing(tmp_path
         build([str(REPO / "specs")], out=str(out), announce=announce)
     assert not out.exists()
     assert said == [
-        f"writing 3 checkpoints to {out}, about 1.28 GB:\n"
+        f"writing 4 checkpoints to {out}, about 1.28 GB:\n"
         "model       parameters     size  checkpoint\n"
         "---------  -----------  -------  ----------\n"
+        "agent          182,567   735 kB  new\n"
         "five       157,906,450   632 MB  new\n"
         "five_next  160,005,266   640 MB  new\n"
         "policy       1,586,538  6.35 MB  new"]
