@@ -431,23 +431,18 @@ class LayerNorm(Op):
         return out, {"weight": (Axis(x.keys, (seen,) * n),), "bias": (Axis(x.keys, (seen,) * n),)}
 
 
-LSTM_GATES = ("i", "f", "g", "o")  # PyTorch's order of the four row blocks
+class RecurrentCell(Op):
+    """lstm and gru: one row block of weight_ih, weight_hh and the biases per gate."""
 
-
-class LSTM(Op):
-    name = "lstm"
     n_ints = 1
     int_names = ("units",)
-    # All parameters at zero: every gate is 1/2 and g = tanh(0) = 0, so c and h stay 0.
-    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False,
-                      layout=Layout(entities="forbidden", time=True), starts_at_zero=True)
-    recurrent_state = ("h", "c")
+    gates: tuple[str, ...]  # PyTorch's order of the row blocks
 
     def infer(self, inputs, ints, kw):
         (x,), (units,) = inputs, ints
-        _tensor_input("lstm", x, allow_entities=False)
-        _positive_width("lstm", "units", units, 1)
-        rows = 4 * units
+        _tensor_input(self.name, x, allow_entities=False)
+        _positive_width(self.name, "units", units, 1)
+        rows = len(self.gates) * units
         return Value(units), {
             "weight_ih": ParamSpec((rows, x.width), (OUT, IN)),
             "weight_hh": ParamSpec((rows, units), (OUT, IN)),
@@ -456,9 +451,20 @@ class LSTM(Op):
         }
 
     def init(self, node, name, tensor, generator):
-        units = node.value.width
-        bound = 1.0 / math.sqrt(units)  # nn.LSTM's default
+        bound = 1.0 / math.sqrt(node.value.width)  # nn.LSTM's and nn.GRU's default
         tensor.uniform_(-bound, bound, generator=generator)
+
+
+LSTM_GATES = ("i", "f", "g", "o")  # PyTorch's order of the four row blocks
+
+
+class LSTM(RecurrentCell):
+    name = "lstm"
+    gates = LSTM_GATES
+    # All parameters at zero: every gate is 1/2 and g = tanh(0) = 0, so c and h stay 0.
+    surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False,
+                      layout=Layout(entities="forbidden", time=True), starts_at_zero=True)
+    recurrent_state = ("h", "c")
 
     def forward(self, node, params, xs, ctx):
         torch = _torch()
@@ -531,30 +537,13 @@ class LSTM(Op):
 GRU_GATES = ("r", "z", "n")  # PyTorch's order of the three row blocks
 
 
-class GRU(Op):
+class GRU(RecurrentCell):
     name = "gru"
-    n_ints = 1
-    int_names = ("units",)
+    gates = GRU_GATES
     # All parameters at zero: r = z = 1/2 and n = tanh(0) = 0, so h' = h/2 stays 0.
     surgery = Surgery(Indices.MIXING, zero_to_zero=False, idempotent=False,
                       layout=Layout(entities="forbidden", time=True), starts_at_zero=True)
     recurrent_state = ("h",)
-
-    def infer(self, inputs, ints, kw):
-        (x,), (units,) = inputs, ints
-        _tensor_input("gru", x, allow_entities=False)
-        _positive_width("gru", "units", units, 1)
-        rows = 3 * units
-        return Value(units), {
-            "weight_ih": ParamSpec((rows, x.width), (OUT, IN)),
-            "weight_hh": ParamSpec((rows, units), (OUT, IN)),
-            "bias_ih": ParamSpec((rows,), (OUT,)),
-            "bias_hh": ParamSpec((rows,), (OUT,)),
-        }
-
-    def init(self, node, name, tensor, generator):
-        bound = 1.0 / math.sqrt(node.value.width)  # nn.GRU's default
-        tensor.uniform_(-bound, bound, generator=generator)
 
     def forward(self, node, params, xs, ctx):
         torch = _torch()
@@ -592,7 +581,7 @@ class GRU(Op):
         # step on every unit carries what x carries, and weight_hh meets it from
         # the second step (the LSTM's fixpoint, reached at once).
         seen = x.union()
-        rows = tuple(key for gate in GRU_GATES for key in K.units(node.scope, units, gate))
+        rows = tuple(key for gate in self.gates for key in K.units(node.scope, units, gate))
         hidden = Axis(K.units(node.scope, units), (seen,) * units)
         empty_rows = Axis(rows, (0,) * len(rows))
         bias_rows = Axis(rows, (seen,) * len(rows))

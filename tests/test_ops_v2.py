@@ -19,24 +19,16 @@ from specsurgery.model import Model
 from specsurgery.ops import OPS, RunContext
 from specsurgery.spec.load import load_text
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+try:  # tests/ as a package or as a rootdir-relative folder
+    from .test_shadow_rules import SCHEMA, names
+except ImportError:
+    from test_shadow_rules import SCHEMA, names
 
-SCHEMA = """
-schema s {
-  vocab colours = [red, green, blue]
-  group a { x: float  y: float  c: category(colours) }
-  group b { z: float  w: int }
-  group e[3] { p: float  q: bool }
-}
-"""
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def graph_of(body: str):
     return build_graph(load_text(SCHEMA + f"model m(obs: s) {{\n{body}\n}}\n", "t.spec").model())
-
-
-def names(phi, param: str, index: tuple[int, ...]) -> set[str]:
-    return set(phi.features_of(param, index))
 
 
 def assert_gradient_equal(graph, phi):
