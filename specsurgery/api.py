@@ -55,29 +55,9 @@ def compile(source: str, model: Optional[str] = None, *, seed: int = 0):
 
 def load(path: str, *, device=None, dtype=None):
     """The ss.Model of a checkpoint; tensors keep the file's dtype unless `dtype` is given."""
-    import torch
+    from .model import load_model
 
-    from .checkpoint import check_against, load_spec, open_tensors, read_header, user_metadata
-    from .ir import build_graph
-    from .model import DTYPE_NAMES, Model
-
-    if dtype is not None and dtype not in DTYPE_NAMES:
-        raise UserError(f"error: dtype must be one of torch.float32, bfloat16, float16, float64, got {dtype!r}")
-    try:
-        device = torch.device(device) if device is not None else None
-    except (RuntimeError, TypeError) as e:
-        raise UserError(f"error: not a device: {device!r} ({e})") from None
-    path = os.fspath(path)
-    header = read_header(path)
-    graph = build_graph(load_spec(header))
-    check_against(header, graph)
-    tensors = open_tensors(path)
-
-    def tensor(name: str):
-        t = tensors.get_tensor(name)
-        return t.to(device=device, dtype=dtype) if device is not None or dtype is not None else t
-
-    return Model(graph, tensors=tensor, metadata=user_metadata(header))
+    return load_model(path, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ the policy gets the very numbers training saw.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -317,3 +318,29 @@ def check_metadata(metadata: Mapping) -> dict[str, str]:
 def model_of(spec, *, seed: int = 0) -> Model:
     """A fresh model of a ModelSpec."""
     return Model(build_graph(spec), seed=seed)
+
+
+def load_model(path: str, *, device=None, dtype=None) -> "Model":
+    """The ss.Model of a checkpoint; tensors keep the file's dtype unless `dtype` is given."""
+    import torch
+
+    from .checkpoint import check_against, load_spec, open_tensors, read_header, user_metadata
+    from .ir import build_graph
+
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise UserError(f"error: dtype must be one of torch.float32, bfloat16, float16, float64, got {dtype!r}")
+    try:
+        device = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"error: not a device: {device!r} ({e})") from None
+    path = os.fspath(path)
+    header = read_header(path)
+    graph = build_graph(load_spec(header))
+    check_against(header, graph)
+    tensors = open_tensors(path)
+
+    def tensor(name: str):
+        t = tensors.get_tensor(name)
+        return t.to(device=device, dtype=dtype) if device is not None or dtype is not None else t
+
+    return Model(graph, tensors=tensor, metadata=user_metadata(header))

@@ -212,6 +212,6 @@ def _run(model, sequences: list, has_time: bool, validate: bool) -> dict:
 
 def verify(old_path: str, new_path: str, states: int = 1000, steps: Optional[int] = None, seed: int = 0) -> dict:
     """Two checkpoints on the same random states: Verification.report()."""
-    from ..api import load
+    from ..model import load_model
 
-    return verify_models(load(old_path), load(new_path), states=states, steps=steps, seed=seed).report()
+    return verify_models(load_model(old_path), load_model(new_path), states=states, steps=steps, seed=seed).report()
