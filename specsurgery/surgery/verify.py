@@ -22,6 +22,15 @@ from ..spec import model as m
 from .diff import Renames, find_renames
 
 
+def load_module(path: str):
+    """(spec, model in eval mode) of a checkpoint."""
+    from ..model import load_model
+
+    model = load_model(path)
+    model.eval()
+    return model._ss_graph.spec, model
+
+
 _CAST = {"float": float, "int": int, "bool": bool}
 
 
