@@ -314,6 +314,22 @@ def tensor_bytes(tensor, dtype: str) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+def read_tensor(header: Header, name: str, device=None):
+    """One tensor of a single-file checkpoint, read with pread into its own
+    buffer: no memory map, so loading a model holds the model once, not the
+    model and the mapped file."""
+    import torch
+
+    info = header.tensors[name]
+    tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    with open(header.path, "rb") as f:
+        got = os.preadv(f.fileno(), [view], header.data_start + info.start) if view.nbytes else 0
+    if got != info.end - info.start:
+        raise UserError(f"{header.path}: error: not a valid checkpoint: it ended early")
+    return tensor.to(device) if device is not None else tensor
+
+
 def open_tensors(path: str):
     """Lazy, memory-mapped access to a checkpoint's tensors (no unpickling)."""
     from safetensors import safe_open

@@ -324,7 +324,7 @@ def load_model(path: str, *, device=None, dtype=None) -> "Model":
     """The ss.Model of a checkpoint; tensors keep the file's dtype unless `dtype` is given."""
     import torch
 
-    from .checkpoint import check_against, load_spec, open_tensors, read_header, user_metadata
+    from .checkpoint import Header, check_against, load_spec, open_tensors, read_header, read_tensor, user_metadata
     from .ir import build_graph
 
     if dtype is not None and dtype not in DTYPE_NAMES:
@@ -337,10 +337,14 @@ def load_model(path: str, *, device=None, dtype=None) -> "Model":
     header = read_header(path)
     graph = build_graph(load_spec(header))
     check_against(header, graph)
-    tensors = open_tensors(path)
+    if isinstance(header, Header):  # one file: each tensor read straight into its buffer
+        def get(name: str):
+            return read_tensor(header, name)
+    else:  # a sharded folder or a DCP checkpoint
+        get = open_tensors(path).get_tensor
 
     def tensor(name: str):
-        t = tensors.get_tensor(name)
+        t = get(name)
         return t.to(device=device, dtype=dtype) if device is not None or dtype is not None else t
 
     return Model(graph, tensors=tensor, metadata=user_metadata(header))
