@@ -360,7 +360,10 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
             if n in seen:
                 raise bad(f"parameter {n!r} is in two param groups")
             seen.add(n)
-        groups.append(({k: _decode(v) for k, v in g.items() if k != "params"}, list(members)))
+        hyper = {k: _decode(v) for k, v in g.items() if k != "params"}
+        for key, value in hyper.items():
+            _check_hyperparameter(path, cls, len(groups), key, value)
+        groups.append((hyper, list(members)))
     allowed = set(RULES[cls]["moments"]) | set(SCALAR_KEYS) | {PENDING_KEY}
     keys = list(header.tensors) + list(empty if isinstance(empty, list) else [])
     state: dict[str, dict] = {}
@@ -391,6 +394,30 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
             pending[name] = entries.pop(PENDING_KEY) != 0
     state = {name: entries for name, entries in state.items() if entries}
     return NamedState(cls, defaults, groups, state, pending)
+
+
+def _check_hyperparameter(path: str, cls: str, group: int, key: str, value) -> None:
+    """A saved hyperparameter must be of the kind torch's default is (torch checks
+    few of them when a group is given, and a string lr would fail only at a step)."""
+    default = getattr(torch.optim, cls)([torch.zeros(1, requires_grad=True)]).defaults.get(key, value)
+    number = (int, float, torch.Tensor)
+
+    def is_number(v) -> bool:
+        return isinstance(v, number) and not isinstance(v, bool) and (not isinstance(v, torch.Tensor) or v.numel() == 1)
+
+    if isinstance(default, bool) or default is None:
+        ok = value is None or isinstance(value, bool) if default is None else isinstance(value, bool)
+        kind = "true, false" + (" or null" if default is None else "")
+    elif isinstance(default, tuple):
+        ok = isinstance(value, tuple) and len(value) == len(default) and all(is_number(v) for v in value)
+        kind = f"{len(default)} numbers"
+    elif is_number(default):
+        ok, kind = is_number(value), "a number"
+    else:
+        ok, kind = True, ""
+    if not ok:
+        raise UserError(f"{path}: error: not a valid optimizer file: param group {group} has {key} = {value!r}; "
+                        f"torch.optim.{cls} takes {kind}")
 
 
 def save_optimizer(optimizer, model, checkpoint: str) -> str:

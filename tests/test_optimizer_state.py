@@ -215,3 +215,19 @@ def test_hostile_optimizer_file_is_one_clear_error(tmp_path, one_thread):
     open(sidecar, "wb").write(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ss.UserError, match="no optimizer class"):
         ss.load_optimizer(path, ss.load(path))
+
+
+def test_saved_hyperparameters_of_the_wrong_kind_are_refused(tmp_path, one_thread):
+    trained(OPTIMIZERS["Adam"], tmp_path)
+    path = str(tmp_path / "old.safetensors")
+    sidecar = optimizer_path(path)
+    with safe_open(sidecar, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    groups = json.loads(meta["specsurgery.optimizer.param_groups"])
+    groups[0]["lr"] = "fast"
+    meta["specsurgery.optimizer.param_groups"] = json.dumps(groups)
+    from safetensors.torch import save_file
+
+    save_file(tensors, sidecar, metadata=meta)
+    with pytest.raises(ss.UserError, match="param group 0 has lr = 'fast'; torch.optim.Adam takes a number"):
+        ss.load_optimizer(path, ss.load(path))
