@@ -187,7 +187,8 @@ class Surgery:
         return f"<ss.Surgery {self.plan!r}>"
 
 
-def surgery(model, new, *, plan: Optional[Plan] = None, allow_lossy: bool = False, seed: int = 0) -> Surgery:
+def surgery(model, new, *, optimizer=None, plan: Optional[Plan] = None, allow_lossy: bool = False,
+            seed: int = 0) -> Surgery:
     """Carry `model` over to the spec `new`, in memory: a new ss.Model whose weights
     are the plan's (old ones copied, new ones zero or fresh), on the old model's
     device and in its dtype. The old model is left as it was. Fresh values are
@@ -201,6 +202,11 @@ def surgery(model, new, *, plan: Optional[Plan] = None, allow_lossy: bool = Fals
     if not isinstance(model, Model):
         raise UserError(f"error: ss.surgery takes an ss.Model, got {type(model).__name__} (for a checkpoint file, "
                         "ss.load it or use ss.apply)")
+    named = None
+    if optimizer is not None:  # an optimizer that cannot be carried is refused before anything is built
+        from .optimizer_state import named_state
+
+        named = named_state(optimizer, model)
     old_graph = model._ss_graph
     new_graph = build_graph(_spec_of(new))
     carried = _checked_plan(plan, old_graph, new_graph)
@@ -220,7 +226,12 @@ def surgery(model, new, *, plan: Optional[Plan] = None, allow_lossy: bool = Fals
 
     new_model = Model(new_graph, tensors=tensor, metadata=model.metadata)
     new_model.train(model.training)
-    return Surgery(new_model, carried)
+    new_optimizer = None
+    if named is not None:  # the optimizer's state moves with the weights, by the same plan
+        from .optimizer_state import build_optimizer, carry
+
+        new_optimizer = build_optimizer(carry(named, carried._plan), new_model)
+    return Surgery(new_model, carried, new_optimizer)
 
 
 def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_lossy: bool = False,
@@ -228,9 +239,30 @@ def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_
     """Carry a checkpoint over to `new`, file to file, streaming tensor by tensor
     (the new file appears whole or not at all). User metadata and each tensor's
     dtype are kept. With `max_shard_size`, or from a sharded checkpoint, `out` is
-    a sharded folder."""
+    a sharded folder. A list of checkpoints (of one spec) is planned once and
+    applied in worker processes (`jobs`), each written as OUT/<its name>; the
+    ones that fail are named in one UserError, the others are written whole."""
+    if isinstance(checkpoint, (list, tuple)):
+        return _apply_many(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed, jobs=jobs)
     return apply_checkpoint(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed,
                             max_shard_size=max_shard_size, jobs=jobs, progress=progress)[0]
+
+
+def _apply_many(checkpoints, new, out: str, *, plan, allow_lossy: bool, seed: int, jobs) -> Plan:
+    from .checkpoint import load_spec, read_header
+    from .ir import build_graph
+    from .many_apply import apply_many
+
+    checkpoints = [os.fspath(c) for c in checkpoints]
+    if not checkpoints:
+        raise UserError("error: ss.apply was given an empty list of checkpoints")
+    carried = _checked_plan(plan, build_graph(load_spec(read_header(checkpoints[0]))), build_graph(_spec_of(new)))
+    refuse_lossy(carried, allow_lossy)
+    failed = [o for o in apply_many(carried._plan, checkpoints, os.fspath(out), jobs=jobs, seed=seed) if o.error]
+    if failed:
+        raise UserError("\n".join([o.error for o in failed] + [f"{len(checkpoints) - len(failed)} of {len(checkpoints)} "
+                                                              "checkpoints carried over; the others are whole"]))
+    return carried
 
 
 def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_lossy: bool = False,

@@ -102,3 +102,16 @@ def test_build_carries_the_optimizer_and_keeps_the_old_in_history(tmp_path, caps
     model = ss.load(target)
     opt = ss.load_optimizer(target, model)
     assert opt.state[model.get_parameter("h.linear.weight")]["exp_avg"].shape == (10, 6)
+
+
+def test_ss_apply_over_a_list(tmp_path, one_thread):
+    olds = [checkpoint(tmp_path / f"c{k}.safetensors", k) for k in range(2)]
+    plan = ss.apply(olds, NEW, str(tmp_path / "many"), jobs=1)
+    assert plan.function_preserving
+    for k in range(2):
+        model = ss.load(str(tmp_path / "many" / f"c{k}.safetensors"))
+        assert type(ss.load_optimizer(str(tmp_path / "many" / f"c{k}.safetensors"), model)) is torch.optim.Adam
+    open(olds[1], "wb").write(b"junk")
+    with pytest.raises(ss.UserError, match=r"c1.safetensors: error: .*\n1 of 2 checkpoints carried over"):
+        ss.apply(olds, NEW, str(tmp_path / "again"), jobs=1)
+    ss.load(str(tmp_path / "again" / "c0.safetensors"))
