@@ -2,7 +2,7 @@
 midway, and goes on learning with its weights and its Adam state carried over.
 
     python examples/cartpole_surgery.py --plot examples/cartpole_surgery.png   # the full run (the benchmark)
-    python examples/cartpole_surgery.py --updates 6                           # a smoke run (CI)
+    python examples/cartpole_surgery.py --updates 4                           # a smoke run (CI runs run(updates=4))
 
 The agent first sees three of CartPole's four observations: the cart's
 position, the pole's angle and its angular velocity. Half way through the
