@@ -18,10 +18,13 @@ here recurses on that depth).
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Callable, Optional, Union
 
 _INTERNED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_LIVE = _INTERNED.data  # signature -> weak reference
+_SET = object.__setattr__
 
 
 class _Key:
@@ -30,13 +33,16 @@ class _Key:
 
     def __new__(cls, *fields):
         signature = (cls, *fields)
-        found = _INTERNED.get(signature)
+        try:
+            found = _LIVE[signature]()  # the weak dictionary's own table: one lookup, no Python layer
+        except KeyError:
+            found = None
         if found is not None:
             return found
         self = object.__new__(cls)
         for name, value in zip(cls._fields, fields):
-            object.__setattr__(self, name, value)
-        object.__setattr__(self, "_hash", hash(signature))
+            _SET(self, name, value)
+        _SET(self, "_hash", hash(signature))
         _INTERNED[signature] = self
         return self
 
@@ -117,7 +123,10 @@ class Joined(_Key):
 Key = Union[Feature, Unit, Wrapped, Normed, Joined]
 
 
+@functools.lru_cache(maxsize=1024)
 def units(scope: str, n: int, tag: Optional[str] = None) -> tuple[Unit, ...]:
+    """The keys of n units of one op (one block of them): built once, shared by
+    every graph that has the op (the old and the new version mostly do)."""
     return tuple(Unit(scope, tag, i) for i in range(n))
 
 

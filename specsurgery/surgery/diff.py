@@ -58,6 +58,7 @@ class Renames:
     zero_joins: dict = field(default_factory=dict)  # Joined key -> the side it stands for
     _features_moved: Optional[bool] = None
     _memo: dict = field(default_factory=dict)
+    _axes: dict = field(default_factory=dict)
 
     def feature(self, name: str) -> str:
         return self.features.get(name, name)
@@ -79,11 +80,29 @@ class Renames:
                 or any(k != v for k, v in self.ops.items()))
 
     def keys(self, keys) -> list:
-        """`key` of each, skipped when nothing was renamed (the common, large case)."""
-        return [self.key(k) for k in keys] if self else list(keys)
+        """`key` of each, skipped when nothing was renamed (the common, large case).
+        An axis is translated once: the same value is read by several ops."""
+        if not self:
+            return list(keys)
+        hit = self._axes.get(id(keys))
+        if hit is not None and hit[0] is keys:
+            return hit[1]
+        out = [self.key(k) for k in keys]
+        self._axes[id(keys)] = (keys, out)  # holding `keys` keeps its id from being reused
+        return out
 
     def key(self, key: K.Key) -> K.Key:
-        return K.transform(key, self._deps, self._build, self._memo)
+        found = self._memo.get(key)
+        if found is not None:
+            return found
+        memo = self._memo
+        if type(key) is K.Unit and key.scope not in self.identity_inputs:  # the common case, at once
+            found = memo[key] = K.Unit(self.scope(key.scope), key.tag, key.ordinal)
+            return found
+        if all(d in memo for d in self._deps(key)):  # its insides translated already: no walk
+            found = memo[key] = self._build(key, memo)
+            return found
+        return K.transform(key, self._deps, self._build, memo)
 
     def _deps(self, k: K.Key) -> tuple:
         if isinstance(k, K.Unit) and k.scope in self.identity_inputs:
