@@ -149,38 +149,9 @@ def check(o: Outcome, *, old_params: int, new_params: int, transferred: int, zer
             assert worst > TOL, o.report
 
 
-def stepwise_report(old_ckpt: str, new_ckpt: str, states: int = 1000, steps: int = 3, seed: int = 0) -> dict:
-    """A feed-forward old model against a recurrent new one (an lstm was added): the
-    old model run on each step alone, the new one over the steps, on the same
-    records (carried to the new schema as verify() carries them); the largest
-    difference per head both have, output by output as the plan maps them."""
-    import random
-
-    from specsurgery.features import featurise, random_record
-    from specsurgery.surgery import verify as v
-    from specsurgery.surgery.diff import find_renames
-    from specsurgery.surgery.plan import head_columns
-
-    old_spec, old_model = v.load_module(old_ckpt)
-    new_spec, new_model = v.load_module(new_ckpt)
-    renames = find_renames(old_spec, new_spec)
-    draw = v._shared_items(old_spec.schema, new_spec.schema, renames)
-    table = v._correspondence(new_spec.schema, renames)
-    columns = head_columns(make_plan(old_spec, new_spec))
-    rng = random.Random(seed)
-    worst = {h: 0.0 for h in columns}
-    with torch.no_grad():
-        done = 0
-        while done < states:
-            n = min(250, states - done)
-            seqs = [[random_record(draw, rng, 4) for _ in range(steps)] for _ in range(n)]
-            carried = [[v._carry(r, new_spec.schema, table, rng) for r in seq] for seq in seqs]
-            new_out = new_model(featurise(new_spec.schema, carried, time=True, validate=False))
-            for t in range(steps):
-                old_out = old_model(featurise(old_spec.schema, [seq[t] for seq in seqs], validate=False))
-                for h, (old_head, new_cols, old_cols) in columns.items():
-                    a = old_out[old_head][:, old_cols]
-                    b = new_out[h][:, t][:, new_cols]
-                    worst[h] = max(worst[h], (a - b).abs().max().item() if a.numel() else 0.0)
-            done += n
-    return {"states": states, "steps": steps, "heads": worst, "max": max(worst.values(), default=0.0)}
+def stepwise_report(old_ckpt: str, new_ckpt: str, states: int = 1000) -> dict:
+    """A feed-forward old model against a recurrent new one (an lstm was added):
+    verify() runs the old model on each step alone, the new one over the steps."""
+    report = verify(old_ckpt, new_ckpt, states=states)
+    assert report["steps"] > 1, report
+    return report
