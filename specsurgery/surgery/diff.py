@@ -444,13 +444,14 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
 
     def join(node, ins) -> list[frozenset]:
         sides = [new.values[i] for i in node.inputs]
+        renamed = bool(renames)  # asked once: it looks at every op's match
         out = []
         for i, key in enumerate(new.values[node.index].keys):
             t = empty.union(*(x[i] for x in ins))
             if key in renames.zero_joins:  # joined with a value that starts at zero: it is its old side
                 out.append(t)
                 continue
-            side_keys = [renames.key(x.keys[i]) if renames else x.keys[i] for x in sides]
+            side_keys = [renames.key(x.keys[i]) if renamed else x.keys[i] for x in sides]
             known = [k in old_keys for k in side_keys]
             if any(known) and not all(known):
                 old_side = side_keys[known.index(True)]
