@@ -42,12 +42,11 @@ class TensorInfo:
     end: int
 
 
-@dataclass(frozen=True)
-class Header:
-    path: str
-    tensors: dict[str, TensorInfo]
+class EmbeddedSpec:
+    """The spec in a checkpoint's `metadata`: of one file, a sharded folder's
+    index (shards.ShardedHeader) or a DCP folder's spec file (dcp.DcpHeader)."""
+
     metadata: dict[str, str]
-    data_start: int
 
     @property
     def spec_text(self) -> str:
@@ -56,6 +55,14 @@ class Header:
     @property
     def model_name(self) -> str:
         return self.metadata[META_MODEL]
+
+
+@dataclass(frozen=True)
+class Header(EmbeddedSpec):
+    path: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
 
     def header_of(self, name: str) -> "Header":
         """The file that holds tensor `name` (a sharded checkpoint has one per shard)."""

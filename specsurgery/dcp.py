@@ -23,9 +23,8 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
-from typing import Optional
 
-from .checkpoint import META_MODEL, META_SPEC, META_VERSION, Header, TensorInfo, package_version, read_header
+from .checkpoint import META_MODEL, META_SPEC, META_VERSION, EmbeddedSpec, Header, TensorInfo, package_version, read_header
 from .errors import UserError
 
 SPEC_FILE = "specsurgery.dcp.json"
@@ -42,21 +41,13 @@ class Chunk:
 
 
 @dataclass(frozen=True)
-class DcpHeader:
+class DcpHeader(EmbeddedSpec):
     """A DCP folder read as one checkpoint: what Header is for a single file."""
 
     path: str
     tensors: dict[str, TensorInfo]  # whole tensors (start/end: 0 and their byte size)
     metadata: dict[str, str]
     chunks: dict[str, list[Chunk]]
-
-    @property
-    def spec_text(self) -> str:
-        return self.metadata[META_SPEC]
-
-    @property
-    def model_name(self) -> str:
-        return self.metadata[META_MODEL]
 
     def whole(self, name: str) -> bool:
         """True when the tensor lies in one chunk, so its bytes can be copied as they are."""

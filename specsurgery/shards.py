@@ -24,7 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Union
 
-from .checkpoint import _DTYPES, META_MODEL, META_SPEC, META_VERSION, Header, TensorInfo, package_version, read_header, write_checkpoint
+from .checkpoint import _DTYPES, META_MODEL, META_SPEC, META_VERSION, EmbeddedSpec, Header, TensorInfo, package_version, read_header, write_checkpoint
 from .errors import UserError
 
 INDEX = "model.safetensors.index.json"
@@ -76,7 +76,7 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
 
 
 @dataclass(frozen=True)
-class ShardedHeader:
+class ShardedHeader(EmbeddedSpec):
     """A sharded checkpoint read as one: what Header is for a single file."""
 
     path: str  # the folder
@@ -84,14 +84,6 @@ class ShardedHeader:
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str]
     shard_of: dict[str, Header]  # tensor name -> the header of its shard
-
-    @property
-    def spec_text(self) -> str:
-        return self.metadata[META_SPEC]
-
-    @property
-    def model_name(self) -> str:
-        return self.metadata[META_MODEL]
 
     def header_of(self, name: str) -> Header:
         return self.shard_of[name]
