@@ -402,3 +402,64 @@ def test_the_caret_stands_under_the_column_when_the_line_has_tabs():
         "                  ^^^^",
         "  types: float, int, bool, category(VOCAB)",
     ]
+
+
+# ---------------------------------------------------------------------------
+# a full disk and a read-only one (a small tmpfs; mounting needs root, as here and in CI)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 512 kB file system of its own, unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k,mode=0755", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+BIG = SMALL.replace("linear(obs.g, 2)", "linear(obs.g, 100000)")  # 300,000 parameters: 1.2 MB
+
+
+def test_a_full_disk_leaves_nothing_behind(small_disk):
+    root = project(small_disk, BIG)
+    before = files_under(root)
+    result = run(["build"], root)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        f"{root}/models/m.safetensors: error: cannot write: No space left on device; nothing was changed")
+    assert files_under(root) == before  # no half-written file, not even the models folder
+
+
+def test_a_full_disk_during_a_surgery_leaves_the_old_checkpoint_and_no_history(small_disk):
+    root = project(small_disk, SMALL.replace("linear(obs.g, 2)", "linear(obs.g, 25000)"))  # 300 kB
+    result = run(["build"], root)
+    assert result.returncode == 0, result.stderr
+    (root / "specs" / "m.spec").write_text(SMALL.replace("linear(obs.g, 2)", "linear(obs.g, 25000)").replace(
+        "    y: float\n", "    y: float\n    z: float\n"))  # 400 kB more do not fit beside it
+    before = files_under(root)
+    result = run(["build"], root)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].endswith("error: cannot write: No space left on device; nothing was changed")
+    assert files_under(root) == before
+
+
+def test_a_read_only_models_folder(small_disk):
+    root = project(small_disk)
+    assert run(["build"], root).returncode == 0
+    (root / "specs" / "m.spec").write_text(WIDER)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    try:
+        before = files_under(root)
+        result = run(["build"], root)
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1].endswith("error: cannot write: Read-only file system"), result.stderr
+        assert files_under(root) == before
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)

@@ -91,21 +91,26 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
 
     made: list[str] = []  # what this surgery wrote: undone when it fails
     staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged")  # build swept leftovers
+    history = os.path.dirname(history_path(target, header.spec_text))
+    new_history = [] if os.path.isdir(history) else [history]  # made by this surgery: removed if left empty
     try:
         result = _operate(plan, header, spec, target, staged, policy, row, seed, progress, made)
     except BaseException:
-        _undo(made + [staged, optimizer_path(staged)])
+        _undo(made + [staged, optimizer_path(staged)], new_history)
         raise
     if result.get("refused"):
-        _undo(made + [staged, optimizer_path(staged)])
+        _undo(made + [staged, optimizer_path(staged)], new_history)
     return result
 
 
-def _undo(paths: list[str]) -> None:
+def _undo(paths: list[str], empty_folders: list[str]) -> None:
     """The old checkpoint is still the target: history gains nothing from a failed surgery."""
     for path in paths:
         with contextlib.suppress(OSError):
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    for folder in empty_folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
 
 
 def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: Policy, row: dict,
