@@ -286,7 +286,7 @@ def test_every_other_write_path_killed_leaves_old_or_new_and_the_sweep_cleans_up
     old_sha = sha256(models / TARGET)
     states = []
     for i in range(max(4, ROUNDS // 2)):
-        os.unlink(models / TARGET)
+        (models / TARGET).unlink(missing_ok=True)
         build = Build(root, tmp_path / f"fresh{i}.log")
         killed = build.kill_at(rng.uniform(0, duration))
         state = whole_or_absent(models / TARGET, old_spec)
@@ -310,7 +310,7 @@ def test_every_other_write_path_killed_leaves_old_or_new_and_the_sweep_cleans_up
         run_.log.close()
         finished = (root / out).read_bytes() if out.endswith(".json") else sha256(root / out)
         for i in range(max(4, ROUNDS // 2)):
-            os.unlink(root / out)
+            (root / out).unlink(missing_ok=True)
             run_ = Build(root, tmp_path / f"{args[0]}{i}.log", args)
             run_.kill_at(rng.uniform(0, duration))
             if (root / out).exists():
