@@ -236,26 +236,16 @@ def checkpoint_case(folder: Path, data: bytes) -> None:
         os.unlink(folder / "out.safetensors")
 
 
-@pytest.fixture(scope="module")
-def one_thread_module():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @FAST
 @given(data=st.data())
-def test_corrupt_checkpoints(folder, checkpoint, one_thread_module, data):
+def test_corrupt_checkpoints(folder, checkpoint, one_thread, data):
     checkpoint_case(folder, data.draw(checkpoint_bytes(checkpoint)))
 
 
 @pytest.mark.slow
 @SLOW
 @given(data=st.data())
-def test_corrupt_checkpoints_long(folder, checkpoint, one_thread_module, data):
+def test_corrupt_checkpoints_long(folder, checkpoint, one_thread, data):
     checkpoint_case(folder, data.draw(checkpoint_bytes(checkpoint)))
 
 
@@ -292,12 +282,12 @@ def plans(draw, plan: dict):
 
 @FAST
 @given(data=st.data())
-def test_doctored_plans(folder, checkpoint, plan_json, one_thread_module, data):
+def test_doctored_plans(folder, checkpoint, plan_json, one_thread, data):
     plan_case(folder, checkpoint, data.draw(plans(plan_json)))
 
 
 @pytest.mark.slow
 @SLOW
 @given(data=st.data())
-def test_doctored_plans_long(folder, checkpoint, plan_json, one_thread_module, data):
+def test_doctored_plans_long(folder, checkpoint, plan_json, one_thread, data):
     plan_case(folder, checkpoint, data.draw(plans(plan_json)))

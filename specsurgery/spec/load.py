@@ -126,7 +126,7 @@ class ParseCache:
                 old, new = json.dumps(stored), json.dumps(path)
                 data = data.replace(f'"file":{old}', f'"file":{new}').replace(f'"path":{old}', f'"path":{new}')
             return m.SpecFile.model_validate_json(data)
-        except (OSError, ValueError):  # absent or unreadable: parse again
+        except (OSError, ValueError, RecursionError):  # absent, unreadable or doctored: parse again
             return None
 
     def put(self, path: str, text: str, spec_file: m.SpecFile) -> None:
