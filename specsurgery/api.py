@@ -118,6 +118,7 @@ class Plan:
         import json
 
         import jsonschema
+        import pydantic
 
         from .surgery.plan import Plan as PlanData, plan_json_schema
 
@@ -133,7 +134,12 @@ class Plan:
         if error is not None:
             path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "(plan)"
             raise UserError(f"{where}: error: not a valid plan: {path.lstrip('.')}: {error.message}")
-        return cls(PlanData.model_validate(data))
+        try:
+            return cls(PlanData.model_validate(data))
+        except pydantic.ValidationError as e:  # what the JSON Schema lets through (1e308 as a whole number)
+            first = e.errors()[0]
+            path = ".".join(str(p) for p in first["loc"]) or "(plan)"
+            raise UserError(f"{where}: error: not a valid plan: {path}: {first['msg']}") from None
 
     def __str__(self) -> str:
         from .surgery.plan import render_plan

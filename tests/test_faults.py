@@ -463,3 +463,18 @@ def test_a_read_only_models_folder(small_disk):
         assert files_under(root) == before
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+
+
+def test_a_plan_with_a_whole_number_beyond_any_axis_is_a_user_error(tmp_path):
+    """Found by the fuzz test: JSON Schema takes 1e308 as a whole number, the plan's model does not."""
+    (tmp_path / "a.spec").write_text(SMALL)
+    (tmp_path / "b.spec").write_text(WIDER)
+    small_checkpoint(tmp_path / "c.safetensors")
+    assert run(["plan", "a.spec", "b.spec", "-o", "p.json"], tmp_path).returncode == 0
+    plan = json.loads((tmp_path / "p.json").read_text())
+    plan["params"][0]["axes"][0]["runs"][0]["new"] = 1e308
+    (tmp_path / "p.json").write_text(json.dumps(plan))
+    result = run(["apply", "c.safetensors", "b.spec", "--plan", "p.json", "-o", "out.safetensors"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("p.json: error: not a valid plan: params.0.axes.0.runs.0.new: "), result.stderr
+    assert not (tmp_path / "out.safetensors").exists()

@@ -16,6 +16,7 @@ draws new ones each time and many more.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -196,7 +197,7 @@ def doctored_json(draw, tree):
         key = path[-1]
         kind = draw(st.sampled_from(["value", "value", "drop", "repeat", "spec"]))
         if kind == "value":
-            parent[key] = draw(st.sampled_from(ODD_VALUES))
+            parent[key] = copy.deepcopy(draw(st.sampled_from(ODD_VALUES)))  # never the shared object
         elif kind == "drop":
             del parent[key]
         elif kind == "repeat" and isinstance(parent, list):
