@@ -81,6 +81,9 @@ def read_header(path: str, embedded_spec: bool = True):
             return read_folder(path)
 
     def bad(why: str) -> UserError:
+        if path.endswith(".spec"):  # the likeliest mix-up of all: say it, not what the bytes look like
+            return UserError(f"{path}: error: this is a spec, not a checkpoint "
+                             f"(`specsurgery build {path}` makes its checkpoint)")
         return UserError(f"{path}: error: not a valid checkpoint: {why}")
 
     try:

@@ -1,4 +1,4 @@
-"""The `specsurgery` command: a thin layer that parses arguments and prints.
+"""The `specsurgery` command line: arguments in, the public API's results printed.
 
 Every command has --json and --help. Errors a user can cause (a wrong spec, a
 missing file, a corrupt checkpoint, a bad record) print one clear message and
@@ -20,7 +20,7 @@ from .commands import COMMANDS, PARSERS  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specsurgery", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="specsurgery", description=DESCRIPTION)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"specsurgery {__version__}")
@@ -30,13 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     def add(name: str):
         p = sub.add_parser(name, help=COMMANDS[name].help, description=COMMANDS[name].help)
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.set_defaults(run=COMMANDS[name])
+        p.set_defaults(run=COMMANDS[name], usage_error=p.error)  # usage errors show this command's usage, exit 2
+        subparsers[name] = p
         return p
+
+    subparsers: dict[str, argparse.ArgumentParser] = {}
+    parser.subparsers = subparsers
 
     for add_parsers in PARSERS:
         add_parsers(add)
     return parser
 
+
+DESCRIPTION = ("Compile .spec files (an input feature schema and a model) to PyTorch checkpoints, and when a "
+               "spec changes, carry the trained weights over by surgery: plan it, apply it, verify that the new "
+               "model computes what the old one did, and check each commit against the project's policy.")
 
 OPTIONAL = {"torch": "torch", "matplotlib": "plot"}  # optional module -> the extra that installs it
 
@@ -54,13 +62,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _run(argv: Optional[list[str]]) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would print the top-level usage; the command's own is what helps
+        args.usage_error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args)
     except SpecError as e:
+        if args.json:
+            return _json_errors([_spec_diagnostic(d) for d in e.diagnostics])
         print(e.render(), file=sys.stderr)
         return 1
     except UserError as e:
+        if args.json:
+            return _json_errors([_user_error(str(e))])
         print(str(e), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -78,6 +92,35 @@ def _run(argv: Optional[list[str]]) -> int:
         print(f"specsurgery: internal error: {type(e).__name__}: {e}\n"
               "  (this is a bug; SPECSURGERY_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 70
+
+
+def _spec_diagnostic(d) -> dict:
+    span = d.span
+    return {"message": d.message, "file": span.file if span else None, "line": span.line if span else None,
+            "column": span.column if span else None, "hint": d.hint}
+
+
+def _user_error(text: str) -> dict:
+    """`path: error: message` (or `path:line:col: error: ...`) taken apart."""
+    where, sep, message = text.partition("error: ")
+    file = line = column = None
+    if sep and (not where or where.endswith(": ")):
+        parts = where[:-2].rsplit(":", 2) if where else [""]
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            file, line, column = parts[0], int(parts[1]), int(parts[2])
+        else:
+            file = where[:-2] or None
+    else:
+        message = text
+    return {"message": message, "file": file, "line": line, "column": column, "hint": None}
+
+
+def _json_errors(errors: list[dict], status: int = 1) -> int:
+    """With --json, errors come out as JSON on stdout too, with the same exit status."""
+    from .render import emit_json
+
+    emit_json({"ok": False, "exit": status, "errors": errors})
+    return status
 
 
 def entry() -> None:

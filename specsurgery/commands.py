@@ -195,7 +195,13 @@ def _map_parser(add) -> None:
     p.add_argument("spec", metavar="SPEC")
     _model_arg(p)
     p.add_argument("--method", choices=["boolean", "gradient", "gradient-random", "gradient-positive"],
-                   default="boolean", help="boolean shadow graph (default), or gradients (see README)")
+                   default="boolean",
+                   help="boolean: the shadow graph, exact and fast (default). The paper's gradient probe, one "
+                        "input feature on at a time, a non-zero gradient marks an interaction (needs torch): "
+                        "gradient: positive weights, max-pools read as average pools (the paper's method); "
+                        "gradient-random: the model's own random init, pools as written (ReLUs on negative "
+                        "inputs hide interactions); gradient-positive: positive weights, max-pools kept (a max "
+                        "picks one entity and hides the rest)")
     p.add_argument("--features", action="store_true", help="one row per feature instead of per group")
     p.add_argument("--plot", metavar="FILE.png", help="draw the map: features down, parameters across")
 
@@ -231,7 +237,7 @@ def cmd_plan(args) -> int:
         emit_json(plan_json_schema())
         return 0
     if not args.old or not args.new:
-        raise UserError("error: plan needs OLD and NEW (or --schema)")
+        args.usage_error("plan needs OLD and NEW (or --schema)")
     result = plan(args.old, args.new, model=args.model)
     if args.output:
         with atomic_file(args.output, "w") as f:
@@ -361,7 +367,8 @@ def _surgery_parsers(add) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, metavar="T",
                    help="observations per state for recurrent models (default 3)")
     p.add_argument("--tol", type=float, default=1e-5, help="largest allowed difference (default 1e-5)")
-    p.add_argument("--seed", type=seed, default=0, help="seed of the random states (default 0)")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="seed of the random states (default 0): the same seed gives the same states")
 
 
 PARSERS.append(_surgery_parsers)

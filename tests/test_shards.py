@@ -394,7 +394,7 @@ def test_build_writes_sharded_folders_and_carries_them_through_surgery(tmp_path)
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)  # the folder stays a folder
     assert result.returncode == 0, result.stderr
     row = json.loads(result.stdout)["models"][0]
-    assert row["action"] == "operated" and row["verified"] <= 1e-5
+    assert row["action"] == "operated" and row["max_difference"] <= 1e-5 and row["verdict"] == "same function"
     assert read_header(str(folder)).spec_text == canonical(load_model(NEW, "new.spec"))
     kept = row["history"]
     assert os.path.isdir(kept) and all(torch.equal(read_all(kept)[n], t) for n, t in first.items())

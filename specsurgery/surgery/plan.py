@@ -223,7 +223,9 @@ def render_plan(plan: Plan) -> str:
             new = axis.new_size - axis.matched
             gone = axis.old_size - axis.matched
             moved = sum(r.length for r in axis.runs if r.new != r.old)
-            bits = []
+            # in place + moved + dropped = old size; in place + moved + new = new size
+            in_place = axis.matched - moved
+            bits = [f"{in_place} in place"] if in_place and (moved or new or gone) else []
             if moved:
                 bits.append(f"{moved} moved")
             if new:

@@ -147,8 +147,9 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
     if s.function_preserving and policy.verify_states > 0:
         result = verify(kept, staged, states=policy.verify_states, tolerance=policy.tolerance, seed=seed)
         report = result.report()
-        row["verified"] = report["max"]  # the largest difference (null: a NaN)
-        row["verified_ok"] = result.ok
+        # the difference is a number (null: a NaN); the verdict says what it means
+        row.update(max_difference=report["max"], tolerance=policy.tolerance, verified_states=result.states,
+                   verdict="same function" if result.ok else "differs")
         if not result.ok:
             return {**row, "action": "refused", "refused": True,
                     "detail": f"{target}: surgery for model {spec.model.name} failed verification: "
@@ -156,6 +157,7 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
         detail.append(f"  verified on {result.states:,} random states (compared in float64): "
                       f"largest difference {result.largest:.3g}")
     else:
+        row["verdict"] = "lossy (allowed)" if not s.function_preserving else "not verified (verify_states = 0)"
         for r in s.reasons:
             detail.append(f"  lossy (allowed): {r.render()}")
     if os.path.exists(optimizer_path(staged)):
