@@ -68,15 +68,11 @@ def _run(argv: Optional[list[str]]) -> int:
     try:
         return args.run(args)
     except SpecError as e:
-        if args.json:
-            return _json_errors([_spec_diagnostic(d) for d in e.diagnostics])
         print(e.render(), file=sys.stderr)
-        return 1
+        return _json_errors([_spec_diagnostic(d) for d in e.diagnostics]) if args.json else 1
     except UserError as e:
-        if args.json:
-            return _json_errors([_user_error(str(e))])
         print(str(e), file=sys.stderr)
-        return 1
+        return _json_errors([_user_error(str(e))]) if args.json else 1
     except KeyboardInterrupt:
         print("specsurgery: interrupted", file=sys.stderr)
         return 130
@@ -116,7 +112,8 @@ def _user_error(text: str) -> dict:
 
 
 def _json_errors(errors: list[dict], status: int = 1) -> int:
-    """With --json, errors come out as JSON on stdout too, with the same exit status."""
+    """With --json, errors come out as JSON on stdout too (the message stays on
+    stderr for the person watching), with the same exit status."""
     from .render import emit_json
 
     emit_json({"ok": False, "exit": status, "errors": errors})

@@ -234,10 +234,16 @@ def test_bad_input(case, request, checkpoint_bytes):
         assert "Traceback" not in result.stderr, result.stderr
         assert result.folder_unchanged, "the command changed the folder"
     assert result.returncode == code, result.stderr
-    assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert lines, "no message"
     assert lines[0] == first_line.format(work=work)
+    if "--json" in args:  # the error as data on stdout too, with the same exit status
+        data = json.loads(result.stdout)
+        assert data["ok"] is False and data["exit"] == code
+        file, _, message = first_line.format(work=work).partition(": error: ")
+        assert data["errors"][0]["message"] == message and data["errors"][0]["file"] == file
+    else:
+        assert result.stdout == ""
     if case not in MULTILINE:  # a one-line message, said once
         assert len(lines) == 1, result.stderr
 
@@ -278,9 +284,12 @@ USAGE: dict[str, tuple[list[str], str, str]] = {
     "schema without a spec": (
         ["schema"], "usage: specsurgery schema [-h] [--json] [--schema NAME] SPEC",
         "specsurgery schema: error: the following arguments are required: SPEC"),
-    "unknown option": (
-        ["inspect", "--frob", "x.safetensors"], "usage: specsurgery [-h] [--version] COMMAND ...",
-        "specsurgery: error: unrecognized arguments: --frob"),
+    "unknown option": (  # the command's own usage, not the top-level one
+        ["inspect", "--frob", "x.safetensors"], "usage: specsurgery inspect [-h] [--json] CHECKPOINT",
+        "specsurgery inspect: error: unrecognized arguments: --frob"),
+    "plan without versions": (
+        ["plan"], "usage: specsurgery plan [-h] [--json] [--model M] [-o plan.json] [--schema]",
+        "specsurgery plan: error: plan needs OLD and NEW (or --schema)"),
     "bad option value": (
         ["build", "--seed", "x"], "usage: specsurgery build [-h] [--json] [--out DIR] [--dry-run] [--allow-lossy]",
         "specsurgery build: error: argument --seed: invalid seed value: 'x'"),
