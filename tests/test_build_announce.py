@@ -11,24 +11,10 @@ import pytest
 
 from specsurgery.workflow.build import build
 
+from small_specs import ADD_LEVEL, HERO_AGENT
+
 REPO = Path(__file__).resolve().parents[1]
 
-SPEC = """\
-schema s {
-  vocab heroes = [axe, bane]
-  group hero {
-    health: float
-    mana: float
-    hero_id: category(heroes)
-  }
-}
-
-model agent(obs: s) {
-  he = embed(obs.hero.hero_id, 4)
-  h = relu(linear(concat(obs.hero, he), 8))
-  out act = linear(h, 3)
-}
-"""
 
 
 class Stop(Exception):
@@ -62,7 +48,7 @@ def specsurgery(*args, cwd):
 
 
 def test_build_announces_on_stderr_and_the_sizes_hold(tmp_path):
-    (tmp_path / "a.spec").write_text(SPEC)
+    (tmp_path / "a.spec").write_text(HERO_AGENT)
     first = specsurgery("build", "a.spec", "--out", "models", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert first.stderr.splitlines()[:4] == [
@@ -80,7 +66,7 @@ def test_build_announces_on_stderr_and_the_sizes_hold(tmp_path):
     again = specsurgery("build", "a.spec", "--out", "models", cwd=tmp_path)
     assert again.returncode == 0 and again.stderr == ""  # nothing to write, nothing said
 
-    (tmp_path / "a.spec").write_text(SPEC.replace("    mana: float\n", "    mana: float\n    level: int\n"))
+    (tmp_path / "a.spec").write_text(ADD_LEVEL)
     dry = specsurgery("build", "a.spec", "--out", "models", "--dry-run", cwd=tmp_path)
     assert dry.returncode == 0 and "writing" not in dry.stderr
     surgery = specsurgery("build", "a.spec", "--out", "models", cwd=tmp_path)

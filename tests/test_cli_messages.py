@@ -13,25 +13,11 @@ import pytest
 
 from specsurgery.workflow.policy import Policy
 
+from small_specs import ADD_LEVEL, HERO_AGENT
+
 REPO = Path(__file__).resolve().parents[1]
 
-OLD = """\
-schema s {
-  vocab heroes = [axe, bane]
-  group hero {
-    health: float
-    mana: float
-    hero_id: category(heroes)
-  }
-}
-
-model agent(obs: s) {
-  he = embed(obs.hero.hero_id, 4)
-  h = relu(linear(concat(obs.hero, he), 8))
-  out act = linear(h, 3)
-}
-"""
-ADD_LEVEL = OLD.replace("    mana: float\n", "    mana: float\n    level: int\n")
+OLD = HERO_AGENT
 NO_MANA = OLD.replace("    mana: float\n", "")
 WIDER = OLD.replace("he), 8)", "he), 12)")
 BAD = OLD.replace("embed(obs.hero.hero_id, 4)", "linear(obs.hero.hero_id, 4)")
