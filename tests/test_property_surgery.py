@@ -76,7 +76,7 @@ STD = 0.5
 TRIES = 6  # draws of an edit before a step is skipped
 SMALL = 400  # parameters: the seeded specs of test_each_edit_kind stay small
 
-SETTINGS = settings(max_examples=25, deadline=None, database=None,
+SETTINGS = settings(max_examples=25, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 # Shrinking a failure of this property can take minutes: it is left out unless
 # SPECSURGERY_SHRINK=1 (the failure message holds every version of the spec).
@@ -321,10 +321,25 @@ def widen(v: Version, pick):
     return f"widen {call.op} at {statements[si].name}{list(at)} by {by}", replace(v, spec=_with_statements(v.spec, statements))
 
 
+
+def _joined(spec: m.ModelSpec, statement: m.Statement, at: tuple) -> bool:
+    """Whether the call at `at` in `statement` may meet another value in an add or mul:
+    one encloses it, or the statement's value is read by a statement that joins."""
+    expr = statement.expr
+    for i in at:
+        if expr.op in ("add", "mul"):
+            return True
+        expr = expr.args[i]
+    readers = _readers_of(spec, statement.name)
+    return any(c.op in ("add", "mul") for r in readers for _, c in _calls(spec.model.statements[r].expr))
+
 def reorder_concat(v: Version, pick):
     statements = list(v.spec.model.statements)
+    # A concat joined index by index to another op's units (add(concat(a, b), linear(x, n)))
+    # pairs its i-th index with unit i: reordering it changes which units meet, which the
+    # plan rightly reports as a change. Reorders are drawn where nothing joins the concat.
     sites = [(si, at, c) for si, s in enumerate(statements) for at, c in _calls(s.expr)
-             if c.op == "concat" and len(c.args) > 1]
+             if c.op == "concat" and len(c.args) > 1 and not _joined(v.spec, s, at)]
     if not sites:
         return None
     si, at, call = sites[pick.integer(0, len(sites) - 1)]

@@ -453,7 +453,7 @@ def test_build_carries_function_preserving_edits_over(project, change):
     lines = result.stdout.splitlines()
     assert lines[2].split()[0] == "p" and lines[2].split()[2] == "operated", result.stdout
     assert "surgery: 2,315 of 2,315 old parameters transferred (100.00%)" in result.stdout
-    assert "verified on 200 random states" in result.stdout
+    assert "verified on 1,000 random states" in result.stdout
 
     kept = assert_history_holds_old(root, before_sha)
     assert inspect_json(root, str(kept.relative_to(root)))["spec"] == old_info["spec"]
