@@ -182,6 +182,17 @@ def refuse_lossy(p: Plan, allow_lossy: bool, what: str = "surgery") -> None:
     raise UserError("\n".join(lines))
 
 
+def refuse_by_policy(p: Plan, policy) -> None:
+    """The project's rule for carrying out a change (workflow.policy), as build applies it."""
+    from .workflow.policy import policy_verdict
+
+    problems = policy_verdict(p.summary, policy)
+    if problems:
+        lines = ["error: refused surgery:"] + [f"  {problem}" for problem in problems]
+        lines += [f"  {r.render()}" for r in p.reasons]
+        raise UserError("\n".join(lines))
+
+
 class Surgery:
     """What ss.surgery made: `.model` (a new ss.Model), `.plan` (the plan carried
     out) and `.optimizer` (None: no optimizer was given)."""
@@ -273,8 +284,9 @@ def _apply_many(checkpoints, new, out: str, *, plan, allow_lossy: bool, seed: in
 
 def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_lossy: bool = False,
                      seed: int = 0, max_shard_size=None, jobs: Optional[int] = None,
-                     progress=None) -> tuple[Plan, dict]:
-    """ss.apply, and what the writer reports (bytes, tensors; shards and jobs for a folder)."""
+                     progress=None, policy=None) -> tuple[Plan, dict]:
+    """ss.apply, and what the writer reports (bytes, tensors; shards and jobs for a folder).
+    With a `policy` (the command's), the plan must pass it as build's must."""
     from .checkpoint import load_spec, read_header
     from .ir import build_graph
     from .shards import is_folder_checkpoint
@@ -283,7 +295,10 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
     old_graph = build_graph(load_spec(read_header(checkpoint)))
     new_graph = build_graph(_spec_of(new))
     carried = _checked_plan(plan, old_graph, new_graph)
-    refuse_lossy(carried, allow_lossy)
+    if policy is None:
+        refuse_lossy(carried, allow_lossy)
+    else:
+        refuse_by_policy(carried, policy)
     sharded = max_shard_size is not None or (is_folder_checkpoint(checkpoint) and not out.endswith(".safetensors"))
     if sharded and out.endswith(".safetensors"):
         raise UserError(f"{out}: error: a sharded checkpoint is a folder; name it without .safetensors")

@@ -19,8 +19,21 @@ from .errors import PrintableStream, SpecError, UserError  # noqa: E402
 from .commands import COMMANDS, PARSERS  # noqa: E402
 
 
+class UsageError(Exception):
+    """A usage error, caught by main: the command's own usage, exit 2 (JSON too with --json)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(self, message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specsurgery", description=DESCRIPTION)
+    parser = _Parser(prog="specsurgery", description=DESCRIPTION)
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"specsurgery {__version__}")
@@ -61,33 +74,41 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(argv: Optional[list[str]]) -> int:
-    parser = _parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # argparse would print the top-level usage; the command's own is what helps
-        args.usage_error(f"unrecognized arguments: {' '.join(unknown)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --json is known before the arguments parse, so a usage error can answer in JSON too
+    wants_json = "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
     try:
+        args, unknown = _parser().parse_known_args(argv)
+        if unknown:  # argparse would name the top-level usage; the command's own is what helps
+            args.usage_error(f"unrecognized arguments: {' '.join(unknown)}")
         return args.run(args)
+    except UsageError as e:
+        e.parser.print_usage(sys.stderr)
+        return _failed(f"{e.parser.prog}: error: {e}", wants_json, status=2, file=None)
     except SpecError as e:
         print(e.render(), file=sys.stderr)
-        return _json_errors([_spec_diagnostic(d) for d in e.diagnostics]) if args.json else 1
+        return _json_errors([_spec_diagnostic(d) for d in e.diagnostics]) if wants_json else 1
     except UserError as e:
-        print(str(e), file=sys.stderr)
-        return _json_errors([_user_error(str(e))]) if args.json else 1
+        return _failed(str(e), wants_json)
     except KeyboardInterrupt:
-        print("specsurgery: interrupted", file=sys.stderr)
-        return 130
+        return _failed("specsurgery: interrupted", wants_json, status=130)
     except BrokenPipeError:
         return 0
     except Exception as e:  # a bug: say so plainly, keep the traceback for those who ask
         if isinstance(e, ModuleNotFoundError) and e.name in OPTIONAL:
-            print(f"specsurgery: error: {args.command} needs {e.name}: pip install 'specsurgery[{OPTIONAL[e.name]}]'",
-                  file=sys.stderr)
-            return 1
+            return _failed(f"specsurgery: error: {args.command} needs {e.name}: "
+                           f"pip install 'specsurgery[{OPTIONAL[e.name]}]'", wants_json, file=None)
         if os.environ.get("SPECSURGERY_DEBUG"):
             raise
         print(f"specsurgery: internal error: {type(e).__name__}: {e}\n"
               "  (this is a bug; SPECSURGERY_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 70
+        return _json_errors([_user_error(f"internal error: {type(e).__name__}: {e}")], 70) if wants_json else 70
+
+
+def _failed(message: str, wants_json: bool, status: int = 1, **fields) -> int:
+    """One message on stderr; with --json, the same as JSON on stdout; the status either way."""
+    print(message, file=sys.stderr)
+    return _json_errors([{**_user_error(message), **fields}], status) if wants_json else status
 
 
 def _spec_diagnostic(d) -> dict:

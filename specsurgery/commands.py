@@ -262,19 +262,21 @@ def cmd_apply(args) -> int:
 
 
 def _apply(args) -> int:
-    from .api import apply_checkpoint, plan, read_spec, refuse_lossy
+    from .api import apply_checkpoint, plan, read_spec, refuse_by_policy
+    from .workflow.policy import load_policy
 
     new = read_spec(args.new_spec, args.model) if args.model else args.new_spec
     given = read_plan_file(args.plan) if args.plan else None
     args.checkpoint = args.checkpoints[0]  # the plan is made once, from the first
+    policy = load_policy().override(allow_lossy=args.allow_lossy, min_transfer=args.min_transfer)  # build's rule
     if len(args.checkpoints) > 1:
         many = given or plan(args.checkpoint, new)
-        refuse_lossy(many, args.allow_lossy)
+        refuse_by_policy(many, policy)
         return _apply_many(args, many._plan)
     progress = Progress("apply", 0, enabled=not args.json)
     try:
         result, written = apply_checkpoint(args.checkpoint, new, args.output, plan=given,
-                                           allow_lossy=args.allow_lossy, seed=args.seed,
+                                           policy=policy, seed=args.seed,
                                            max_shard_size=args.max_shard_size, jobs=args.jobs, progress=progress)
     finally:
         progress.close()
@@ -325,6 +327,17 @@ def cmd_verify(args) -> int:
 HEADS_DIFFER = 3  # verify's own: the models differ (1 stays "the input is bad", as everywhere)
 
 
+def share(text: str) -> float:
+    """--min-transfer: a share of the old parameters, 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1")
+    return value
+
+
 def _positive_int(text: str) -> int:
     import argparse
 
@@ -353,7 +366,10 @@ def _surgery_parsers(add) -> None:
     _model_arg(p)
     p.add_argument("--plan", metavar="plan.json", help="apply this plan (validated) instead of planning anew")
     p.add_argument("--seed", type=seed, default=0, help="seed of fresh parameters (default 0)")
-    p.add_argument("--allow-lossy", action="store_true", help="carry out a change that does not preserve the function")
+    p.add_argument("--allow-lossy", action="store_true", default=None,
+                   help="carry out a change that does not preserve the function (default: the policy's allow_lossy)")
+    p.add_argument("--min-transfer", type=share, default=None, metavar="SHARE",
+                   help="least share of old parameters to carry over (default: the policy's min_transfer, 0.9)")
     p.add_argument("--max-shard-size", metavar="SIZE", help="write OUT as a sharded folder (Hugging Face layout) "
                    "of shards up to SIZE (bytes, or 2GB, 400MiB; default for a sharded input: its largest shard)")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
@@ -397,7 +413,7 @@ def _check_parser(add) -> None:
     p = add("check")
     p.add_argument("files", nargs="*", metavar="FILE", help="spec files (default: every staged .spec)")
     p.add_argument("--allow-lossy", action="store_true", default=None, help="allow changes that do not preserve the function")
-    p.add_argument("--min-transfer", type=float, default=None, metavar="SHARE", help="least share of old parameters to carry over")
+    p.add_argument("--min-transfer", type=share, default=None, metavar="SHARE", help="least share of old parameters to carry over")
 
 
 PARSERS.append(_check_parser)

@@ -154,9 +154,9 @@ def test_apply_refuses_a_lossy_change_unless_allowed_as_build_does(folder):
     old = os.path.join("models", "agent.safetensors")
     refused = specsurgery("apply", old, "no_mana.spec", "-o", "lossy.safetensors", cwd=folder)
     assert refused.returncode == 1
-    assert refused.stderr.splitlines()[0] == (
-        "error: the surgery does not preserve the function; allow it with allow_lossy=True (--allow-lossy), "
-        "or change the spec lines to blame:")
+    assert refused.stderr.splitlines()[:2] == [
+        "error: refused surgery:",
+        "  the change does not preserve the function (allow it with --allow-lossy or allow_lossy = true)"]
     assert "feature hero.mana was removed" in refused.stderr
     assert not (folder / "lossy.safetensors").exists()
 
@@ -167,6 +167,44 @@ def test_apply_refuses_a_lossy_change_unless_allowed_as_build_does(folder):
     assert allowed.returncode == 0, allowed.stderr
     assert allowed.stdout.startswith("wrote lossy.safetensors: 83 of 91 old parameters transferred (91.21%)")
     assert (folder / "lossy.safetensors").exists()
+
+
+def test_apply_keeps_the_policys_min_transfer_as_build_does(folder):
+    (folder / "narrow.spec").write_text(OLD.replace("he), 8)", "he), 4)"))
+    assert specsurgery("build", "old.spec", "--out", "models", cwd=folder).returncode == 0
+    old = os.path.join("models", "agent.safetensors")
+    refused = specsurgery("apply", old, "narrow.spec", "-o", "narrow.safetensors", "--allow-lossy", cwd=folder)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[:2] == [
+        "error: refused surgery:",
+        "  only 56.04% of the old parameters carry over; the policy asks for min_transfer = 0.9 "
+        "(lower it in [tool.specsurgery] if that is meant)"]
+    assert not (folder / "narrow.safetensors").exists()
+    build = specsurgery("build", "narrow.spec", "--out", "models", "--allow-lossy", cwd=folder)
+    assert build.returncode == 1 and "only 56.04% of the old parameters carry over" in build.stderr
+
+    (folder / "pyproject.toml").write_text("[tool.specsurgery]\nmin_transfer = 0.5\n")
+    lowered = specsurgery("apply", old, "narrow.spec", "-o", "narrow.safetensors", "--allow-lossy", cwd=folder)
+    assert lowered.returncode == 0, lowered.stderr
+    flag = specsurgery("apply", old, "narrow.spec", "-o", "flag.safetensors", "--allow-lossy",
+                       "--min-transfer", "0.6", cwd=folder)
+    assert flag.returncode == 1 and "min_transfer = 0.6" in flag.stderr
+    bad = specsurgery("apply", old, "narrow.spec", "-o", "x.safetensors", "--min-transfer", "2", cwd=folder)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines()[-1] == ("specsurgery apply: error: argument --min-transfer: "
+                                           "'2' is not a share between 0 and 1")
+
+
+def test_usage_and_internal_errors_answer_in_json_with_their_status(folder):
+    for args, message in ((["plan", "--json"], "plan needs OLD and NEW (or --schema)"),
+                          (["build", "--bogus", "--json"], "unrecognized arguments: --bogus"),
+                          (["verify", "a", "b", "--states", "0", "--json"],
+                           "argument --states: expected a whole number of at least 1, got '0'")):
+        result = specsurgery(*args, cwd=folder)
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"usage: specsurgery {args[0]} ")
+        assert json.loads(result.stdout) == {"ok": False, "exit": 2, "errors": [
+            {"message": message, "file": None, "line": None, "column": None, "hint": None}]}
 
 
 def test_build_json_gives_a_verdict_beside_the_difference(folder):
