@@ -13,11 +13,30 @@ __version__ = "0.1.0"
 
 from .errors import SpecError, UserError  # noqa: E402  (no torch)
 
-# `ss.surgery` is the function; the subpackage of the same name (diff, plan,
-# apply, verify) is imported first so that importing it later never rebinds the
-# name: use `from specsurgery.surgery.diff import ...`, not `import ... as`.
-from . import surgery as _surgery_package  # noqa: E402,F401
-from .api import surgery  # noqa: E402
+# `ss.surgery` is the function, and `specsurgery.surgery` is also the subpackage
+# (diff, plan, apply, verify): the name holds the function, which hands the
+# subpackage's modules to `import specsurgery.surgery.diff as diff`.
+from . import surgery as _surgery_package  # noqa: E402
+from .api import surgery as _surgery_function  # noqa: E402
+
+
+class _Surgery:
+    __slots__ = ("__wrapped__", "__doc__")
+
+    def __init__(self):
+        self.__wrapped__, self.__doc__ = _surgery_function, _surgery_function.__doc__
+
+    def __call__(self, *args, **kwargs):
+        return _surgery_function(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(_surgery_package, name)
+
+    def __repr__(self) -> str:
+        return "<function specsurgery.surgery>"
+
+
+surgery = _Surgery()
 
 _LAZY = {
     "compile": "api", "load": "api", "plan": "api", "apply": "api", "verify": "api",

@@ -210,3 +210,12 @@ def test_the_command_prints_what_the_api_raises(tmp_path, capsys, call, args):
     capsys.readouterr()
     assert main([a.format(p=tmp_path) for a in args]) == 1
     assert capsys.readouterr().err.strip() == str(e.value).strip()
+
+
+def test_surgery_is_the_function_and_its_subpackage_still_imports():
+    code = ("import specsurgery.surgery.diff as diff, specsurgery as ss, inspect; "
+            "from specsurgery.surgery.verify import Verification; "
+            "print(diff.make_plan.__name__, list(inspect.signature(ss.surgery).parameters)[:2], "
+            "ss.surgery.__doc__.split()[0], Verification is ss.Verification)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "make_plan ['model', 'new'] Carry True\n"
