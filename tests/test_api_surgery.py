@@ -116,7 +116,8 @@ def test_lossy_is_refused_unless_allowed(tmp_path):
     with pytest.raises(ss.UserError):
         ss.apply(ckpt, str(spec), out)
     assert main(["apply", ckpt, str(spec), "-o", out]) == 1
-    assert main(["apply", ckpt, str(spec), "-o", out, "--allow-lossy"]) == 0
+    assert main(["apply", ckpt, str(spec), "-o", out, "--allow-lossy"]) == 1  # 87.5% carried: under min_transfer
+    assert main(["apply", ckpt, str(spec), "-o", out, "--allow-lossy", "--min-transfer", "0.8"]) == 0
 
 
 @pytest.mark.parametrize("dtype, name", [(torch.bfloat16, "BF16"), (torch.float16, "F16"), (torch.float64, "F64")])
