@@ -66,10 +66,12 @@ def load(path: str, *, device=None, dtype=None):
 
 def _spec_of(source, model: Optional[str] = None) -> m.ModelSpec:
     """A Model, a checkpoint, a .spec path, spec text or git:REV:path -> its ModelSpec."""
-    from .model import Model
+    import sys
+
     from .sources import is_checkpoint
 
-    if isinstance(source, Model):
+    built = sys.modules.get(f"{__package__}.model")  # not imported (it imports torch): no Model exists
+    if built is not None and isinstance(source, built.Model):
         return source._ss_graph.spec
     if isinstance(source, (str, os.PathLike)) and is_checkpoint(os.fspath(source)):
         from .checkpoint import load_spec, read_header

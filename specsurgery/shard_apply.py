@@ -1,12 +1,13 @@
 """Carrying a plan out into a sharded checkpoint, one output shard per task, in
-worker processes.
+parallel.
 
 The output is laid out first (which tensor in which shard, from the plan's
-shapes), then each worker writes whole shards: tensors only moved are copied
-file to file (no torch in a worker whose shards hold only those), the rest are
-built by surgery/apply.py's functions, each seeded by its own name, so the
-result equals a one-file apply tensor for tensor whatever the order. Memory
-holds a few tensors per worker. Workers are started with 'spawn' (never fork
+shapes), then each task writes whole shards with surgery/apply.py's
+functions, each fresh tensor seeded by its own name, so the result equals a
+one-file apply tensor for tensor whatever the order. Shards that need no
+torch (bytes copied by the kernel, rows laid out in numpy: apply.needs_torch)
+are written by threads of this process; the others by worker processes, which
+import torch. Memory holds a few row blocks per task. Workers are started with 'spawn' (never fork
 a process that may hold torch threads). The shards go into a staging folder
 beside the target that replaces it only once every shard and the index are on
 disk (shards.staged_folder).
@@ -75,46 +76,53 @@ def in_workers(task: Callable, tasks: list, jobs: int, start: Callable, start_ar
 _WORKER: dict = {}
 
 
-def _start_worker(plan_json: str, checkpoint: str, seed: int, durable: bool) -> None:
+def _start_worker(plan_json: str, checkpoint: str, seed: int, durable: bool, graph=None) -> None:
+    """Set this process up to write shards: the plan, the old checkpoint's header
+    and the new graph (built from the plan's spec in a worker process)."""
+    from .ir import build_graph
+    from .spec.load import load_text
     from .surgery.plan import Plan
 
+    from .surgery.apply import carried_dtypes
+
     plan = Plan.model_validate_json(plan_json)
-    _WORKER.update(plan=plan, params={p.name: p for p in plan.params}, header=read_header(checkpoint),
-                   checkpoint=checkpoint, seed=seed, durable=durable, built=None)
+    if graph is None:
+        graph = build_graph(load_text(plan.new_spec, "<plan new spec>").model(plan.new_model))
+    header = read_header(checkpoint)
+    _WORKER.update(plan=plan, params={p.name: p for p in plan.params}, header=header, checkpoint=checkpoint,
+                   seed=seed, durable=durable, graph=graph, graph_params=graph.parameters(), opened=[],
+                   dtypes=carried_dtypes(plan, header, {p.source: p.source for p in plan.params}))
 
 
-def _built_parts():
-    """The new graph's parameters and the old tensors, for tensors that are not
-    only moved: the first call imports torch (apply.py), once per worker."""
-    if _WORKER["built"] is None:
+def _read_old(name: str):
+    """An old tensor as a torch tensor (a DCP job's chunks assembled): imports torch."""
+    if not _WORKER["opened"]:
         from .checkpoint import open_tensors
-        from .ir import build_graph
-        from .spec.load import load_text
 
-        plan = _WORKER["plan"]
-        spec = load_text(plan.new_spec, "<plan new spec>").model(plan.new_model)
-        _WORKER["built"] = (build_graph(spec), open_tensors(_WORKER["checkpoint"]))
-    return _WORKER["built"]
+        _WORKER["opened"].append(open_tensors(_WORKER["checkpoint"]))
+    return _WORKER["opened"][0].get_tensor(name)
+
+
+def _init(name: str):
+    from .surgery.apply import op_init
+
+    return op_init(_WORKER["graph"], name, _WORKER["graph_params"])
 
 
 def _tensors_of(names: list[str]):
+    from .surgery.apply import carried_tensor, streams
+
     header, seed = _WORKER["header"], _WORKER["seed"]
     for name in names:
         p = _WORKER["params"][name]
-        # a tensor a DCP job saved in several chunks has no bytes to copy as they are
-        in_one_piece = p.source is not None and getattr(header, "whole", lambda _: True)(p.source)
-        if p.action == "copied" and in_one_piece:
+        if p.action == "copied" and streams(p, header, p.source):
             yield name, StoredTensor.of(header, p.source)
-            continue
-        from .surgery.apply import build_tensor, carried_tensor, fresh_generator, fresh_init
+        else:
+            yield name, carried_tensor(p, _init(name), header, p.source, _read_old, seed, _dtype(p))
 
-        graph, old = _built_parts()
-        if p.action == "copied":
-            yield name, old.get_tensor(p.source)
-        elif in_one_piece or p.source is None:
-            yield name, carried_tensor(p, graph, header, p.source, old.get_tensor, seed)
-        else:  # built in memory from the assembled chunks
-            yield name, build_tensor(p, old.get_tensor, fresh_init(graph, name, fresh_generator(seed, name)))
+
+def _dtype(p) -> str:
+    return _WORKER["dtypes"][p.name]
 
 
 def _write_shard(task: tuple[str, list[str]]) -> tuple[str, int, int]:
@@ -123,31 +131,34 @@ def _write_shard(task: tuple[str, list[str]]) -> tuple[str, int, int]:
     plan = _WORKER["plan"]
     shapes = {name: tuple(_WORKER["params"][name].shape) for name in names}
     written = write_checkpoint(path, plan.new_spec, plan.new_model, shapes, _tensors_of(names),
-                               durable=_WORKER["durable"])
+                               durable=_WORKER["durable"], dtypes={name: _WORKER["dtypes"][name] for name in names})
     return path, len(names), written
 
 
 def _needs_torch(name: str) -> bool:
+    from .surgery.apply import needs_torch
+
     p = _WORKER["params"][name]
-    return p.action != "copied" or not getattr(_WORKER["header"], "whole", lambda _: True)(p.source)
+    return needs_torch(p, _init(name), _WORKER["header"], p.source, _WORKER["seed"], _dtype(p))
 
 
-def _run(built: list, copies: list, jobs: int, init: tuple):
-    """Write every shard, `jobs` at a time: shards that are only copies in threads
-    of this process (the kernel copies; no torch, no process to start), the
-    others in the jobs the copies leave free (in_workers: in this process when
-    that is one; a worker with torch takes ~220 MB before its first tensor)."""
+def _run(built: list, moved: list, jobs: int, init: tuple):
+    """Write every shard, `jobs` at a time: shards written without torch (bytes
+    copied by the kernel, rows laid out in numpy, which both let go of the GIL)
+    in threads of this process, no process to start; the others in worker
+    processes, as many as the threads leave free (in_workers: in this process
+    when that is one; a worker with torch takes ~220 MB before its first tensor)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if jobs == 1:
-        yield from map(_write_shard, copies + built)
+        yield from map(_write_shard, moved + built)
         return
-    workers = min(len(built), jobs - 1 if copies else jobs)
+    workers = min(len(built), jobs - 1 if moved else jobs)
     with ThreadPoolExecutor(max(1, jobs - workers)) as threads:
-        copied = threads.map(_write_shard, copies)  # submitted now: they run while the built shards are made
+        done = threads.map(_write_shard, moved)  # submitted now: they run while the built shards are made
         if workers:
             yield from in_workers(_write_shard, built, workers, _start_worker, init)
-        yield from copied
+        yield from done
 
 
 # ---------------------------------------------------------------------------
@@ -160,26 +171,30 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     sharded layout. `max_shard_size` defaults to the old checkpoint's largest
     shard (or 5GB for a one-file input); `jobs` to one per core. `checked`:
     the caller made the plan from both specs just now (else it is made again to compare)."""
+    from .ir import Graph, build_graph
+
     header = read_header(checkpoint)
     check_plan_fits(plan, header, new_spec, checked)
+    new_graph = new_spec if isinstance(new_spec, Graph) else build_graph(new_spec)
     if os.path.abspath(out) == os.path.abspath(header.path):
         raise UserError(f"{out}: error: the output would replace the checkpoint being read; write elsewhere")
     if max_shard_size is None:
         max_shard_size = header.largest_shard() if hasattr(header, "largest_shard") else DEFAULT_SHARD
     shapes = {p.name: tuple(p.shape) for p in plan.params}
-    shards = plan_shards({n: tensor_bytes(s) for n, s in shapes.items()}, parse_size(max_shard_size))
+    init = (plan.model_dump_json(), checkpoint, seed, durable)
+    _start_worker(*init, graph=new_graph)  # this process writes the shards that need no torch
+    dtypes = _WORKER["dtypes"]
+    shards = plan_shards({n: tensor_bytes(s, dtypes[n]) for n, s in shapes.items()}, parse_size(max_shard_size))
     jobs = max(1, min(jobs or default_jobs(), len(shards)))
     written = 0
     with staged_folder(out) as tmp:
         tasks = [(os.path.join(tmp, shard_file(k, len(shards))), names) for k, names in enumerate(shards, 1)]
-        init = (plan.model_dump_json(), checkpoint, seed, durable)
-        _start_worker(*init)  # this process writes the shards that are only copies
         built = [t for t in tasks if any(_needs_torch(name) for name in t[1])]
-        copies = [t for t in tasks if t not in built]
-        for path, count, nbytes in _run(built, copies, jobs, init):
+        moved = [t for t in tasks if t not in built]
+        for path, count, nbytes in _run(built, moved, jobs, init):
             written += nbytes
             if progress is not None:
                 progress(os.path.basename(path), count)
-        write_index(tmp, plan.new_spec, plan.new_model, shards, shapes)
+        write_index(tmp, plan.new_spec, plan.new_model, shards, shapes, dtypes=dtypes)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs,
             "built_shards": len(built)}

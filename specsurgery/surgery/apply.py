@@ -1,45 +1,63 @@
 """Carrying out a plan on a checkpoint, tensor by tensor.
 
-The old checkpoint is read lazily (safetensors, memory-mapped) and the new one
-streamed into a temporary file beside the target, renamed into place at the
-end: memory holds a few tensors, never the model, and a crash leaves the old
-files as they were.
+The new checkpoint is streamed into a temporary file beside the target,
+renamed into place at the end: memory holds a few row blocks, never the
+model, and a crash leaves the old files as they were. File to file, a tensor
+only moved is copied by the kernel (copy_file_range), and the others are
+written row block by row block from the old file's bytes (StreamedTensor), in
+numpy: torch is imported only where a fresh init cannot be drawn without it
+(fresh.py), or for an old tensor a DCP job saved in chunks.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
+import numpy as np
 
-from ..checkpoint import (TORCH_DTYPES, StoredTensor, check_shapes, load_spec, open_tensors, read_header,
+from ..checkpoint import (_DTYPES, TORCH_DTYPES, StoredTensor, check_shapes, load_spec, open_tensors, read_header,
                           user_metadata, write_checkpoint)
 from ..errors import UserError
+from ..files import copy_range
 from ..ir import Graph, build_graph
-from ..ops import OPS, OUT
+from ..ops import OPS
 from ..spec.canonical import canonical
 from .diff import check_plan
-from .plan import Fill, ParamPlan, Plan
+from .fresh import NeedsTorch, recorded
+from .plan import ParamPlan, Plan
+
+if TYPE_CHECKING:
+    import torch
 
 
-def fresh_generator(seed: int, name: str) -> torch.Generator:
-    """The generator of one parameter's fresh values, seeded by (seed, name): its
-    values do not depend on which parameters were built before it, so shards
-    built in parallel, in any order, equal a one-file apply."""
+def fresh_seed(seed: int, name: str) -> int:
+    """The seed of one parameter's fresh values, from (seed, name): its values do
+    not depend on which parameters were built before it, so shards built in
+    parallel, in any order, equal a one-file apply."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return int.from_bytes(digest[:8], "little")
+
+
+def fresh_generator(seed: int, name: str) -> "torch.Generator":
+    """The torch generator of one parameter's fresh values (fresh_seed)."""
+    import torch
+
+    return torch.Generator().manual_seed(fresh_seed(seed, name))
 
 
 def _index(indices: list[int]):
     """A slice where the indices are one run (the common case), else an index tensor."""
+    import torch
+
     if indices and indices == list(range(indices[0], indices[0] + len(indices))):
         return slice(indices[0], indices[0] + len(indices))
     return torch.tensor(indices, dtype=torch.long)
 
 
-def _place(tensor: torch.Tensor, region: list[list[int]], block) -> None:
+def _place(tensor: "torch.Tensor", region: list[list[int]], block) -> None:
+    import torch
+
     index = [_index(ix) for ix in region]
     if len(index) == 2 and not all(isinstance(i, slice) for i in index):
         rows, cols = (i if not isinstance(i, slice) else torch.arange(i.start, i.stop) for i in index)
@@ -48,15 +66,19 @@ def _place(tensor: torch.Tensor, region: list[list[int]], block) -> None:
         tensor[tuple(index)] = block
 
 
-def build_tensor(entry: ParamPlan, read_old: Callable[[str], torch.Tensor], init_fresh: Callable[[torch.Tensor], None],
-                 dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def build_tensor(entry: ParamPlan, read_old: Callable[[str], "torch.Tensor"],
+                 init_fresh: Callable[["torch.Tensor"], None], dtype=None, device=None) -> "torch.Tensor":
     """ONE new tensor, exactly as its plan entry says: every `Fill` (zero, fresh,
     identity) over its region, then the copied runs from `read_old(entry.source)`.
 
     `init_fresh(t)` fills `t`, a float32 tensor of the shape of a fresh region,
-    with the op's init (see `fresh_init`); the result has `dtype` and `device`
-    (an old tensor's, for surgery in memory). File to file or in memory, this
-    is the one executor of a plan: its name and signature are stable."""
+    with the op's init (see `fresh_init`); the result has `dtype` (float32 when
+    None) and `device` (an old tensor's, for surgery in memory). In memory, this
+    is the one executor of a plan (file to file, StreamedTensor writes the same
+    bytes without building the tensor): its name and signature are stable."""
+    import torch
+
+    dtype = dtype or torch.float32
     if len(entry.shape) > 2:
         raise AssertionError(f"{entry.name}: parameters of rank {len(entry.shape)} are not supported")
     tensor = torch.zeros(entry.shape, dtype=dtype, device=device)
@@ -78,7 +100,7 @@ def build_tensor(entry: ParamPlan, read_old: Callable[[str], torch.Tensor], init
     return copy_runs(entry, read_old(entry.source).to(dtype=dtype, device=device), tensor)
 
 
-def copy_runs(entry: ParamPlan, old: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+def copy_runs(entry: ParamPlan, old, into):
     """Copy the plan's runs of `old` (a tensor of the old parameter's shape) into
     `into` (of the new shape), in place; the elements no run reaches keep what
     `into` holds. Parameters and every tensor of their shape (an optimizer's
@@ -94,101 +116,227 @@ def copy_runs(entry: ParamPlan, old: torch.Tensor, into: torch.Tensor) -> torch.
     return into
 
 
-def fresh_init(graph: Graph, name: str, generator: torch.Generator) -> Callable[[torch.Tensor], None]:
-    """The init of parameter `name` of `graph` (what "start fresh" means for its op)."""
-    node, local = graph.parameters()[name]
-    return lambda tensor: OPS[node.op].init(node, local, tensor, generator)
+Init = Callable[[object, object], None]  # (tensor, generator): an op's init of one parameter
 
 
-@dataclass
-class SplicedRows:
-    """A grown 2-D parameter written a block of rows at a time: old rows read
-    straight from the old file, their column runs placed in a zeroed block,
-    fresh rows from the op's init. Memory holds one block, never the tensor
-    (an LSTM's input weight at OpenAI Five size is 350 MB)."""
+def op_init(graph: Graph, name: str, params: Optional[dict] = None) -> Init:
+    """The init of parameter `name` of `graph` (what "start fresh" means for its
+    op), as init(tensor, generator). `params`: graph.parameters(), when at hand."""
+    node, local = (params or graph.parameters())[name]
+    return lambda tensor, generator: OPS[node.op].init(node, local, tensor, generator)
 
-    plan: ParamPlan
-    source: StoredTensor
-    fresh: Optional[torch.Tensor]  # [unmatched rows, columns], in row order
-    block_bytes: int = 32 << 20
+
+def fresh_init(graph: Graph, name: str, generator: "torch.Generator") -> Callable[["torch.Tensor"], None]:
+    """The init of parameter `name` of `graph`, drawing from `generator`."""
+    init = op_init(graph, name)
+    return lambda tensor: init(tensor, generator)
+
+
+# ---------------------------------------------------------------------------
+# file to file: a tensor written from the old file's bytes
+
+
+_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}  # elements moved as bits
+_ONE = {"F32": 0x3F800000, "F64": 0x3FF0000000000000, "F16": 0x3C00, "BF16": 0x3F80}  # 1.0, as bits
+
+
+class _Given:
+    """Fresh values drawn beforehand (by torch), as bits, handed out in order."""
+
+    def __init__(self, bits: np.ndarray):
+        self.bits, self.at = bits, 0
+
+    def take(self, n: int) -> np.ndarray:
+        self.at += n
+        return self.bits[self.at - n:self.at]
+
+    def skip(self, n: int) -> None:
+        self.at += n
+
+
+def fresh_values(p: ParamPlan, init: Init, seed: int, dtype: str, torch_allowed: bool = True) -> dict:
+    """Fill number -> the values of that fresh region, in the order they are
+    placed: drawn without torch where fresh.py can (uniform inits, float32 and
+    float64), else by torch exactly as build_tensor draws them (NeedsTorch when
+    `torch_allowed` is False)."""
+    fresh = [k for k, f in enumerate(p.fills) if f.value == "fresh" and p.region_size(f)]
+    if not fresh:
+        return {}
+    try:
+        return dict(zip(fresh, recorded(init, fresh_seed(seed, p.name), dtype,
+                                        [p.region_size(p.fills[k]) for k in fresh])))
+    except NeedsTorch:
+        if not torch_allowed:
+            raise
+    import torch
+
+    from ..checkpoint import tensor_bytes
+
+    generator, out = fresh_generator(seed, p.name), {}
+    for k in fresh:  # one generator, the regions in turn: build_tensor's draws
+        block = torch.empty([len(ix) for ix in p.region(p.fills[k])])
+        init(block, generator)
+        out[k] = _Given(np.frombuffer(tensor_bytes(block, dtype), dtype=_UINT[_DTYPES[dtype]]))
+    return out
+
+
+class StreamedTensor:
+    """One new tensor (of rank 1 or 2) written from the old file's bytes, a block
+    of rows at a time, never built whole (an LSTM's input weight at OpenAI Five
+    size is 350 MB): rows carried over with all their columns are copied by the
+    kernel; the others are laid out in a reused buffer, as build_tensor would
+    make them: zero, then the fresh and identity fills, then the old columns'
+    runs, read into a second buffer. A vector is one row. Elements move as
+    bits, in the file's dtype: nothing is converted. Bit for bit what
+    build_tensor gives (tests/test_apply_fresh.py)."""
+
+    block_bytes = 16 << 20
+
+    def __init__(self, plan: ParamPlan, source: Optional[StoredTensor], dtype: str, fresh: dict):
+        self.plan, self.source, self.dtype, self.fresh = plan, source, dtype, fresh
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.plan.shape)
 
+    def _grid(self):
+        """(rows, cols, old cols, row runs, column runs, per fill its (rows, cols) as arrays)."""
+        p = self.plan
+        if len(p.shape) == 2:
+            (rows, cols), row_runs = p.shape, (p.axes[0].runs if p.source is not None else ())
+            col_runs = p.axes[1].runs if p.source is not None else ()
+            old_cols = p.old_shape[1] if p.source is not None else 0
+            regions = [[np.asarray(ix, dtype=np.int64) for ix in p.region(f)] for f in p.fills]
+        else:
+            (rows, cols), row_runs = (1, p.shape[0]), ((0, 0, 1),) if p.source is not None else ()
+            col_runs = p.axes[0].runs if p.source is not None else ()
+            old_cols = p.old_shape[0] if p.source is not None else 0
+            regions = [[np.zeros(1, dtype=np.int64), np.asarray(p.region(f)[0], dtype=np.int64)] for f in p.fills]
+        row_runs = [r if isinstance(r, tuple) else (r.new, r.old, r.length) for r in row_runs]
+        col_runs = [(c.new, c.old, c.length) for c in col_runs]
+        return rows, cols, old_cols, sorted(row_runs), col_runs, regions
+
     def copy_to(self, out) -> int:
-        import numpy as np
-
-        rows, cols = self.plan.shape
-        old_cols = self.source.shape[1]
-        row_map = self.plan.axes[0].old_indices()
-        col_runs = self.plan.axes[1].runs
-        gaps = np.ones(cols, dtype=bool)  # columns no run fills: they stay zero
-        for c in col_runs:
-            gaps[c.new:c.new + c.length] = False
-        fresh = self.fresh.contiguous().numpy() if self.fresh is not None else None
-        step = max(1, self.block_bytes // (4 * max(cols, old_cols)))
-        # Two buffers, reused: old rows are read into one, the new rows laid out in the other.
-        old_buf = np.empty((step, old_cols), dtype="<f4")
-        new_buf = np.zeros((step, cols), dtype="<f4")
+        rows, cols, old_cols, row_runs, col_runs, regions = self._grid()
+        size = _DTYPES[self.dtype]
+        bits = _UINT[size]
+        whole_rows = old_cols == cols and col_runs == [(0, 0, cols)]  # an old row's bytes are the new row's
+        spans = []  # (first row, end, old first row or None: laid out in the buffer)
+        at = 0
+        for new, old, length in row_runs if whole_rows else ():
+            if new > at:
+                spans.append((at, new, None))
+            spans.append((new, new + length, old))
+            at = new + length
+        if at < rows:
+            spans.append((at, rows, None))
+        step = max(1, self.block_bytes // (size * max(cols, old_cols, 1)))
         dst = out.fileno()
-        k = 0
-        with open(self.source.path, "rb") as src_file:
-            src = src_file.fileno()
-            for start in range(0, rows, step):
-                n = min(step, rows - start)
-                wanted = row_map[start:start + n]
-                block = new_buf[:n]
-                contiguous = all(w == wanted[0] + i for i, w in enumerate(wanted)) and wanted[0] >= 0
-                if contiguous:
-                    view = memoryview(old_buf[:n]).cast("B")
-                    got = os.preadv(src, [view], self.source.offset + 4 * wanted[0] * old_cols)
-                    if got != len(view):
-                        raise UserError(f"{self.source.path}: error: not a valid checkpoint: it ended early")
-                    for c in col_runs:
-                        block[:, c.new:c.new + c.length] = old_buf[:n, c.old:c.old + c.length]
-                    block[:, gaps] = 0.0
-                else:  # rows moved or new: one at a time
-                    for i, r in enumerate(wanted):
-                        if r < 0:
-                            block[i] = fresh[k]
-                            k += 1
-                            continue
-                        view = memoryview(old_buf[0]).cast("B")
-                        os.preadv(src, [view], self.source.offset + 4 * r * old_cols)
-                        block[i] = 0.0
-                        for c in col_runs:
-                            block[i, c.new:c.new + c.length] = old_buf[0, c.old:c.old + c.length]
-                os.write(dst, memoryview(block).cast("B"))
-        return 4 * rows * cols
+        src = open(self.source.path, "rb") if self.source is not None else None
+        new_buf = old_buf = None
+        try:
+            for first, end, old in spans:
+                if old is not None:
+                    self._skip_fresh(regions, first, end)  # drawn for elements the copy replaces (none in practice)
+                    copy_range(src.fileno(), dst, self.source.offset + old * old_cols * size, (end - first) * cols * size)
+                    continue
+                if new_buf is None:
+                    new_buf = np.empty((min(step, rows), cols), dtype=bits)
+                    old_buf = np.empty((min(step, rows), old_cols), dtype=bits) if src is not None else None
+                for a in range(first, end, step):
+                    b = min(a + step, end)
+                    block = new_buf[:b - a]
+                    self._lay_out(block, a, b, regions, row_runs, col_runs, src, old_buf, old_cols, size)
+                    _write_all(dst, memoryview(block).cast("B"))
+        finally:
+            if src is not None:
+                src.close()
+        return rows * cols * size
+
+    def _skip_fresh(self, regions, a: int, b: int) -> None:
+        for k, values in self.fresh.items():
+            region_rows, region_cols = regions[k]
+            values.skip(_between(region_rows, a, b).size * region_cols.size)
+
+    def _lay_out(self, block, a, b, regions, row_runs, col_runs, src, old_buf, old_cols, size) -> None:
+        block.fill(0)  # "zero" fills: nothing more to do
+        for k, fill in enumerate(self.plan.fills):
+            region_rows, region_cols = regions[k]
+            here = _between(region_rows, a, b)
+            if not here.size or not region_cols.size:
+                continue
+            if fill.value == "fresh":
+                values = self.fresh[k].take(here.size * region_cols.size)
+                _put(block, here - a, region_cols, values.view(block.dtype).reshape(here.size, region_cols.size))
+            elif fill.value == "identity":  # element [j, i] is 1 where j == i
+                on = np.intersect1d(here, region_cols)
+                block[on - a, on] = _ONE[self.dtype]
+        for new, old, length in row_runs:
+            lo, hi = max(a, new), min(b, new + length)
+            if lo >= hi:
+                continue
+            got = old_buf[:hi - lo]
+            view = memoryview(got).cast("B")
+            if os.preadv(src.fileno(), [view], self.source.offset + (old + lo - new) * old_cols * size) != view.nbytes:
+                raise UserError(f"{self.source.path}: error: not a valid checkpoint: it ended early")
+            for c_new, c_old, c_len in col_runs:
+                block[lo - a:hi - a, c_new:c_new + c_len] = got[:, c_old:c_old + c_len]
 
 
-SPLICE_FROM = 1 << 20  # elements: below this, building the tensor in memory is as fast
-# The fills SplicedRows writes: new rows fresh, old rows' new columns zero.
-_ROW_FILLS = (Fill(value="fresh", where=("new", "all")), Fill(value="zero", where=("old", "new")))
+def _between(sorted_indices: np.ndarray, a: int, b: int) -> np.ndarray:
+    return sorted_indices[np.searchsorted(sorted_indices, a):np.searchsorted(sorted_indices, b)]
 
 
-def _spliced(p: ParamPlan, init: Callable[[torch.Tensor], None], header, stored: str) -> Optional[SplicedRows]:
-    """Stream a large 2-D parameter whose rows are its output units, else None."""
-    if (len(p.shape) != 2 or p.axes[0].role != OUT or p.shape[0] * p.shape[1] < SPLICE_FROM
-            or not set(p.fills) <= set(_ROW_FILLS)):
-        return None
-    unmatched = p.shape[0] - p.axes[0].matched
-    fresh = None
-    if unmatched:
-        fresh = torch.empty(unmatched, p.shape[1])
-        init(fresh)
-    return SplicedRows(p, StoredTensor.of(header, stored), fresh)
+def _as_slice(indices: np.ndarray):
+    """A slice where the (sorted) indices are one run, else the indices."""
+    if indices.size and indices[-1] - indices[0] + 1 == indices.size:
+        return slice(int(indices[0]), int(indices[-1]) + 1)
+    return indices
 
 
-def carried_tensor(p: ParamPlan, new_graph: Graph, header, stored: Optional[str],
-                   read_old: Callable[[str], torch.Tensor], seed: int, dtype: torch.dtype = torch.float32):
-    """What apply writes for `p` (file to file): a large grown float32 tensor
-    streamed row block by row block, else the tensor build_tensor makes, in
-    `dtype`. `stored` is the old tensor's name in the checkpoint."""
-    init = fresh_init(new_graph, p.name, fresh_generator(seed, p.name))
-    spliced = _spliced(p, init, header, stored) if p.source is not None and dtype == torch.float32 else None
-    return spliced or build_tensor(p, read_old, init, dtype=dtype)
+def _put(block: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+    r, c = _as_slice(rows), _as_slice(cols)
+    if isinstance(r, slice) or isinstance(c, slice):
+        block[r, c] = values
+    else:
+        block[np.ix_(r, c)] = values
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+
+
+def streams(p: ParamPlan, header, stored: Optional[str]) -> bool:
+    """Whether StreamedTensor can write `p`: rank 1 or 2, its old tensor (if any)
+    in one piece in one file (not in chunks of a DCP job)."""
+    return len(p.shape) in (1, 2) and (stored is None or getattr(header, "whole", lambda _: True)(stored))
+
+
+def carried_tensor(p: ParamPlan, init: Init, header, stored: Optional[str],
+                   read_old: Callable[[str], "torch.Tensor"], seed: int, dtype: str = "F32"):
+    """What apply writes for `p` (file to file), in `dtype` (F32, BF16, F16, F64):
+    a StreamedTensor where it can, else the tensor build_tensor makes. `init` is
+    p's op_init; `stored` the old tensor's name in the checkpoint."""
+    if streams(p, header, stored):
+        source = StoredTensor.of(header, stored) if stored is not None else None
+        return StreamedTensor(p, source, dtype, fresh_values(p, init, seed, dtype))
+    generator = fresh_generator(seed, p.name)
+    return build_tensor(p, read_old, lambda t: init(t, generator), dtype=TORCH_DTYPES[dtype])
+
+
+def needs_torch(p: ParamPlan, init: Init, header, stored: Optional[str], seed: int, dtype: str) -> bool:
+    """Whether writing `p` file to file imports torch (a normal init, a fresh
+    region in float16, an old tensor in chunks)."""
+    if p.action == "copied" and streams(p, header, stored):
+        return False
+    if not streams(p, header, stored):
+        return True
+    try:
+        fresh_values(p, init, seed, dtype, torch_allowed=False)
+    except NeedsTorch:
+        return True
+    return False
 
 
 def carried_dtypes(plan: Plan, header, stored: dict[str, str]) -> dict[str, str]:
@@ -228,21 +376,25 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
     expected.update({legacy.get(d.name, d.name) if d.name not in header.tensors else d.name: tuple(d.shape)
                      for d in plan.dropped})
     check_shapes(header, expected)
-    tensors = open_tensors(checkpoint)
     shapes = {p.name: tuple(p.shape) for p in plan.params}
+    opened = []
 
-    def read_old(name: str) -> torch.Tensor:
-        return tensors.get_tensor(stored[name])
+    def read_old(name: str) -> "torch.Tensor":  # only where a tensor is built by torch
+        if not opened:
+            opened.append(open_tensors(checkpoint))
+        return opened[0].get_tensor(stored[name])
 
     dtypes = carried_dtypes(plan, header, stored)
+    params = new_graph.parameters()
 
     def produce():
         for p in plan.params:
-            if p.action == "copied":  # unchanged: its bytes go file to file
-                yield p.name, StoredTensor.of(header, stored[p.source])
+            source = stored.get(p.source)
+            if p.action == "copied" and streams(p, header, source):  # unchanged: its bytes go file to file
+                yield p.name, StoredTensor.of(header, source)
                 continue
-            yield p.name, carried_tensor(p, new_graph, header, stored.get(p.source), read_old, seed,
-                                         dtype=TORCH_DTYPES[dtypes[p.name]])
+            yield p.name, carried_tensor(p, op_init(new_graph, p.name, params), header, source, read_old, seed,
+                                         dtype=dtypes[p.name])
 
     written = write_checkpoint(out, plan.new_spec, new_graph.model.name, shapes, produce(), progress=progress,
                                durable=durable, dtypes=dtypes, extra_metadata=user_metadata(header))
