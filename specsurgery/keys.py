@@ -22,38 +22,46 @@ import functools
 import weakref
 from typing import Callable, Optional, Union
 
-_INTERNED: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
-_LIVE = _INTERNED.data  # signature -> weak reference
-_SET = object.__setattr__
+# Interning: signature -> a weak reference to the one key with it. A key inside
+# a signature is named by its id: a live key holds its insides, so their ids are
+# theirs while it lives, and a signature never keeps a key alive. Entries of
+# dead keys are swept when the table has doubled since the last sweep (a plain
+# dict and plain references: no Python layer on the hot path, no callback per
+# death).
+_LIVE: dict = {}
+_SWEEP = [1 << 16]  # the table size that triggers the next sweep
+_NEW = object.__new__
+_REF = weakref.ref
+
+
+def _sweep() -> None:
+    for signature in [s for s, r in _LIVE.items() if r() is None]:
+        del _LIVE[signature]
+    _SWEEP[0] = max(1 << 16, 2 * len(_LIVE))
+
+
+def _interned(signature: tuple):
+    """The live key with `signature`, or None."""
+    found = _LIVE.get(signature)
+    return found() if found is not None else None
+
+
+def _keep(signature: tuple, key):
+    _LIVE[signature] = _REF(key)
+    if len(_LIVE) > _SWEEP[0]:
+        _sweep()
+    return key
 
 
 class _Key:
-    __slots__ = ("_hash", "__weakref__")
-    _fields: tuple[str, ...] = ()
+    """Equal keys are one object, so the default identity equality and hash
+    (in C, whatever the depth) are the right ones."""
 
-    def __new__(cls, *fields):
-        signature = (cls, *fields)
-        try:
-            found = _LIVE[signature]()  # the weak dictionary's own table: one lookup, no Python layer
-        except KeyError:
-            found = None
-        if found is not None:
-            return found
-        self = object.__new__(cls)
-        for name, value in zip(cls._fields, fields):
-            _SET(self, name, value)
-        _SET(self, "_hash", hash(signature))
-        _INTERNED[signature] = self
-        return self
+    __slots__ = ("__weakref__",)
+    _fields: tuple[str, ...] = ()
 
     def __setattr__(self, name, value):
         raise AttributeError(f"{type(self).__name__} is frozen")
-
-    def __eq__(self, other) -> bool:
-        return self is other
-
-    def __hash__(self) -> int:
-        return self._hash
 
     def __reduce__(self):
         return (type(self), tuple(getattr(self, f) for f in self._fields))
@@ -62,12 +70,23 @@ class _Key:
         return f"{type(self).__name__}({', '.join(repr(getattr(self, f)) for f in self._fields)})"
 
 
+def _setters(cls) -> tuple:
+    """The slots' own setters: a key is frozen to everyone but its constructor."""
+    return tuple(getattr(cls, f).__set__ for f in cls._fields)
+
+
 class Feature(_Key):
     __slots__ = ("name",)
     _fields = ("name",)
 
     def __new__(cls, name: str):
-        return super().__new__(cls, name)
+        signature = (cls, name)
+        found = _interned(signature)
+        if found is None:
+            found = _NEW(cls)
+            _FEATURE[0](found, name)
+            _keep(signature, found)
+        return found
 
     def describe(self) -> str:
         return f"feature {self.name}"
@@ -78,7 +97,16 @@ class Unit(_Key):
     _fields = ("scope", "tag", "ordinal")
 
     def __new__(cls, scope: str, tag: Optional[str], ordinal: int):
-        return super().__new__(cls, scope, tag, ordinal)
+        signature = (cls, scope, tag, ordinal)
+        found = _interned(signature)
+        if found is None:
+            found = _NEW(cls)
+            set_scope, set_tag, set_ordinal = _UNIT
+            set_scope(found, scope)
+            set_tag(found, tag)
+            set_ordinal(found, ordinal)
+            _keep(signature, found)
+        return found
 
     def describe(self) -> str:
         gate = f" gate {self.tag}" if self.tag else ""
@@ -92,7 +120,16 @@ class Wrapped(_Key):
     _fields = ("op", "inner", "idempotent")
 
     def __new__(cls, op: str, inner: "Key", idempotent: bool = False):
-        return super().__new__(cls, op, inner, idempotent)
+        signature = (cls, op, id(inner), idempotent)
+        found = _interned(signature)
+        if found is None:
+            found = _NEW(cls)
+            set_op, set_inner, set_idempotent = _WRAPPED
+            set_op(found, op)
+            set_inner(found, inner)
+            set_idempotent(found, idempotent)
+            _keep(signature, found)
+        return found
 
     def describe(self) -> str:
         return base(self).describe()
@@ -103,7 +140,15 @@ class Normed(_Key):
     _fields = ("scope", "inner")
 
     def __new__(cls, scope: str, inner: "Key"):
-        return super().__new__(cls, scope, inner)
+        signature = (cls, scope, id(inner))
+        found = _interned(signature)
+        if found is None:
+            found = _NEW(cls)
+            set_scope, set_inner = _NORMED
+            set_scope(found, scope)
+            set_inner(found, inner)
+            _keep(signature, found)
+        return found
 
     def describe(self) -> str:
         return base(self).describe()
@@ -114,11 +159,22 @@ class Joined(_Key):
     _fields = ("op", "left", "right")
 
     def __new__(cls, op: str, left: "Key", right: "Key"):
-        return super().__new__(cls, op, left, right)
+        signature = (cls, op, id(left), id(right))
+        found = _interned(signature)
+        if found is None:
+            found = _NEW(cls)
+            set_op, set_left, set_right = _JOINED
+            set_op(found, op)
+            set_left(found, left)
+            set_right(found, right)
+            _keep(signature, found)
+        return found
 
     def describe(self) -> str:
         return f"{self.op} of {base(self.left).describe()} and {base(self.right).describe()}"
 
+
+_FEATURE, _UNIT, _WRAPPED, _NORMED, _JOINED = map(_setters, (Feature, Unit, Wrapped, Normed, Joined))
 
 Key = Union[Feature, Unit, Wrapped, Normed, Joined]
 

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import collections
+import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -79,11 +80,12 @@ class Renames:
         return (self._features_moved or bool(self.scopes) or bool(self.new_ops) or bool(self.zero_joins)
                 or any(k != v for k, v in self.ops.items()))
 
-    def keys(self, keys) -> list:
-        """`key` of each, skipped when nothing was renamed (the common, large case).
+    def keys(self, keys):
+        """`key` of each, skipped when nothing was renamed (the common, large case:
+        then `keys` itself). Read it, never change it.
         An axis is translated once: the same value is read by several ops."""
         if not self:
-            return list(keys)
+            return keys
         hit = self._axes.get(id(keys))
         if hit is not None and hit[0] is keys:
             return hit[1]
@@ -281,6 +283,11 @@ def match_ops(old_graph: Graph, new_graph: Graph, renames: Renames) -> None:
 # 3. matching indices by key
 
 
+def _same(keys, old_keys) -> bool:
+    """Whether two axes have the same keys in the same order (keys are interned: by identity)."""
+    return keys is old_keys or (len(keys) == len(old_keys) and all(map(operator.is_, keys, old_keys)))
+
+
 def _numbered(keys) -> list[tuple]:
     """Keys made unique by their ordinal among equal keys."""
     seen: dict = {}
@@ -309,9 +316,11 @@ def _runs(indices: list[int]) -> tuple[Run, ...]:
 def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
     """New index -> old index (or -1): by exact key, then through element-wise
     wrappers, then a value newly joined by add or mul by the old value it carries."""
-    if not renames and new_keys == old_keys:
+    if not renames and _same(new_keys, old_keys):
         return list(range(len(new_keys)))  # the common case, and the large axes: nothing moved
     translated = renames.keys(new_keys)
+    if _same(translated, old_keys):
+        return list(range(len(new_keys)))
     # Exact keys first: relu(x) and x both carry x, and must not be paired by order.
     exact = {k: i for i, k in enumerate(_numbered(old_keys))}
     indices = [exact.get(k, -1) for k in _numbered(translated)]
@@ -419,19 +428,22 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         for new_input, old_input, in_taint in zip(node.inputs, old_node.inputs, ins):
             new_in, old_in = new.values[new_input], old.values[old_input]
             new_in_keys = renames.keys(new_in.keys)
-            new_in_base = set()  # what the input still carries, through joins too
-            for k in new_in_keys:
-                new_in_base |= K.carried(k, carried)
-            missing = [k for k in old_in.keys if K.base(k) not in new_in_base]
-            if missing:
-                unit_taint |= missing_reasons(node, missing)
-            if old_input not in old_bases:
-                old_bases[old_input] = {K.base(o) for o in old_in.keys}
-            old_in_base = old_bases[old_input]
-            changed = [k for k in new_in_keys if k not in old_keys and K.base(k) in old_in_base]
-            if changed:
-                unit_taint |= {check.add(f"{node.scope} reads {K.source(changed[0])} through a changed path "
-                                         f"(an op around it changed)", node.span)}
+            if _same(new_in_keys, old_in.keys):
+                missing = ()  # the input is what it was (the common case): nothing dropped, nothing changed
+            else:
+                new_in_base = set()  # what the input still carries, through joins too
+                for k in new_in_keys:
+                    new_in_base |= K.carried(k, carried)
+                missing = [k for k in old_in.keys if K.base(k) not in new_in_base]
+                if missing:
+                    unit_taint |= missing_reasons(node, missing)
+                if old_input not in old_bases:
+                    old_bases[old_input] = {K.base(o) for o in old_in.keys}
+                old_in_base = old_bases[old_input]
+                changed = [k for k in new_in_keys if k not in old_keys and K.base(k) in old_in_base]
+                if changed:
+                    unit_taint |= {check.add(f"{node.scope} reads {K.source(changed[0])} through a changed path "
+                                             f"(an op around it changed)", node.span)}
             for t in set(in_taint):
                 unit_taint |= t
             if meaning.axis_change and (missing or len(new_in.keys) != len(old_in.keys)):
@@ -444,6 +456,9 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
 
     def join(node, ins) -> list[frozenset]:
         sides = [new.values[i] for i in node.inputs]
+        translated = [renames.keys(x.keys) for x in sides]
+        if all(old_keys.issuperset(t) for t in translated) or all(old_keys.isdisjoint(t) for t in translated):
+            return list(map(frozenset.union, *ins))  # old joined to old, or new to new: index by index
         renamed = bool(renames)  # asked once: it looks at every op's match
         out = []
         for i, key in enumerate(new.values[node.index].keys):
@@ -529,8 +544,12 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
 
     def is_old(index: int) -> Optional[bool]:
         """True: every index of the value is an old one; False: none is; None: some are."""
-        known = {renames.key(k) in old_keys for k in new.values[index].keys}
-        return known.pop() if len(known) == 1 else None
+        translated = renames.keys(new.values[index].keys)
+        if not translated:
+            return None
+        if old_keys.issuperset(translated):
+            return True
+        return False if old_keys.isdisjoint(translated) else None
 
     def zero_start(index: int, chosen: set) -> bool:
         """Whether the value at `index` can start at zero; the ops to zero go in `chosen`."""
