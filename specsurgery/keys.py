@@ -19,6 +19,8 @@ here recurses on that depth).
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import weakref
 from typing import Callable, Optional, Union
 
@@ -38,12 +40,6 @@ def _sweep() -> None:
     for signature in [s for s, r in _LIVE.items() if r() is None]:
         del _LIVE[signature]
     _SWEEP[0] = max(1 << 16, 2 * len(_LIVE))
-
-
-def _interned(signature: tuple):
-    """The live key with `signature`, or None."""
-    found = _LIVE.get(signature)
-    return found() if found is not None else None
 
 
 def _keep(signature: tuple, key):
@@ -81,12 +77,14 @@ class Feature(_Key):
 
     def __new__(cls, name: str):
         signature = (cls, name)
-        found = _interned(signature)
-        if found is None:
-            found = _NEW(cls)
-            _FEATURE[0](found, name)
-            _keep(signature, found)
-        return found
+        found = _LIVE.get(signature)
+        if found is not None:
+            found = found()
+            if found is not None:
+                return found
+        key = _NEW(cls)
+        _FEATURE[0](key, name)
+        return _keep(signature, key)
 
     def describe(self) -> str:
         return f"feature {self.name}"
@@ -98,15 +96,17 @@ class Unit(_Key):
 
     def __new__(cls, scope: str, tag: Optional[str], ordinal: int):
         signature = (cls, scope, tag, ordinal)
-        found = _interned(signature)
-        if found is None:
-            found = _NEW(cls)
-            set_scope, set_tag, set_ordinal = _UNIT
-            set_scope(found, scope)
-            set_tag(found, tag)
-            set_ordinal(found, ordinal)
-            _keep(signature, found)
-        return found
+        found = _LIVE.get(signature)
+        if found is not None:
+            found = found()
+            if found is not None:
+                return found
+        key = _NEW(cls)
+        set_scope, set_tag, set_ordinal = _UNIT
+        set_scope(key, scope)
+        set_tag(key, tag)
+        set_ordinal(key, ordinal)
+        return _keep(signature, key)
 
     def describe(self) -> str:
         gate = f" gate {self.tag}" if self.tag else ""
@@ -121,15 +121,17 @@ class Wrapped(_Key):
 
     def __new__(cls, op: str, inner: "Key", idempotent: bool = False):
         signature = (cls, op, id(inner), idempotent)
-        found = _interned(signature)
-        if found is None:
-            found = _NEW(cls)
-            set_op, set_inner, set_idempotent = _WRAPPED
-            set_op(found, op)
-            set_inner(found, inner)
-            set_idempotent(found, idempotent)
-            _keep(signature, found)
-        return found
+        found = _LIVE.get(signature)
+        if found is not None:
+            found = found()
+            if found is not None:
+                return found
+        key = _NEW(cls)
+        set_op, set_inner, set_idempotent = _WRAPPED
+        set_op(key, op)
+        set_inner(key, inner)
+        set_idempotent(key, idempotent)
+        return _keep(signature, key)
 
     def describe(self) -> str:
         return base(self).describe()
@@ -141,14 +143,16 @@ class Normed(_Key):
 
     def __new__(cls, scope: str, inner: "Key"):
         signature = (cls, scope, id(inner))
-        found = _interned(signature)
-        if found is None:
-            found = _NEW(cls)
-            set_scope, set_inner = _NORMED
-            set_scope(found, scope)
-            set_inner(found, inner)
-            _keep(signature, found)
-        return found
+        found = _LIVE.get(signature)
+        if found is not None:
+            found = found()
+            if found is not None:
+                return found
+        key = _NEW(cls)
+        set_scope, set_inner = _NORMED
+        set_scope(key, scope)
+        set_inner(key, inner)
+        return _keep(signature, key)
 
     def describe(self) -> str:
         return base(self).describe()
@@ -160,15 +164,17 @@ class Joined(_Key):
 
     def __new__(cls, op: str, left: "Key", right: "Key"):
         signature = (cls, op, id(left), id(right))
-        found = _interned(signature)
-        if found is None:
-            found = _NEW(cls)
-            set_op, set_left, set_right = _JOINED
-            set_op(found, op)
-            set_left(found, left)
-            set_right(found, right)
-            _keep(signature, found)
-        return found
+        found = _LIVE.get(signature)
+        if found is not None:
+            found = found()
+            if found is not None:
+                return found
+        key = _NEW(cls)
+        set_op, set_left, set_right = _JOINED
+        set_op(key, op)
+        set_left(key, left)
+        set_right(key, right)
+        return _keep(signature, key)
 
     def describe(self) -> str:
         return f"{self.op} of {base(self.left).describe()} and {base(self.right).describe()}"
@@ -183,15 +189,63 @@ Key = Union[Feature, Unit, Wrapped, Normed, Joined]
 def units(scope: str, n: int, tag: Optional[str] = None) -> tuple[Unit, ...]:
     """The keys of n units of one op (one block of them): built once, shared by
     every graph that has the op (the old and the new version mostly do)."""
-    return tuple(Unit(scope, tag, i) for i in range(n))
+    return tuple([Unit(scope, tag, i) for i in range(n)])
 
 
 def wrap(op: str, key: Key, idempotent: bool) -> Key:
     """`op` applied to `key`; an idempotent op applied twice is applied once
     (relu(relu(x)) is relu(x): an identity layer between two relus keeps the key)."""
-    if idempotent and isinstance(key, Wrapped) and key.op == op:
+    if idempotent and type(key) is Wrapped and key.op == op:
         return key
     return Wrapped(op, key, idempotent)
+
+
+# Whole axes of keys derived from others (an op's output from its inputs'),
+# remembered by what they were made from: the old and the new version of a
+# model share most values, and a value made again from the same key tuples is
+# the same tuple, so comparing the versions' axes is one identity test. Keyed
+# by the inputs' ids, each entry holding its inputs (an id is not reused while
+# they live); the oldest entries go once there are more than _AXES_LIMIT[0] or
+# they hold more keys than _AXES_LIMIT[1].
+_AXES: dict = {}
+_AXES_HELD = [0]
+_AXES_LIMIT = (1 << 13, 1 << 21)
+
+
+def _derived(signature: tuple, inputs: tuple, build: Callable[[], tuple]) -> tuple:
+    hit = _AXES.get(signature)
+    if hit is not None and all(map(operator.is_, hit[0], inputs)):
+        return hit[1]
+    out = build()
+    _AXES.pop(signature, None)
+    _AXES[signature] = (inputs, out)
+    _AXES_HELD[0] += len(out)
+    while len(_AXES) > 1 and (len(_AXES) > _AXES_LIMIT[0] or _AXES_HELD[0] > _AXES_LIMIT[1]):
+        _AXES_HELD[0] -= len(_AXES.pop(next(iter(_AXES)))[1])
+    return out
+
+
+def wrapped_axis(op: str, keys: tuple, idempotent: bool) -> tuple:
+    """`wrap(op, k, idempotent)` of each key of an axis."""
+    if idempotent:
+        return _derived(("wrap", op, True, id(keys)), (keys,), lambda: tuple([wrap(op, k, True) for k in keys]))
+    return _derived(("wrap", op, False, id(keys)), (keys,), lambda: tuple([Wrapped(op, k, False) for k in keys]))
+
+
+def normed_axis(scope: str, keys: tuple) -> tuple:
+    """Each key of an axis after the normalisation at `scope`."""
+    return _derived(("norm", scope, id(keys)), (keys,), lambda: tuple([Normed(scope, k) for k in keys]))
+
+
+def joined_axis(op: str, left: tuple, right: tuple) -> tuple:
+    """Index i of a two-input op over two axes: Joined(op, left[i], right[i])."""
+    return _derived(("join", op, id(left), id(right)), (left, right),
+                    lambda: tuple([Joined(op, a, b) for a, b in zip(left, right)]))
+
+
+def chained(axes: tuple) -> tuple:
+    """The keys of several axes, one after another (concat)."""
+    return _derived(("chain", *map(id, axes)), axes, lambda: tuple(itertools.chain.from_iterable(axes)))
 
 
 def children(k: Key) -> tuple:
@@ -236,8 +290,14 @@ def _base_of(k: Key, memo: dict) -> Key:
 def base(key: Key) -> Key:
     """The key with index-by-index wrappers and normalisations looked through:
     what the index still carries when an op around it changed."""
-    if isinstance(key, (Feature, Unit)):
-        return key
+    inner = key
+    for _ in range(8):  # a few wrappers around a unit or a feature (the common case): no table
+        kind = type(inner)
+        if kind is Unit or kind is Feature:
+            return inner
+        if kind is Joined:
+            break
+        inner = inner.inner
     found = _BASES.get(key)
     if found is None:
         found = _BASES[key] = transform(key, children, _base_of, _BASES)
@@ -252,6 +312,17 @@ def parts(key: Key) -> list[Key]:
         if isinstance(k, Joined):
             out.extend((k.left, k.right))
             stack.extend((k.right, k.left))
+    return out
+
+
+def carried_by(keys, memo: dict) -> set:
+    """The union of `carried` over an axis's keys."""
+    out: set = set()
+    for k in keys:
+        if type(k) is Joined:
+            out |= carried(k, memo)
+        else:
+            out.add(base(k))  # carried(k) is {base(k)}
     return out
 
 

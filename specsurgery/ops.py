@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 from functools import cached_property
 from itertools import chain
 from abc import ABC, abstractmethod
@@ -83,7 +84,9 @@ class Axis:
 
     @cached_property
     def distinct(self) -> frozenset:
-        return frozenset(self.sets)
+        # One object stands for many indices (a linear's units): drop those by
+        # identity first, as hashing a set of thousands of features costs.
+        return frozenset(dict(zip(map(id, self.sets), self.sets)).values())
 
     def union(self) -> int:
         total = 0
@@ -187,7 +190,7 @@ class Surgery:
 
 def wrap_axis(op: "Op", axis: Axis) -> Axis:
     """The axis of an index-by-index op's output: each key wrapped by the op."""
-    return Axis(tuple(K.wrap(op.name, k, op.surgery.idempotent) for k in axis.keys), axis.sets)
+    return Axis(K.wrapped_axis(op.name, axis.keys, op.surgery.idempotent), axis.sets)
 
 
 def _torch():
@@ -427,7 +430,7 @@ class LayerNorm(Op):
         (x,) = xs
         n = len(x)
         seen = x.union()  # mean and variance mix the whole axis (x ⊙ x)
-        out = Axis(tuple(K.Normed(node.scope, k) for k in x.keys), (seen,) * n)
+        out = Axis(K.normed_axis(node.scope, x.keys), (seen,) * n)
         return out, {"weight": (Axis(x.keys, (seen,) * n),), "bias": (Axis(x.keys, (seen,) * n),)}
 
 
@@ -651,7 +654,7 @@ class Concat(Op):
 
     def shadow(self, node, xs):
         # chained, not summed: summing tuples is quadratic in the number of inputs
-        return Axis(tuple(chain.from_iterable(x.keys for x in xs)), tuple(chain.from_iterable(x.sets for x in xs))), {}
+        return Axis(K.chained(tuple(x.keys for x in xs)), tuple(chain.from_iterable(x.sets for x in xs))), {}
 
 
 class Elementwise(Op):
@@ -718,8 +721,7 @@ class Binary(Op):
 
     def shadow(self, node, xs):
         a, b = xs
-        keys = tuple(K.Joined(self.name, ka, kb) for ka, kb in zip(a.keys, b.keys))
-        return Axis(keys, tuple(sa | sb for sa, sb in zip(a.sets, b.sets))), {}
+        return Axis(K.joined_axis(self.name, a.keys, b.keys), tuple(map(operator.or_, a.sets, b.sets))), {}
 
 
 class Add(Binary):

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -322,8 +323,12 @@ def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
     if _same(translated, old_keys):
         return list(range(len(new_keys)))
     # Exact keys first: relu(x) and x both carry x, and must not be paired by order.
-    exact = {k: i for i, k in enumerate(_numbered(old_keys))}
-    indices = [exact.get(k, -1) for k in _numbered(translated)]
+    exact = dict(zip(old_keys, range(len(old_keys))))
+    if len(exact) == len(old_keys) and len(set(translated)) == len(translated):
+        indices = [exact.get(k, -1) for k in translated]  # no key twice on either side: none to number
+    else:
+        exact = {k: i for i, k in enumerate(_numbered(old_keys))}
+        indices = [exact.get(k, -1) for k in _numbered(translated)]
 
     def fill(candidates) -> None:
         """Match still-unmatched new indices to free old ones, by `candidates(key)`."""
@@ -431,9 +436,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             if _same(new_in_keys, old_in.keys):
                 missing = ()  # the input is what it was (the common case): nothing dropped, nothing changed
             else:
-                new_in_base = set()  # what the input still carries, through joins too
-                for k in new_in_keys:
-                    new_in_base |= K.carried(k, carried)
+                new_in_base = K.carried_by(new_in_keys, carried)  # what the input still carries, through joins too
                 missing = [k for k in old_in.keys if K.base(k) not in new_in_base]
                 if missing:
                     unit_taint |= missing_reasons(node, missing)
@@ -684,7 +687,8 @@ def _param_plans(new_graph: Graph, new: InteractionMap, proof: InteractionMap, o
     params: list[ParamPlan] = []
     used_old: set[str] = set()
     unproven = 0
-    matched_axes: dict = {}
+    matched_keys: dict = {}  # (new keys, old keys) -> (indices, runs): axes of one op share their keys
+    proven_axes: dict = {}
     for name, (node, local) in new_graph.parameters().items():
         p, proven = new.params[name], proof.params[name]
         old_scope = renames.ops.get(node.scope)
@@ -697,13 +701,16 @@ def _param_plans(new_graph: Graph, new: InteractionMap, proof: InteractionMap, o
         used_old.add(source)
         axes = []
         for axis_new, axis_proven, axis_old, role in zip(p.axes, proven.axes, q.axes, p.roles):
-            # Parameters of one op share axis objects (an LSTM's four row axes): match each once.
-            cache_key = (id(axis_new), id(axis_old))
-            if cache_key not in matched_axes:
+            # Parameters of one op share axes (an LSTM's four row axes): match each once.
+            keys_key = (id(axis_new.keys), id(axis_old.keys))
+            if keys_key not in matched_keys:
                 indices = match_axis(axis_new.keys, axis_old.keys, renames)
-                matched_axes[cache_key] = (indices, _runs(indices), _unproven(indices, axis_proven, axis_old, shared))
-            indices, runs, bad = matched_axes[cache_key]
-            unproven += bad
+                matched_keys[keys_key] = (indices, _runs(indices))
+            indices, runs = matched_keys[keys_key]
+            sets_key = (keys_key, id(axis_proven), id(axis_old))
+            if sets_key not in proven_axes:
+                proven_axes[sets_key] = _unproven(indices, axis_proven, axis_old, shared)
+            unproven += proven_axes[sets_key]
             axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=runs))
         axes = tuple(axes)
         params.append(_counted(ParamPlan(name=name, shape=p.shape, source=source, old_shape=q.shape, axes=axes,
@@ -822,13 +829,18 @@ def _unproven(indices, axis_new, axis_old, shared) -> int:
     """Matched indices whose features, among those both versions have, differ."""
     mask, translate = shared
     old_sets, new_sets = axis_old.sets, axis_new.sets
-    # Few distinct (new set, old set) pairs stand behind many indices: count
-    # them (in C), then test each distinct pair once.
+    # Few distinct (new set, old set) pairs stand behind many indices, mostly
+    # in runs of one object (a linear's units): count the runs (in C, by
+    # identity: hashing a set of thousands of features costs), then test each
+    # distinct pair once.
     if len(indices) == len(old_sets) and indices == list(range(len(indices))):
-        pairs = collections.Counter(zip(new_sets, old_sets))
+        pairs = zip(new_sets, old_sets)
     else:
-        pairs = collections.Counter((new_sets[i], old_sets[j]) for i, j in enumerate(indices) if j >= 0)
-    return sum(n for (s_new, s_old), n in pairs.items() if translate_bits(s_new, translate) != s_old & mask)
+        pairs = ((new_sets[i], old_sets[j]) for i, j in enumerate(indices) if j >= 0)
+    counts: collections.Counter = collections.Counter()
+    for pair, run in itertools.groupby(pairs):
+        counts[pair] += len(list(run))
+    return sum(n for (s_new, s_old), n in counts.items() if translate_bits(s_new, translate) != s_old & mask)
 
 
 # ---------------------------------------------------------------------------
