@@ -246,3 +246,50 @@ def test_saved_hyperparameters_of_the_wrong_kind_are_refused(tmp_path, one_threa
     save_file(tensors, sidecar, metadata=meta)
     with pytest.raises(ss.UserError, match="param group 0 has lr = 'fast'; torch.optim.Adam takes a number"):
         ss.load_optimizer(path, ss.load(path))
+
+
+class Killed(BaseException):
+    """SIGKILL, for the code under test: nothing after it runs, no handler catches it."""
+
+
+def test_a_build_killed_between_its_two_renames_is_finished_by_the_next(tmp_path, monkeypatch, one_thread):
+    from specsurgery.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.spec").write_text(OLD)
+    assert main(["build", "m.spec", "--out", "models"]) == 0
+    ckpt = "models/m.safetensors"
+    old = ss.load(ckpt)
+    optimizer = torch.optim.Adam(old.parameters(), lr=1e-2)
+    for i in range(3):
+        step(old, optimizer, batch(i, wind=False))
+    old.save(ckpt, optimizer=optimizer)
+    old_optimizer = (tmp_path / "models/m.optimizer.safetensors").read_bytes()
+
+    (tmp_path / "m.spec").write_text(NEW)
+    staged = {}
+    real_replace = os.replace
+
+    def killed_after_the_checkpoint(source, target):
+        if str(source).endswith(".staged.optimizer.safetensors"):
+            staged["bytes"] = open(source, "rb").read()
+            raise Killed
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_after_the_checkpoint)
+    with pytest.raises(Killed):
+        main(["build", "m.spec", "--out", "models"])
+    monkeypatch.setattr(os, "replace", real_replace)
+    new = ss.load(ckpt)  # the new checkpoint is in place, beside the old optimizer state
+    assert tuple(new.get_parameter("h.linear.weight").shape) == (10, 6)
+    assert (tmp_path / "models/m.optimizer.safetensors").read_bytes() == old_optimizer
+    with pytest.raises(ss.UserError, match="saved for another spec than the model's"):
+        ss.load_optimizer(ckpt, new)
+
+    assert main(["build", "m.spec", "--out", "models"]) == 0  # finishes the commit, then: unchanged
+    assert (tmp_path / "models/m.optimizer.safetensors").read_bytes() == staged["bytes"]
+    carried = ss.load_optimizer(ckpt, new)
+    moment = carried.state[new.get_parameter("h.linear.weight")]["exp_avg"]
+    old_moment = optimizer.state[old.get_parameter("h.linear.weight")]["exp_avg"]
+    assert torch.equal(moment[:8, [0, 2, 3, 4, 5]], old_moment) and not moment[:, WIND].any()
+    assert sorted(os.listdir("models")) == ["history", "m.optimizer.safetensors", "m.safetensors"]

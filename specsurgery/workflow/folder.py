@@ -11,6 +11,7 @@ import os
 import shutil
 from typing import Iterator
 
+from ..checkpoint import optimizer_path
 from ..errors import UserError
 
 
@@ -61,8 +62,8 @@ def leftovers(target: str) -> list[str]:
     stem = base.removesuffix(".safetensors")
     here, history = glob.escape(folder or "."), glob.escape(os.path.join(folder, "history"))
     patterns = [
-        f"{here}/.{glob.escape(base)}.staged",               # staged, not yet verified and renamed
-        f"{here}/.{glob.escape(base)}.staged.optimizer.safetensors",  # its optimizer file, staged
+        glob.escape(staged_path(target)),                    # staged, not yet verified and renamed
+        glob.escape(optimizer_path(staged_path(target))),    # its optimizer file, staged
         f"{here}/..{glob.escape(base)}.staged.*.tmp",        # the staged file, half written
         f"{here}/.{glob.escape(base)}.*.tmp",                # a fresh checkpoint, half written
         f"{history}/{glob.escape(stem)}-*.safetensors.tmp",    # the history link before its rename
@@ -71,8 +72,27 @@ def leftovers(target: str) -> list[str]:
     return sorted({path for pattern in patterns for path in glob.glob(pattern)})
 
 
+def staged_path(target: str) -> str:
+    """Where a surgery writes the new checkpoint of `target` before it is verified and renamed."""
+    folder, base = os.path.split(target)
+    return os.path.join(folder, f".{base}.staged")
+
+
+def finish_commit(target: str) -> bool:
+    """A surgery renames its new checkpoint into place, then its optimizer file.
+    A build killed between the two left the new checkpoint beside the old
+    optimizer state, with the new one staged: carry the rename out (True)."""
+    staged_optimizer = optimizer_path(staged_path(target))
+    if os.path.exists(staged_path(target)) or not os.path.isfile(staged_optimizer):
+        return False  # not verified yet (both staged), or nothing to finish
+    os.replace(staged_optimizer, optimizer_path(target))
+    return True
+
+
 def sweep_leftovers(target: str) -> None:
-    """Remove them; only under the build lock, when no other build is writing."""
+    """Remove them; only under the build lock, when no other build is writing.
+    A commit cut short between its two renames is finished first."""
+    finish_commit(target)
     for path in leftovers(target):
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)

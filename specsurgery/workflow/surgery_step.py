@@ -20,6 +20,7 @@ from ..ir import build_graph
 from ..spec import model as m
 from ..surgery.diff import make_plan
 from ..surgery.plan import render_plan
+from .folder import staged_path
 from .policy import Policy, policy_verdict
 
 
@@ -90,7 +91,7 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
         return {**row, "action": "would operate", "detail": render_plan(plan)}
 
     made: list[str] = []  # what this surgery wrote: undone when it fails
-    staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged")  # build swept leftovers
+    staged = staged_path(target)  # build swept leftovers
     history = os.path.dirname(history_path(target, header.spec_text))
     new_history = [] if os.path.isdir(history) else [history]  # made by this surgery: removed if left empty
     try:
@@ -100,6 +101,8 @@ def surgery_step(target: str, spec: m.ModelSpec, policy: Policy, seed: int = 0, 
         raise
     if result.get("refused"):
         _undo(made + [staged, optimizer_path(staged)], new_history)
+    else:
+        _commit(staged, target)
     return result
 
 
@@ -161,12 +164,19 @@ def _operate(plan, header, spec: m.ModelSpec, target: str, staged: str, policy: 
         for r in s.reasons:
             detail.append(f"  lossy (allowed): {r.render()}")
     if os.path.exists(optimizer_path(staged)):
-        os.replace(optimizer_path(staged), optimizer)
         detail.append(f"  optimizer state carried to {optimizer}")
+    return {**row, "action": "operated", "history": kept, "detail": "\n".join(detail)}
+
+
+def _commit(staged: str, target: str) -> None:
+    """The verified checkpoint into place, then its optimizer file. A build killed
+    between the two renames finishes the second at its next start
+    (folder.finish_commit); nothing is undone past the first."""
     if os.path.isdir(staged):
         from ..shards import commit_folder
 
         commit_folder(staged, target)
     else:
         os.replace(staged, target)
-    return {**row, "action": "operated", "history": kept, "detail": "\n".join(detail)}
+    if os.path.exists(optimizer_path(staged)):
+        os.replace(optimizer_path(staged), optimizer_path(target))
