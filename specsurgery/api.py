@@ -10,6 +10,17 @@ from .errors import UserError
 from .spec import model as m
 
 
+SEEDS = range(1 << 63)  # what torch's generators take, from the command line and from Python alike
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"error: seed must be a whole number, got {seed!r}")
+    if seed not in SEEDS:
+        raise UserError(f"error: {seed} is not a seed: seeds run from 0 to {SEEDS[-1]}")
+    return seed
+
+
 def read_spec(source: str, model: Optional[str] = None) -> m.ModelSpec:
     """The ModelSpec of `source`: a .spec path, spec text, or git:REV:path."""
     from .spec.load import load, load_text
@@ -48,9 +59,7 @@ def compile(source: str, model: Optional[str] = None, *, seed: int = 0):
     from .ir import build_graph
     from .model import Model
 
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise UserError(f"error: seed must be a whole number, got {seed!r}")
-    return Model(build_graph(read_spec(source, model)), seed=seed)
+    return Model(build_graph(read_spec(source, model)), seed=check_seed(seed))
 
 
 def load(path: str, *, device=None, dtype=None):
@@ -221,6 +230,7 @@ def surgery(model, new, *, optimizer=None, plan: Optional[Plan] = None, allow_lo
     if not isinstance(model, Model):
         raise UserError(f"error: ss.surgery takes an ss.Model, got {type(model).__name__} (for a checkpoint file, "
                         "ss.load it or use ss.apply)")
+    check_seed(seed)
     named = None
     if optimizer is not None:  # an optimizer that cannot be carried is refused before anything is built
         from .optimizer_state import named_state
@@ -261,6 +271,7 @@ def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_
     a sharded folder. A list of checkpoints (of one spec) is planned once and
     applied in worker processes (`jobs`), each written as OUT/<its name>; the
     ones that fail are named in one UserError, the others are written whole."""
+    check_seed(seed)
     if isinstance(checkpoint, (list, tuple)):
         return _apply_many(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed, jobs=jobs)
     return apply_checkpoint(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed,
@@ -330,7 +341,7 @@ def verify(old, new, *, states: int = 1000, records=None, tolerance: float = 1e-
     from .surgery.verify import verify_models
 
     return verify_models(_model_of(old), _model_of(new), states=states, records=records, tolerance=tolerance,
-                         seed=seed, steps=steps)
+                         seed=check_seed(seed), steps=steps)
 
 
 def _model_of(source):

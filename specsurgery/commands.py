@@ -17,11 +17,14 @@ from .progress import Progress
 
 
 def seed(text: str) -> int:
-    """A --seed: a whole number torch's generator takes (0 to 2^63 - 1)."""
+    """A --seed: a whole number torch's generator takes (api.SEEDS, as for ss.compile(seed=))."""
+    from .api import check_seed
+
     value = int(text)  # argparse turns a ValueError into "invalid seed value"
-    if not 0 <= value < 1 << 63:
-        raise argparse.ArgumentTypeError(f"{text} is not a seed: seeds run from 0 to {(1 << 63) - 1}")
-    return value
+    try:
+        return check_seed(value)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("error: ")) from None
 
 
 COMMANDS: dict[str, Callable] = {}

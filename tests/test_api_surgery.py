@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -220,3 +221,22 @@ def test_surgery_is_the_function_and_its_subpackage_still_imports():
             "ss.surgery.__doc__.split()[0], Verification is ss.Verification)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "make_plan ['model', 'new'] Carry True\n"
+
+
+def test_seeds_have_one_range_in_python_and_on_the_command_line(tmp_path):
+    old = trained(OLD)
+    ckpt = str(tmp_path / "old.safetensors")
+    old.save(ckpt)
+    out = str(tmp_path / "new.safetensors")
+    message = "error: 9223372036854775808 is not a seed: seeds run from 0 to 9223372036854775807"
+    for call in (lambda s: ss.compile(OLD, seed=s), lambda s: ss.surgery(old, NEW, seed=s),
+                 lambda s: ss.apply(ckpt, NEW, out, seed=s), lambda s: ss.verify(old, old, states=2, seed=s)):
+        with pytest.raises(ss.UserError) as e:
+            call(1 << 63)
+        assert str(e.value) == message
+        with pytest.raises(ss.UserError, match=r"^error: -1 is not a seed"):
+            call(-1)
+        with pytest.raises(ss.UserError, match=r"^error: seed must be a whole number, got True$"):
+            call(True)
+    assert not os.path.exists(out)
+    assert ss.verify(old, old, states=2, seed=(1 << 63) - 1).ok
