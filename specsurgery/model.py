@@ -164,8 +164,8 @@ class Model(nn.Module):
             values: dict[int, torch.Tensor] = {}
             for node in graph.nodes:
                 if node.op in INPUT_OPS:
-                    key = node.attrs["group"] if node.op != "category" else f"{node.attrs['group']}.{node.attrs['feature']}"
-                    values[node.index] = OPS[node.op].forward(node, {}, [inputs[key]], ctx)
+                    op = OPS[node.op]
+                    values[node.index] = op.forward(node, {}, [inputs[op.input_key(node)]], ctx)
         except KeyError as e:
             raise UserError(f"error: model {self.name}: the inputs have no {e.args[0]!r} "
                             "(build them with model.inputs or model.featurise)") from None

@@ -300,6 +300,10 @@ class GroupInput(Op):
         keys = tuple(K.Feature(name) for name in node.attrs["features"])
         return Axis(keys, tuple(node.attrs["bits"])), {}
 
+    def input_key(self, node: Node) -> str:
+        """The featurised input it reads (model.inputs and featurise name them so)."""
+        return node.attrs["group"]
+
 
 class FeatureInput(GroupInput):
     """`obs.group.feature` for a numeric feature: a vector of width 1."""
@@ -322,6 +326,9 @@ class CategoryInput(GroupInput):
         return xs[0]
 
     probe = forward
+
+    def input_key(self, node: Node) -> str:
+        return f"{node.attrs['group']}.{node.attrs['feature']}"  # a category has its own index tensor
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..ir import Graph, walk
-from ..ops import OPS, RunContext
+from ..ops import INPUT_OPS, OPS, RunContext
 
 
 class SpecModule(nn.Module):
@@ -63,10 +63,8 @@ class SpecModule(nn.Module):
 
         def visit(node, xs):
             op = OPS[node.op]
-            if node.op in ("group", "feature"):
-                xs = [inputs[node.attrs["group"]]]
-            elif node.op == "category":
-                xs = [inputs[f"{node.attrs['group']}.{node.attrs['feature']}"]]
+            if node.op in INPUT_OPS:
+                xs = [inputs[op.input_key(node)]]
             if not node.params:
                 own = {}
             elif params is None:
