@@ -16,7 +16,7 @@ Steps (all in one temporary folder, removed at the end):
     fresh interpreter), median of 3 runs; the plan goes to the child as JSON,
     as with `specsurgery apply --plan`. Peak memory = VmHWM from
     /proc/self/status in the child. A baseline child does everything but the
-    apply_plan call (imports incl. torch, loads the spec, reads the plan); the
+    apply_plan call (imports: no torch for this change, loads the spec, reads the plan); the
     apply child also resets its high-water mark just before apply_plan
     (writing 5 to /proc/self/clear_refs) so apply's own peak is reported too.
 
@@ -228,7 +228,7 @@ def main() -> None:
         base_hwm = max(r["hwm_mb"] for r in base)
         cpu = "; ".join(f"{r['user_s']:.1f}/{r['sys_s']:.1f} s" for r in runs)
         hwm = max(r["hwm_mb"] for r in runs)
-        print(f"baseline child (import apply+torch, load five_next, read plan JSON): peak RSS {base_hwm:.0f} MB "
+        print(f"baseline child (import apply, load five_next, read plan JSON): peak RSS {base_hwm:.0f} MB "
               f"(runs: {join(base, 'hwm_mb', '.0f')})")
         t_apply_cpu = statistics.median(r["apply_cpu_s"] for r in runs)
         print(f"apply child: apply_plan median {t_apply:.3f} s of {REPS} [{join(runs, 'apply_s', '.3f')}]; "

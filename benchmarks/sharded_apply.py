@@ -10,18 +10,23 @@ in 128, then eight linear layers of 8192 units. The old checkpoint is written
 in 400 MB shards (values a cheap deterministic pattern: the benchmark times
 moving bytes, not training). The change inserts 8 features mid-group, grows
 the vocabulary by 16 items mid-list and widens the fourth layer from 8192 to
-8320 units. Timed, in the same run, after a warm-up read of the shards:
+8320 units. Timed, in the same run, each after a read of the shards (the page cache warm
+for the copy and for apply alike; os.sync() first, so no run pays for
+another's dirty pages):
   * `cp -r OLD COPY`, and `cp -r` followed by `sync` of the copied files (apply
     fsyncs every shard, cp does not);
   * `specsurgery apply OLD NEW.spec -o OUT --jobs N` as a whole process
-    (interpreter start, imports, planning, workers, writing, fsync).
+    (interpreter start, imports, planning, writing, fsync);
+  * the same apply with torch imported first: what apply cost when it imported
+    torch (it needs none for this change: copies, zero columns, uniform fresh rows).
 Peak memory is the largest sum of the resident set sizes of the apply process
 and its workers, sampled every 20 ms from /proc (and, as a cross-check, the
 largest single child's ru_maxrss).
 
 Part 2, one file: specs/five.spec -> five_next.spec, a fresh 632 MB checkpoint,
-`specsurgery apply` as a whole process against `cp`, and the same apply writing
-a sharded folder (parallel workers).
+`specsurgery apply` as a whole process against `cp` (both after a read of the
+file), the same apply with torch imported first, and the same apply writing a
+sharded folder (in parallel).
 
 Part 3, what the torch import costs: `python -c "import torch"` timed, and a
 whole-process apply whose tensors are all only moved (the same spec: every
@@ -133,6 +138,12 @@ def timed(cmd: list[str], sample: bool = False) -> tuple[float, tuple[float, flo
     return elapsed, tuple(peak)
 
 
+def with_torch(args: list[str]) -> list[str]:
+    """A specsurgery command run with torch imported first (what it cost when it imported torch)."""
+    return [sys.executable, "-c", "import sys, torch; from specsurgery.cli import main; sys.exit(main(sys.argv[1:]))",
+            *args]
+
+
 def read_through(path: str) -> None:
     files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
     for file in files:
@@ -191,10 +202,14 @@ def main() -> None:
               f"(largest {header.largest_shard() / MB:.0f} MB), written in {time.perf_counter() - t:.1f} s")
         copy, out = os.path.join(tmp, "copy"), os.path.join(tmp, "out")
         read_through(old)
-        t_cp, cp_times, _ = median_runs(lambda: ["cp", "-r", old, copy], rm(copy))
-        t_cps, cps_times, _ = median_runs(lambda: ["sh", "-c", f'cp -r "{old}" "{copy}" && sync "{copy}"/*'], rm(copy))
+        warm = lambda: read_through(old)  # noqa: E731
+        t_cp, cp_times, _ = median_runs(lambda: ["cp", "-r", old, copy], rm(copy), before=warm)
+        t_cps, cps_times, _ = median_runs(lambda: ["sh", "-c", f'cp -r "{old}" "{copy}" && sync "{copy}"/*'], rm(copy),
+                                          before=warm)
         t_ap, ap_times, peak = median_runs(lambda: specsurgery + ["apply", old, new_spec_path, "-o", out] + job_args,
                                            rm(out), sample=True, before=lambda: read_through(old))
+        t_at, at_times, at_peak = median_runs(lambda: with_torch(["apply", old, new_spec_path, "-o", out] + job_args),
+                                              rm(out), sample=True, before=warm)
         plan_path = os.path.join(tmp, "plan.json")
         t_pl, pl_times, _ = median_runs(lambda: specsurgery + ["plan", old, new_spec_path, "-o", plan_path], lambda: None)
         t_ap_1, ap_1_times, peak_1 = median_runs(
@@ -216,6 +231,8 @@ def main() -> None:
         print(f"cp -r + sync:   median {t_cps:.2f} s [{fmt(cps_times)}]")
         print(f"apply (whole process, plans, fsyncs every shard): median {t_ap:.2f} s [{fmt(ap_times)}], "
               f"peak memory: process + workers {peak[0]:.0f} MB, largest one process {peak[1]:.0f} MB")
+        print(f"apply with torch imported first: median {t_at:.2f} s [{fmt(at_times)}], peak {at_peak[0]:.0f} MB; "
+              f"apply without torch saves {t_at - t_ap:.2f} s")
         print(f"plan alone (whole process `specsurgery plan -o plan.json`): median {t_pl:.2f} s [{fmt(pl_times)}]")
         print(f"apply --jobs 1: median {t_ap_1:.2f} s [{fmt(ap_1_times)}], peak {peak_1[0]:.0f} MB")
         print(f"RATIO sharded apply / cp -r = {t_ap / t_cp:.2f} x (requirement: at most 1.5x); "
@@ -245,16 +262,22 @@ def main() -> None:
         five_next = os.path.join(ROOT, "specs", "five_next.spec")
         read_through(ckpt)
         copy1, out1, out_dir = os.path.join(tmp, "copy.safetensors"), os.path.join(tmp, "five_next.safetensors"), os.path.join(tmp, "five_next")
-        t_cp1, cp1_times, _ = median_runs(lambda: ["cp", ckpt, copy1], rm(copy1))
-        t_cp1s, cp1s_times, _ = median_runs(lambda: ["sh", "-c", f'cp "{ckpt}" "{copy1}" && sync "{copy1}"'], rm(copy1))
+        warm1 = lambda: read_through(ckpt)  # noqa: E731
+        t_cp1, cp1_times, _ = median_runs(lambda: ["cp", ckpt, copy1], rm(copy1), before=warm1)
+        t_cp1s, cp1s_times, _ = median_runs(lambda: ["sh", "-c", f'cp "{ckpt}" "{copy1}" && sync "{copy1}"'], rm(copy1),
+                                            before=warm1)
         t_ap1, ap1_times, peak1 = median_runs(lambda: specsurgery + ["apply", ckpt, five_next, "-o", out1], rm(out1),
-                                              sample=True, before=lambda: read_through(ckpt))
+                                              sample=True, before=warm1)
+        t_at1, at1_times, _ = median_runs(lambda: with_torch(["apply", ckpt, five_next, "-o", out1]), rm(out1),
+                                          before=warm1)
         t_ap2, ap2_times, peak2 = median_runs(
             lambda: specsurgery + ["apply", ckpt, five_next, "-o", out_dir, "--max-shard-size", "100MB"] + job_args,
             rm(out_dir), sample=True, before=lambda: read_through(ckpt))
         print(f"five.spec -> five_next.spec, one {size / MB:.0f} MB file:")
         print(f"  cp:        median {t_cp1:.2f} s [{fmt(cp1_times)}]; cp + sync {t_cp1s:.2f} s [{fmt(cp1s_times)}]")
         print(f"  apply:     median {t_ap1:.2f} s [{fmt(ap1_times)}] (one process, one file), peak {peak1[0]:.0f} MB")
+        print(f"  apply with torch imported first: median {t_at1:.2f} s [{fmt(at1_times)}]; "
+              f"apply without torch saves {t_at1 - t_ap1:.2f} s")
         print(f"  apply into 100 MB shards, parallel: median {t_ap2:.2f} s [{fmt(ap2_times)}], peak {peak2[0]:.0f} MB")
         print(f"RATIO one-file apply / cp = {t_ap1 / t_cp1:.2f} x (requirement: at most 2x); "
               f"/ (cp + sync) = {t_ap1 / t_cp1s:.2f} x; sharded-output apply / cp = {t_ap2 / t_cp1:.2f} x")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 from .errors import SpecError, UserError
-from .files import atomic_file, copy_range
+from .files import atomic_file, copy_range, wrote
 
 META_SPEC = "specsurgery.spec"
 META_MODEL = "specsurgery.model"
@@ -290,6 +290,7 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
                 os.lseek(f.fileno(), 0, os.SEEK_END)
             else:
                 nbytes = f.write(tensor_bytes(tensor, table[name]["dtype"]))
+                wrote(f.fileno(), nbytes)
             if nbytes != end - start:
                 raise AssertionError(f"writer expected {end - start} bytes of {name}, got {nbytes}")
             written += nbytes

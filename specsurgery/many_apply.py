@@ -47,13 +47,17 @@ def output_paths(checkpoints: list[str], out_dir: str) -> list[str]:
 _WORKER: dict = {}
 
 
-def _start_worker(plan_json: str, seed: int, durable: bool, threads: int) -> None:
-    import torch
+def _start_worker(plan_json: str, seed: int, durable: bool, threads: Optional[int]) -> None:
+    import sys
 
     from .spec.load import load_text
     from .surgery.plan import Plan
 
-    torch.set_num_threads(threads)  # the workers share the cores: one thread each, not one per core each
+    if threads is not None:  # the workers share the cores: one torch thread each, not one per core each
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+        else:  # read by torch when (if ever) a tensor needs it: a plan that only moves bytes never imports it
+            os.environ["OMP_NUM_THREADS"] = str(threads)
 
     plan = Plan.model_validate_json(plan_json)
     spec = load_text(plan.new_spec, "<plan new spec>").model(plan.new_model)
@@ -76,12 +80,6 @@ def _apply_one(task: tuple[str, str]) -> Outcome:
     return Outcome(checkpoint, out, optimizer)
 
 
-def _current_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def apply_many(plan, checkpoints: list[str], out_dir: str, jobs: Optional[int] = None, seed: int = 0,
                durable: bool = True, progress: Optional[Callable[[Outcome], None]] = None) -> list[Outcome]:
     """Apply `plan` to every checkpoint, writing OUT_DIR/<its name>; outcomes in
@@ -91,8 +89,7 @@ def apply_many(plan, checkpoints: list[str], out_dir: str, jobs: Optional[int] =
     tasks = list(zip(checkpoints, outs))
     jobs = max(1, min(jobs or default_jobs(), len(tasks)))
     done = {}
-    threads = 1 if jobs > 1 else None
-    start = (plan.model_dump_json(), seed, durable, threads or _current_threads())
+    start = (plan.model_dump_json(), seed, durable, 1 if jobs > 1 else None)
     for outcome in in_workers(_apply_one, tasks, jobs, _start_worker, start):
         done[outcome.checkpoint] = outcome
         if progress is not None:

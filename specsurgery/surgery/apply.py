@@ -19,7 +19,7 @@ import numpy as np
 from ..checkpoint import (_DTYPES, TORCH_DTYPES, StoredTensor, check_shapes, load_spec, open_tensors, read_header,
                           user_metadata, write_checkpoint)
 from ..errors import UserError
-from ..files import copy_range
+from ..files import copy_range, wrote
 from ..ir import Graph, build_graph
 from ..ops import OPS
 from ..spec.canonical import canonical
@@ -249,10 +249,12 @@ class StreamedTensor:
                     if src is not None and self._only_old_columns(regions, a, b, row_runs):
                         self._read_rows(src, old_buf, a, b, row_runs, old_cols, size)
                         _gather(dst, memoryview(old_buf).cast("B"), b - a, old_cols * size, pieces)
+                        wrote(dst, (b - a) * cols * size)
                         continue
                     block = new_buf[:b - a]
                     self._lay_out(block, a, b, regions, row_runs, col_runs, src, old_buf, old_cols, size)
                     _write_all(dst, memoryview(block).cast("B"))
+                    wrote(dst, block.nbytes)
         finally:
             if src is not None:
                 src.close()
