@@ -2,10 +2,10 @@
 
 A record maps group -> feature -> value; an entity set is a list of up to N
 such objects. `record_schema` is the JSON Schema (Draft 2020-12) records must
-satisfy: it is the definition. `featurise` checks records with a reader built
-once per schema (`RecordReader`), which accepts and refuses exactly what the
-JSON Schema does on JSON values (tests/test_inputs.py proves it), and asks
-jsonschema only to word the message once a record is refused. Both paths
+satisfy: it is the definition. `featurise` reads and checks records with a
+reader built once per schema (record_reader.py), which accepts and refuses
+exactly what the JSON Schema does on JSON values (tests/test_inputs.py proves
+it), and asks jsonschema only to word the message once a record is refused. Both paths
 build, in schema order:
 
   inputs["hero"]          float [B, (T), n]      the group's numeric features
@@ -21,11 +21,10 @@ numbers (numpy scalars too); a bool feature takes true, false, 0 or 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
-from operator import itemgetter
 from typing import Any, Iterable, Mapping, Optional
 
 from .errors import UserError
+from .record_reader import Refused, reader_for
 from .spec import model as m
 
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
@@ -129,153 +128,6 @@ def _plain(value):
     return value
 
 
-# ---------------------------------------------------------------------------
-# the record reader: built once per schema
-
-
-def _number_types() -> tuple[frozenset, frozenset, frozenset]:
-    import numpy as np
-
-    ints = frozenset({int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64})
-    floats = frozenset({float, np.float16, np.float32, np.float64})
-    return ints | floats, ints, frozenset({bool, np.bool_})
-
-
-@dataclass(frozen=True)
-class _GroupReader:
-    name: str
-    entities: Optional[int]  # N of an entity set, None for a plain group
-    width: int  # features in an object (numeric and category)
-    numeric: tuple[str, ...]
-    kinds: tuple[str, ...]  # float | int | bool, per numeric feature
-    categories: tuple[tuple[str, dict], ...]  # (feature, item -> index)
-
-
-class _Refused(Exception):
-    """A record does not satisfy the schema; jsonschema words why."""
-
-
-class RecordReader:
-    """Reads a batch of records into tensors, checking each value as it goes.
-
-    Built once per schema (`reader_for`). The checks are the JSON Schema's,
-    written out: exact keys per object (its length, then a lookup of each
-    feature), a type per value (the set of types met in a column, within the
-    plain ones of its kind; the rare int-valued float or 0/1 number for a bool
-    is looked at by value), at most N entities, category items by dict lookup,
-    and no value beyond a float. Values are read column by column with
-    itemgetter and map, so the loops over values run in C."""
-
-    def __init__(self, schema: m.Schema):
-        self.schema = schema
-        self.groups = tuple(
-            _GroupReader(g.name, g.entities, len(g.features),
-                         tuple(f.name for f in g.numeric_features), tuple(f.type for f in g.numeric_features),
-                         tuple((f.name, {item: k for k, item in enumerate(schema.vocab(f.vocab).item_names)})
-                               for f in g.category_features))
-            for g in schema.groups)
-        numbers, ints, bools = _number_types()
-        self._fast = {"float": numbers, "int": ints, "bool": bools}
-
-    def _value_ok(self, kind: str, value) -> bool:
-        """The slow check, for a value whose type is not the plain one of its kind."""
-        if kind == "bool":
-            return type(value) in self._fast["float"] and value in (0, 1)
-        if kind == "int":
-            return type(value) in self._fast["float"] and float(value).is_integer()
-        return False
-
-    def _check_columns(self, values: list, kinds: tuple[str, ...]) -> None:
-        """The types of `values` (row after row of len(kinds) columns) fit their kinds."""
-        fast = self._fast
-        n = len(kinds)
-        columns = [(values, kinds[0])] if len(set(kinds)) == 1 else [(values[i::n], k) for i, k in enumerate(kinds)]
-        for column, kind in columns:
-            ok = fast[kind]
-            if set(map(type, column)) <= ok:
-                continue
-            for value in column:
-                if type(value) not in ok and not self._value_ok(kind, value):
-                    raise _Refused
-
-    def read(self, flat: list, validate: bool, dtype) -> dict:
-        import numpy as np
-        import torch
-
-        # float64 only for a float64 model; numpy has no bfloat16: build in float32 and convert
-        wide = np.float64 if dtype == torch.float64 else np.float32
-        n_groups = len(self.groups)
-        if validate and flat and (set(map(type, flat)) != {dict} or set(map(len, flat)) != {n_groups}):
-            raise _Refused
-        out: dict[str, torch.Tensor] = {}
-        count = len(flat)
-        for g in self.groups:
-            objs = list(map(itemgetter(g.name), flat))
-            if g.entities is None:
-                entities, counts = objs, None
-            else:
-                if validate and objs and (set(map(type, objs)) != {list} or max(map(len, objs)) > g.entities):
-                    raise _Refused
-                counts = np.fromiter(map(len, objs), dtype=np.int64, count=count)
-                entities = list(chain.from_iterable(objs))
-            if validate and entities and (set(map(type, entities)) != {dict} or set(map(len, entities)) != {g.width}):
-                raise _Refused
-            n = len(g.numeric)
-            numeric = np.zeros((len(entities), n), dtype=wide)
-            if n and entities:
-                read = map(itemgetter(*g.numeric), entities)
-                read = chain.from_iterable(read) if n > 1 else read
-                try:
-                    if validate:
-                        values = list(read)
-                        self._check_columns(values, g.kinds)
-                        numeric = np.array(values, dtype=np.float64)
-                        if np.isinf(numeric).any():
-                            raise _Refused
-                    else:
-                        numeric = np.fromiter(read, dtype=np.float64, count=len(entities) * n)
-                except (OverflowError, TypeError, ValueError):
-                    raise _Refused from None
-                numeric = numeric.reshape(len(entities), n).astype(wide, copy=False)
-            cats = {f: np.fromiter(map(index.__getitem__, map(itemgetter(f), entities)), dtype=np.int64,
-                                   count=len(entities)) for f, index in g.categories}
-            if counts is None:
-                out[g.name] = torch.from_numpy(numeric).to(dtype)
-                for f, ids in cats.items():
-                    out[f"{g.name}.{f}"] = torch.from_numpy(ids)
-                continue
-            # An entity set: real entities scattered into their rows of the padded
-            # layout. np.zeros maps zero pages lazily: padding nobody wrote costs nothing here.
-            size = g.entities
-            first = np.cumsum(counts) - counts
-            rows = np.repeat(np.arange(count, dtype=np.int64) * size - first, counts) + np.arange(len(entities))
-            padded = np.zeros((count * size, n), dtype=wide)
-            padded[rows] = numeric
-            out[g.name] = torch.from_numpy(padded.reshape(count, size, n)).to(dtype)
-            mask = np.zeros(count * size, dtype=wide)
-            mask[rows] = 1.0
-            out[f"{g.name}#mask"] = torch.from_numpy(mask.reshape(count, size)).to(dtype)
-            for f, ids in cats.items():
-                full = np.zeros(count * size, dtype=np.int64)
-                full[rows] = ids
-                out[f"{g.name}.{f}"] = torch.from_numpy(full.reshape(count, size))
-        return out
-
-
-_READERS: dict = {}
-
-
-def reader_for(schema: m.Schema) -> RecordReader:
-    hit = _READERS.get(id(schema))  # by identity: hashing a schema walks all of it
-    if hit is not None and hit[0] is schema:
-        return hit[1]
-    if len(_READERS) >= 16:
-        _READERS.pop(next(iter(_READERS)))
-    reader = RecordReader(schema)
-    _READERS[id(schema)] = (schema, reader)
-    return reader
-
-
 def featurise(schema: m.Schema, records, time: bool = False, validate: bool = True,
               dtype=None, device=None) -> dict:
     """A batch of records (or, with `time`, of record sequences) -> input tensors
@@ -294,7 +146,7 @@ def featurise(schema: m.Schema, records, time: bool = False, validate: bool = Tr
         flat, lead = records, (len(records),)
     try:
         out = reader_for(schema).read(flat, validate, dtype)
-    except (_Refused, KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError, IndexError):
+    except (Refused, KeyError, TypeError, ValueError, AttributeError, OverflowError, RuntimeError, IndexError):
         _explain(schema, flat, lead, time)
         raise UserError("records: not valid observations (featurise them with validate=True to see why)") from None
     out = {k: v.reshape(*lead, *v.shape[1:]) for k, v in out.items()}
