@@ -12,11 +12,14 @@ holding up to --entities entities), measured in one run:
     every value of the same records into one flat list (what any record path
     must at least do). Requirement: at most 3x validated, 1.5x with validate=False.
 
-Five has 158M parameters (632 MB); the model is not built. What is timed is
-what model.inputs and model.featurise call (features.inputs_from_columns and
-features.featurise with the model's dtype, float32): each method is that call
-and two attribute reads. Each time is the fastest of --repeat runs (x10 for
-arrays), the candidates run in turn so a busy moment falls on all alike.
+What is timed is the public methods themselves, model.inputs and
+model.featurise, on an ss.Model of Five's graph whose 158M parameters are
+stand-ins of one element each (neither method reads a weight; the module tree
+is Five's, so their own lookups of the model's dtype and device are timed too).
+Five has an lstm, so each batch item is a sequence of one observation
+([B, 1, ...] arrays); the floors read the same observations. Each time is the
+fastest of --repeat runs (x10 for arrays), the candidates run in turn so a busy
+moment falls on all alike.
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from specsurgery.features import featurise, inputs_from_columns, random_record  # noqa: E402
+from specsurgery.features import random_record  # noqa: E402
+from specsurgery.ir import build_graph  # noqa: E402
+from specsurgery.model import Model  # noqa: E402
 from specsurgery.spec.load import load  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,19 +83,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    schema = load([os.path.join(ROOT, "specs", "five.spec")]).model().schema
+    spec = load([os.path.join(ROOT, "specs", "five.spec")]).model()
+    schema = spec.schema
+    graph = build_graph(spec)
+    model = Model(graph, tensors=lambda name: torch.zeros(1))  # stand-in weights (see above)
     rng = random.Random(0)
     records = [random_record(schema, rng, args.entities) for _ in range(args.batch)]
+    batch = [[r] for r in records] if graph.has_time else records  # a sequence of one step per item
     floor = floor_loop(schema)
     values = len(floor(records))
     print(f"{args.batch:,} observations of specs/five.spec, at most {args.entities} entities per set: "
           f"{values:,} values ({values / args.batch:,.0f} per observation)")
 
     # arrays already laid out, as a training loop would hold them
-    laid_out = {k: v.numpy() for k, v in featurise(schema, records).items()}
+    laid_out = {k: v.numpy() for k, v in model.featurise(batch).items()}
     nbytes = sum(a.nbytes for a in laid_out.values())
     t_floor_arrays, t_inputs = best_times([lambda: {k: torch.as_tensor(v) for k, v in laid_out.items()},
-                                           lambda: inputs_from_columns(schema, laid_out, dtype=torch.float32)],
+                                           lambda: model.inputs(laid_out)],
                                           10 * args.repeat)
     print(f"arrays ({len(laid_out)} arrays, {nbytes / 1e6:,.1f} MB):")
     print(f"  floor, torch.as_tensor of each   {1e3 * t_floor_arrays:9.3f} ms")
@@ -99,8 +108,8 @@ def main() -> None:
 
     t_floor, t_valid, t_plain = best_times([
         lambda: floor(records),
-        lambda: featurise(schema, records, dtype=torch.float32),
-        lambda: featurise(schema, records, validate=False, dtype=torch.float32)], args.repeat)
+        lambda: model.featurise(batch),
+        lambda: model.featurise(batch, validate=False)], args.repeat)
     print("records:")
     print(f"  floor, every value to a list     {1e3 * t_floor:9.1f} ms   {1e9 * t_floor / values:5.1f} ns a value")
     print(f"  model.featurise                  {1e3 * t_valid:9.1f} ms   {t_valid / t_floor:5.2f}x "

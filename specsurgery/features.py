@@ -210,6 +210,14 @@ class _GroupColumns:
     rest_names: str  # ", N" or "" for messages
     mask_key: str
     count_key: str
+    values_rest: tuple[int, ...]  # the axes after batch (and time) of the group's array: (n,) or (N, n)
+    values_names: str  # ", n" or ", N, n" for messages
+
+
+@dataclass(frozen=True)
+class _ColumnPlan:
+    groups: tuple[_GroupColumns, ...]
+    keys: frozenset  # every key `columns` may hold: groups, "<group>.<category>", "<set>#mask", "<set>#count"
 
 
 _COLUMN_PLANS: dict = {}
@@ -226,18 +234,23 @@ def _dtypes():
     return integer, real
 
 
-def _column_plan(schema: m.Schema) -> tuple[_GroupColumns, ...]:
+def _column_plan(schema: m.Schema) -> _ColumnPlan:
     hit = _COLUMN_PLANS.get(id(schema))  # by identity: hashing a schema walks all of it
     if hit is not None and hit[0] is schema:
         return hit[1]
-    plan = tuple(
+    groups = tuple(
         _GroupColumns(g.name, g.entities, tuple(f.name for f in g.numeric_features),
                       tuple((f.name, f"{g.name}.{f.name}", schema.vocab(f.vocab).item_names)
                             for f in g.category_features),
                       frozenset(f.name for f in g.features), ", ".join(f.name for f in g.features),
                       (g.entities,) if g.is_entity_set else (), f", {g.entities}" if g.is_entity_set else "",
-                      f"{g.name}#mask", f"{g.name}#count")
+                      f"{g.name}#mask", f"{g.name}#count",
+                      ((g.entities,) if g.is_entity_set else ()) + (len(g.numeric_features),),
+                      (f", {g.entities}" if g.is_entity_set else "") + f", {len(g.numeric_features)}")
         for g in schema.groups)
+    keys = {g.name for g in groups} | {key for g in groups for _, key, _ in g.categories}
+    keys |= {k for g in groups if g.entities is not None for k in (g.mask_key, g.count_key)}
+    plan = _ColumnPlan(groups, frozenset(keys))
     if len(_COLUMN_PLANS) >= 16:
         _COLUMN_PLANS.pop(next(iter(_COLUMN_PLANS)))
     _COLUMN_PLANS[id(schema)] = (schema, plan)
@@ -251,9 +264,10 @@ def inputs_from_columns(schema: m.Schema, columns: Mapping, time: bool = False, 
     (`[B, (T), n]`, `[B, (T), N, n]` for an entity set), its categories beside it
     under "<group>.<feature>", or a dict feature -> array (`[B, (T)]`, `[B, (T), N]`).
     An entity set comes with "<group>#mask" `[B, (T), N]` or "<group>#count" `[B, (T)]`.
-    Arrays are taken as they are where they can be (torch.as_tensor: no copy when
-    dtype and device already fit); only shapes are checked here, category indices
-    are checked when the model reads them (Model.forward explains a bad one)."""
+    Arrays are taken as they are where they can be (no copy when dtype and device
+    already fit); only shapes are checked here, category indices are checked
+    when the model reads them (Model.forward explains a bad one)."""
+    import numpy as np
     import torch
 
     dtype = dtype or torch.float32
@@ -263,15 +277,22 @@ def inputs_from_columns(schema: m.Schema, columns: Mapping, time: bool = False, 
     if _REAL_DTYPES is None:
         _INTEGER_DTYPES, _REAL_DTYPES = _dtypes()
     plan = _column_plan(schema)
-    _check_keys(schema, plan, columns)
+    if not plan.keys.issuperset(columns):
+        _check_keys(schema, plan.groups, columns)
     n_lead = 2 if time else 1
     lead_names = "[B, T" if time else "[B"
     lead: Optional[tuple] = None
     out: dict = {}
+    on_cpu = device is None or torch.device(device).type == "cpu"
 
     def tensor(value, what: str, integer: bool = False):
         try:
-            t = torch.as_tensor(value, device=device)
+            if on_cpu and type(value) is np.ndarray:
+                t = torch.from_numpy(value)  # what torch.as_tensor does for an array, in half the time
+            elif isinstance(value, torch.Tensor):
+                t = value if on_cpu and value.device.type == "cpu" else value.to(device)
+            else:
+                t = torch.as_tensor(value, device=device)
         except (TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"inputs: {what}: not a numeric array ({e})") from None
         if t.dtype not in (_INTEGER_DTYPES if integer else _REAL_DTYPES):
@@ -281,14 +302,16 @@ def inputs_from_columns(schema: m.Schema, columns: Mapping, time: bool = False, 
     def fits(t, what: str, rest: tuple, names: str) -> None:
         nonlocal lead
         shape = t.shape
-        if len(shape) == n_lead + len(rest) and shape[n_lead:] == rest and (lead is None or shape[:n_lead] == lead):
-            if lead is None:
-                lead = tuple(shape[:n_lead])
+        if lead is not None:
+            if shape == lead + rest:
+                return
+        elif len(shape) == n_lead + len(rest) and shape[n_lead:] == rest:
+            lead = tuple(shape[:n_lead])
             return
         expected = list(lead) + list(rest) if lead is not None else f"{lead_names}{names}]"
         raise UserError(f"inputs: {what} has shape {list(shape)}, expected {expected}")
 
-    for g in plan:
+    for g in plan.groups:
         entity, ent_names = g.rest, g.rest_names
         given = columns.get(g.name)
         if given is None:
@@ -310,7 +333,7 @@ def inputs_from_columns(schema: m.Schema, columns: Mapping, time: bool = False, 
             cats = {f: given[f] for f, _, _ in g.categories}
         else:
             t = tensor(given, g.name)
-            fits(t, g.name, entity + (len(g.numeric),), f"{ent_names}, {len(g.numeric)}")
+            fits(t, g.name, g.values_rest, g.values_names)
             values = t if t.dtype == dtype else t.to(dtype)
             cats = {}
             for f, key, _ in g.categories:
