@@ -41,12 +41,14 @@ class StatementModule(nn.Module):
     """One statement: its ops (children, by their names in the statement) and
     the graph nodes it computes, in order."""
 
-    def __init__(self, nodes: list[Node]):
+    def __init__(self, nodes: list[Node], release: Optional[Mapping[int, tuple[int, ...]]] = None):
         super().__init__()
         self._ss_nodes = nodes
+        self._ss_release = release or {}  # node -> own values nothing reads after it (release_after)
 
     def forward(self, values: dict[int, torch.Tensor], ctx: RunContext) -> dict[int, torch.Tensor]:
-        """The values of this statement's nodes, from `values` (node -> tensor) of those before it."""
+        """The values of this statement's nodes that later statements or heads
+        read, from `values` (node -> tensor) of those before it."""
         own: dict[int, torch.Tensor] = {}
         for node in self._ss_nodes:
             xs = [own[i] if i in own else values[i] for i in node.inputs]
@@ -56,7 +58,68 @@ class StatementModule(nn.Module):
                 # getattr, not _parameters: functional_call swaps tensors in by attribute
                 params = {local: getattr(op_module, local) for local in node.params}
             own[node.index] = OPS[node.op].forward(node, params, xs, ctx)
+            del xs
+            for done in self._ss_release.get(node.index, ()):
+                del own[done]
         return own
+
+
+def statement_nodes(graph: Graph) -> dict[str, list[Node]]:
+    """Statement -> the nodes it computes, in order (inputs are no statement's)."""
+    by_statement: dict[str, list[Node]] = {name: [] for name in graph.statements}
+    for node in graph.nodes:
+        if node.op not in INPUT_OPS:
+            by_statement[node.statement].append(node)
+    return by_statement
+
+
+def forward_bytes(graph: Graph, itemsize: int) -> int:
+    """The most a forward pass holds at once per observation, beyond its inputs:
+    the values still to be read (released as Model.forward does), plus one
+    temporary of the size of the value being made."""
+    entities = {g.name: g.entities for g in graph.entity_sets()}
+
+    def size(node: Node) -> int:
+        return node.value.width * entities.get(node.value.entities, 1) * itemsize
+
+    by_statement = statement_nodes(graph)
+    inside, after = release_after(graph, by_statement)
+    live = peak = 0
+    for statement, nodes in by_statement.items():
+        for node in nodes:
+            live += size(node)
+            peak = max(peak, live + size(node))
+            live -= sum(size(graph.nodes[i]) for i in inside[statement].get(node.index, ()))
+        live -= sum(size(graph.nodes[i]) for i in after[statement] if graph.nodes[i].op not in INPUT_OPS)
+    return peak
+
+
+def release_after(graph: Graph, by_statement: Mapping[str, list[Node]]) -> tuple[dict, dict]:
+    """When each value can be let go, so a forward pass holds only the values
+    still to be read (a whole step's activations of a large model do not fit):
+    (statement -> {node: own values read by nothing after it}, statement ->
+    values of earlier statements or inputs read by nothing after it). Heads
+    are kept."""
+    readers: dict[int, list[Node]] = {}
+    for nodes in by_statement.values():
+        for node in nodes:
+            for i in node.inputs:
+                readers.setdefault(i, []).append(node)
+    statement_of = {n.index: n.statement for nodes in by_statement.values() for n in nodes}
+    heads = set(graph.outputs.values())
+    inside: dict[str, dict[int, list[int]]] = {name: {} for name in by_statement}
+    after: dict[str, list[int]] = {name: [] for name in by_statement}
+    order = {name: k for k, name in enumerate(by_statement)}
+    for index, nodes in readers.items():
+        if index in heads:
+            continue
+        last = max(nodes, key=lambda n: (order[n.statement], n.index))
+        if statement_of.get(index) == last.statement:  # read only inside its own statement
+            inside[last.statement].setdefault(last.index, []).append(index)
+        else:
+            after[last.statement].append(index)
+    return ({s: {n: tuple(v) for n, v in d.items()} for s, d in inside.items()},
+            {s: tuple(v) for s, v in after.items()})
 
 
 def local_scope(node: Node) -> str:
@@ -85,12 +148,10 @@ class Model(nn.Module):
         self._ss_graph = graph
         self._ss_metadata = dict(check_metadata(metadata or {}))
         generator = torch.Generator().manual_seed(seed) if tensors is None and seed is not None else None
-        by_statement: dict[str, list[Node]] = {name: [] for name in graph.statements}
-        for node in graph.nodes:
-            if node.op not in INPUT_OPS:
-                by_statement[node.statement].append(node)
+        by_statement = statement_nodes(graph)
+        inside, self._ss_release = release_after(graph, by_statement)
         for statement, nodes in by_statement.items():
-            module = StatementModule(nodes)
+            module = StatementModule(nodes, inside[statement])
             for node in nodes:
                 if not node.params:
                     continue
@@ -173,6 +234,8 @@ class Model(nn.Module):
         try:
             for statement in graph.statements:
                 values.update(self._modules[statement](values, ctx))
+                for done in self._ss_release[statement]:
+                    del values[done]
         except (IndexError, RuntimeError):
             # embed / onehot met an index outside its vocabulary: say which input
             from .features import explain_bad_indices

@@ -26,7 +26,7 @@ MODULE_ATTRIBUTES = frozenset({
     '_maybe_warn_non_full_backward_hook', '_modules', '_named_members',
     '_non_persistent_buffers_set', '_parameters', '_register_load_state_dict_pre_hook',
     '_register_state_dict_hook', '_replicate_for_data_parallel', '_save_to_state_dict',
-    '_slow_forward', '_ss_graph', '_ss_metadata', '_ss_nodes', '_ss_state_by_scope',
+    '_slow_forward', '_ss_graph', '_ss_metadata', '_ss_nodes', '_ss_release', '_ss_state_by_scope',
     '_ss_state_by_statement', '_ss_step', '_state_dict_hooks', '_state_dict_pre_hooks', '_version',
     '_wrapped_call_impl', 'add_module', 'apply', 'bfloat16', 'buffers', 'call_super_init',
     'children', 'compile', 'cpu', 'cuda', 'double', 'dump_patches', 'eval', 'extra_repr',

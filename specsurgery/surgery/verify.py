@@ -1,25 +1,35 @@
 """Proof on data: run old and new models on the same states.
 
-Each state is one JSON record per observation (a sequence of them for a
-recurrent model), made under the old schema (or the caller's own records) and
-carried to the new one through the renames (values of features the new
-version added are random; category values are drawn from the items both
-versions share), then featurised under each schema. The result is the largest
-absolute difference per output head the two models share, in float64.
+A state is one observation per step (a sequence of them for a recurrent
+model), as the old model's inputs: drawn at random straight into the input
+layout (category values from the items both versions share; entity sets hold
+a few entities), or the caller's own records featurised under the old schema.
+It is carried to the new schema through the renames, tensor to tensor (values
+of features the new version added are random), and each model runs on its
+version. The result is the largest absolute difference per output head the
+two models share, in float64.
+
+States go through in batches sized by bytes (BATCH_BYTES), so memory holds
+one batch whatever the number of states, and nothing per state is kept but
+the running maximum per head.
 """
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from ..errors import UserError
-from ..features import random_object, random_record
 from ..spec import model as m
 from .diff import Renames, find_renames
+
+# What one batch may hold beyond the two models: both versions' inputs and the
+# larger forward pass's live values (model.forward_bytes). A batch of ~100
+# states of a Five-sized model; larger batches buy little speed on 2 cores.
+BATCH_BYTES = 160 << 20
+MAX_BATCH = 1024
 
 
 def load_module(path: str):
@@ -29,52 +39,6 @@ def load_module(path: str):
     model = load_model(path)
     model.eval()
     return model._ss_graph.spec, model
-
-
-_CAST = {"float": float, "int": int, "bool": bool}
-
-
-def _correspondence(new: m.Schema, renames: Renames) -> dict[str, tuple]:
-    """New group -> (old group or None, new feature -> old feature, new feature -> {old item: new item})."""
-    table = {}
-    for group in new.groups:
-        old_group, features, items = None, {}, {}
-        for f in group.features:
-            names = [f"{group.name}.{f.name}={i}" for i in new.vocab(f.vocab).item_names] if f.is_category else [f"{group.name}.{f.name}"]
-            for name in names:
-                old = renames.features.get(name)
-                if old is None:
-                    continue
-                old_group, rest = old.split(".", 1)
-                old_feature, _, old_item = rest.partition("=")
-                features[f.name] = old_feature
-                if f.is_category:
-                    items.setdefault(f.name, {})[old_item] = name.split("=", 1)[1]
-        table[group.name] = (old_group, features, items)
-    return table
-
-
-def _carry(record: dict, new: m.Schema, table: dict, rng: random.Random) -> dict:
-    """The same state as a record of the new schema; what the old one lacks is random."""
-    out: dict = {}
-    for group in new.groups:
-        old_group, features, items = table[group.name]
-
-        def one(old_obj) -> dict:
-            obj = random_object(new, group, rng)
-            for f in group.features:
-                if f.name in features and isinstance(old_obj, dict):
-                    value = old_obj[features[f.name]]
-                    obj[f.name] = items[f.name].get(value, obj[f.name]) if f.is_category else _CAST[f.type](value)
-            return obj
-
-        old_value = record.get(old_group) if old_group else None
-        if group.is_entity_set:
-            entities = old_value if isinstance(old_value, list) else []
-            out[group.name] = [one(e) for e in entities[: group.entities]]
-        else:
-            out[group.name] = one(old_value)
-    return out
 
 
 def _shared_items(old: m.Schema, new: m.Schema, renames: Renames) -> m.Schema:
@@ -89,6 +53,139 @@ def _shared_items(old: m.Schema, new: m.Schema, renames: Renames) -> m.Schema:
                 items.append(item)
         vocabs.append(vocab.model_copy(update={"items": tuple(items) or vocab.items}))
     return old.model_copy(update={"vocabs": tuple(vocabs)})
+
+
+def _random_values(group: m.Group, shape: tuple, gen: torch.Generator) -> torch.Tensor:
+    """Numeric features of `group` [*shape, n], float64: floats N(0, 1), ints in
+    -3..3, bools 0 or 1."""
+    kinds = [f.type for f in group.numeric_features]
+    values = torch.randn(*shape, len(kinds), generator=gen, dtype=torch.float64)
+    ints = [i for i, k in enumerate(kinds) if k == "int"]
+    bools = [i for i, k in enumerate(kinds) if k == "bool"]
+    if ints:
+        values[..., ints] = torch.randint(-3, 4, (*shape, len(ints)), generator=gen).double()
+    if bools:
+        values[..., bools] = (torch.rand(*shape, len(bools), generator=gen) < 0.5).double()
+    return values
+
+
+def _random_items(count: int, shape: tuple, gen: torch.Generator, allowed: Optional[torch.Tensor] = None):
+    """Category indices [*shape], uniform over `count` items (or over `allowed` ones)."""
+    if allowed is None:
+        return torch.randint(count, shape, generator=gen)
+    return allowed[torch.randint(len(allowed), shape, generator=gen)]
+
+
+def _pad_entities(t: torch.Tensor, entities: int, axis: int) -> torch.Tensor:
+    """`t` (the first slots of an entity set along `axis`) with zero slots added up to `entities`."""
+    have = t.shape[axis]
+    if have == entities:
+        return t
+    shape = list(t.shape)
+    shape[axis] = entities - have
+    return torch.cat([t, t.new_zeros(shape)], dim=axis)
+
+
+def _random_states(old: m.Schema, draw: m.Schema, lead: tuple, gen: torch.Generator, max_entities: int) -> dict:
+    """Random inputs of the old schema (the featurised layout), lead axes `lead`.
+    An entity set holds 0 to max_entities entities at its front; padding is zero
+    (and never drawn)."""
+    out: dict = {}
+    for group in old.groups:
+        slots = min(group.entities, max_entities) if group.is_entity_set else None
+        shape = lead + ((slots,) if slots is not None else ())
+        values = _random_values(group, shape, gen)
+        items = {}
+        for f in group.category_features:
+            names = old.vocab(f.vocab).item_names
+            allowed = torch.tensor([names.index(i) for i in draw.vocab(f.vocab).item_names])
+            items[f"{group.name}.{f.name}"] = _random_items(len(names), shape, gen, allowed)
+        if slots is not None:
+            count = torch.randint(0, slots + 1, lead, generator=gen)
+            mask = torch.arange(slots) < count.unsqueeze(-1)
+            values, items, out[f"{group.name}#mask"] = _entities(group.entities, values, items, mask)
+        out[group.name] = values
+        out.update(items)
+    return out
+
+
+def _entities(entities: int, values: torch.Tensor, items: dict, mask: torch.Tensor) -> tuple:
+    """The first slots of an entity set, zero where `mask` is false, padded with zero slots to `entities`."""
+    values = _pad_entities(values * mask.unsqueeze(-1), entities, -2)
+    items = {k: _pad_entities(v * mask, entities, -1) for k, v in items.items()}
+    return values, items, _pad_entities(mask.double(), entities, -1)
+
+
+_CASTS = {"float": lambda v: v, "int": torch.trunc, "bool": lambda v: (v != 0).double()}
+
+
+def _carry(inputs: dict, old: m.Schema, new: m.Schema, renames: Renames, gen: torch.Generator) -> dict:
+    """The same states as inputs of the new schema, from the old one's inputs:
+    each feature the renames pair is taken from its old column (cast to its new
+    type, category items mapped; an item the new version lacks is random), the
+    rest is random. An entity set keeps its first entities (as many as the new
+    one holds) and an entity set new to the version is empty."""
+    first = old.groups[0]
+    lead = tuple(inputs[first.name].shape[: inputs[first.name].dim() - 1 - first.is_entity_set])
+    out: dict = {}
+    for group in new.groups:
+        before = old.group(renames.groups.get(group.name, ""))
+        same = before is not None and before.is_entity_set == group.is_entity_set
+        slots = None
+        if group.is_entity_set:  # the slots any state fills; the rest is padding
+            used = inputs[f"{before.name}#mask"].reshape(-1, before.entities).any(0).nonzero() if same else None
+            slots = min(group.entities, int(used.max()) + 1) if used is not None and len(used) else 0
+        shape = lead + ((slots,) if slots is not None else ())
+        values = _random_values(group, shape, gen)
+        if same:
+            old_values = inputs[before.name]
+            if slots is not None:
+                old_values = old_values[..., :slots, :]
+            column = {f.name: k for k, f in enumerate(before.numeric_features)}
+            for kind, cast in _CASTS.items():
+                pairs = [(j, column[was.split(".", 1)[1]]) for j, f in enumerate(group.numeric_features)
+                         if f.type == kind and (was := renames.features.get(f"{group.name}.{f.name}"))]
+                if pairs:
+                    js, ks = zip(*pairs)
+                    values[..., list(js)] = cast(old_values[..., list(ks)].double())
+        items = {}
+        for f in group.category_features:
+            names = new.vocab(f.vocab).item_names
+            ids = _random_items(len(names), shape, gen)
+            if same:
+                ids = _carry_items(inputs, old, renames, before, group, f, names, ids, slots)
+            items[f"{group.name}.{f.name}"] = ids
+        if slots is not None:
+            mask = inputs[f"{before.name}#mask"][..., :slots] != 0 if same else torch.zeros(shape, dtype=torch.bool)
+            values, items, out[f"{group.name}#mask"] = _entities(group.entities, values, items, mask)
+        out[group.name] = values
+        out.update(items)
+    return out
+
+
+def _carry_items(inputs: dict, old: m.Schema, renames: Renames, before: m.Group, group: m.Group,
+                 feature: m.Feature, names: tuple, drawn: torch.Tensor, slots: Optional[int]) -> torch.Tensor:
+    """A new category feature's indices: its old feature's, mapped item to item
+    through the renames; `drawn` where the old item has no new one."""
+    table, old_feature, index = None, None, {}
+    for j, item in enumerate(names):
+        was = renames.features.get(f"{group.name}.{feature.name}={item}")
+        if was is None:
+            continue
+        name, _, old_item = was.split(".", 1)[1].partition("=")
+        if table is None:
+            old_feature = before.feature(name)
+            index = {n: k for k, n in enumerate(old.vocab(old_feature.vocab).item_names)}
+            table = torch.full((len(index),), -1, dtype=torch.long)
+        if old_item in index:
+            table[index[old_item]] = j
+    if table is None:
+        return drawn
+    old_ids = inputs[f"{before.name}.{old_feature.name}"]
+    if slots is not None:
+        old_ids = old_ids[..., :slots]
+    mapped = table[old_ids]
+    return torch.where(mapped >= 0, mapped, drawn)
 
 
 @dataclass
@@ -141,11 +238,11 @@ def _count(value, what: str, least: int = 1) -> int:
 
 
 def verify_models(old_model, new_model, states: int = 1000, records=None, tolerance: float = 1e-5, seed: int = 0,
-                  steps: Optional[int] = None, batch: int = 250, max_entities: int = 6) -> Verification:
-    """Both models on the same states, batch by batch (memory holds one batch of
-    states, whatever their number), heads compared output by output as the plan
-    pairs them. A model without a time axis beside one with it is run on every
-    step's observation alone: the old model is the new one run step by step."""
+                  steps: Optional[int] = None, batch: Optional[int] = None, max_entities: int = 6) -> Verification:
+    """Both models on the same states, batch by batch (`batch` states at a time;
+    by default as many as BATCH_BYTES holds), heads compared output by output as
+    the plan pairs them. A model without a time axis beside one with it is run
+    on every step's observation alone: the old model is the new one run step by step."""
     from .diff import make_plan
     from .plan import head_columns
 
@@ -161,40 +258,75 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
         steps = len(records[0]) if has_time and records else steps
     else:
         states = _count(states, "states")
+    batch = _count(batch, "batch") if batch is not None else batch_size(old_model, new_model, steps)
     plan = make_plan(old_graph, new_graph)
     renames = find_renames(old_spec, new_spec)
     columns = {h: (old_h, torch.tensor(new_cols), torch.tensor(old_cols))
                for h, (old_h, new_cols, old_cols) in head_columns(plan).items() if new_cols}
-    rng = random.Random(seed)
-    draw_schema = _shared_items(old_spec.schema, new_spec.schema, renames)
-    table = _correspondence(new_spec.schema, renames)
+    gen = torch.Generator().manual_seed(seed)
+    draw = _shared_items(old_spec.schema, new_spec.schema, renames)
     worst = {h: 0.0 for h in columns}
     modes = (old_model.training, new_model.training)
     old_model.eval()
     new_model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             for start in range(0, states, batch):
                 n = min(batch, states - start)
-                if records is not None:
-                    seq_old = records[start:start + n]
-                else:  # few entities per set keep it cheap; padding is masked anyway
-                    seq_old = [[random_record(draw_schema, rng, max_entities) for _ in range(steps)] for _ in range(n)]
-                out_old = _run(old_model, seq_old, has_time, validate=records is not None)  # checks records first
-                seq_new = [[_carry(r, new_spec.schema, table, rng) for r in seq] for seq in seq_old]
-                out_new = _run(new_model, seq_new, has_time, validate=False)
+                if records is not None:  # checked and featurised under the old schema
+                    old_in = old_model.featurise(records[start:start + n] if old_graph.has_time else
+                                                 [obs for seq in records[start:start + n] for obs in seq])
+                else:
+                    lead = (n, steps) if old_graph.has_time else (n * steps,)
+                    old_in = old_model.inputs(_random_states(old_spec.schema, draw, lead, gen, max_entities))
+                # the new model's lead axes: [B, T] if it is recurrent, else [B * T]
+                lead = (n, steps) if new_graph.has_time else (n * steps,)
+                as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_in.items()}
+                new_in = new_model.inputs(_carry(as_new, old_spec.schema, new_spec.schema, renames, gen))
+                del as_new
+                out_old = _run(old_model, old_in, n, has_time)
+                del old_in
+                out_new = _run(new_model, new_in, n, has_time)
+                del new_in
                 for h, (old_h, new_cols, old_cols) in columns.items():
+                    # Upcast one batch's compared outputs only: float64 copies of nothing else.
                     a = out_old[old_h].index_select(-1, old_cols.to(out_old[old_h].device)).double()
                     b = out_new[h].index_select(-1, new_cols.to(out_new[h].device)).double().to(a.device)
                     # Two equal infinities (a pointer's padding scores, -inf) are equal: inf - inf is nan.
                     d = torch.where(a == b, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
                     if not math.isnan(worst[h]) and (math.isnan(d) or d > worst[h]):
                         worst[h] = d  # once NaN, it stays NaN
+                del out_old, out_new
     finally:
         old_model.train(modes[0])
         new_model.train(modes[1])
     return Verification(worst, float(tolerance), states, steps, list(plan.old_only_heads), list(plan.new_only_heads),
                         "records" if records is not None else "random states")
+
+
+def batch_size(old_model, new_model, steps: int) -> int:
+    """States per batch: as many as BATCH_BYTES holds (both versions' inputs for
+    every step, and the larger forward pass: a recurrent model runs one step at a
+    time, another all steps at once), at least 1, at most MAX_BATCH."""
+    from ..model import forward_bytes, model_dtype
+
+    per_state = forward = 0
+    for model in (old_model, new_model):
+        itemsize = model_dtype(model).itemsize
+        per_state += steps * _input_bytes(model._ss_graph.schema, itemsize)
+        at_once = 1 if model._ss_graph.has_time else steps
+        forward = max(forward, at_once * forward_bytes(model._ss_graph, itemsize))
+    return max(1, min(MAX_BATCH, BATCH_BYTES // (per_state + forward)))
+
+
+def _input_bytes(schema: m.Schema, itemsize: int) -> int:
+    """One observation's inputs as verify makes them: numbers drawn in float64,
+    then in the model's dtype; category indices (int64)."""
+    total = 0
+    for g in schema.groups:
+        numbers = len(g.numeric_features) + g.is_entity_set  # an entity set's mask
+        total += (g.entities or 1) * (numbers * (8 + itemsize) + 8 * len(g.category_features))
+    return total
 
 
 def _old_records(records, old_model, has_time: bool) -> list:
@@ -207,16 +339,13 @@ def _old_records(records, old_model, has_time: bool) -> list:
     return [[r] for r in records]  # one observation: a sequence of one step
 
 
-def _run(model, sequences: list, has_time: bool, validate: bool) -> dict:
-    """Heads [B, (T), w] of `model` on `sequences` (a list of observation lists)."""
-    if model._ss_graph.has_time:
-        return model(model.featurise(sequences, validate=validate))
-    flat = [obs for seq in sequences for obs in seq]
-    heads = model(model.featurise(flat, validate=validate))
-    if not has_time:
+def _run(model, inputs: dict, states: int, has_time: bool) -> dict:
+    """Heads of `model` on `inputs` (lead axes [B, T] for a recurrent model,
+    [B * T] for another), as [B, T, ...] when either model is recurrent."""
+    heads = model(inputs)
+    if model._ss_graph.has_time or not has_time:
         return heads
-    batch, steps = len(sequences), len(sequences[0])
-    return {h: t.reshape(batch, steps, *t.shape[1:]) for h, t in heads.items()}
+    return {h: t.reshape(states, -1, *t.shape[1:]) for h, t in heads.items()}
 
 
 def verify(old_path: str, new_path: str, states: int = 1000, steps: Optional[int] = None, seed: int = 0) -> dict:
