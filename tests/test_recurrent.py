@@ -105,3 +105,23 @@ def test_step_by_step_equals_the_whole_sequence_on_random_recurrent_specs(pair, 
     stepped, _ = step_by_step(model, inputs, model.initial_state(2))
     for head in model.heads:
         assert torch.equal(stepped[head], whole[head]), head
+
+
+def test_an_lstm_computes_what_torch_nn_lstm_computes():
+    """The cell is written out (torch.lstm on CPU copies its weights into oneDNN's
+    layout at every call); it must stay PyTorch's LSTM, state included."""
+    text = ("schema s {\n  group g {\n    x: float\n    y: float\n  }\n}\n"
+            "model m(obs: s) {\n  out core = lstm(obs.g, 3)\n}\n")
+    model = ss.compile(text, seed=4).double()
+    reference = torch.nn.LSTM(2, 3, batch_first=True).double()
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(reference, f"{name}_l0").copy_(getattr(model.core.lstm, name))
+        x = torch.randn(4, 5, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        start = model.initial_state(4)
+        start["core"]["lstm.h"] += 0.5
+        heads, state = model({"g": x}, state=start)
+        expected, (h, c) = reference(x, (start["core"]["lstm.h"][None], start["core"]["lstm.c"][None]))
+    assert torch.allclose(heads["core"], expected, rtol=0, atol=1e-12)
+    assert torch.allclose(state["core"]["lstm.h"], h[0], rtol=0, atol=1e-12)
+    assert torch.allclose(state["core"]["lstm.c"], c[0], rtol=0, atol=1e-12)

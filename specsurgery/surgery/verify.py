@@ -55,17 +55,16 @@ def _shared_items(old: m.Schema, new: m.Schema, renames: Renames) -> m.Schema:
     return old.model_copy(update={"vocabs": tuple(vocabs)})
 
 
-def _random_values(group: m.Group, shape: tuple, gen: torch.Generator) -> torch.Tensor:
-    """Numeric features of `group` [*shape, n], float64: floats N(0, 1), ints in
-    -3..3, bools 0 or 1."""
+def _random_values(group: m.Group, shape: tuple, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Numeric features of `group` [*shape, n]: floats N(0, 1), ints in -3..3, bools 0 or 1."""
     kinds = [f.type for f in group.numeric_features]
-    values = torch.randn(*shape, len(kinds), generator=gen, dtype=torch.float64)
+    values = torch.randn(*shape, len(kinds), generator=gen, dtype=dtype)
     ints = [i for i, k in enumerate(kinds) if k == "int"]
     bools = [i for i, k in enumerate(kinds) if k == "bool"]
     if ints:
-        values[..., ints] = torch.randint(-3, 4, (*shape, len(ints)), generator=gen).double()
+        values[..., ints] = torch.randint(-3, 4, (*shape, len(ints)), generator=gen).to(dtype)
     if bools:
-        values[..., bools] = (torch.rand(*shape, len(bools), generator=gen) < 0.5).double()
+        values[..., bools] = (torch.rand(*shape, len(bools), generator=gen) < 0.5).to(dtype)
     return values
 
 
@@ -82,19 +81,22 @@ def _pad_entities(t: torch.Tensor, entities: int, axis: int) -> torch.Tensor:
     if have == entities:
         return t
     shape = list(t.shape)
-    shape[axis] = entities - have
-    return torch.cat([t, t.new_zeros(shape)], dim=axis)
+    shape[axis] = entities
+    full = t.new_zeros(shape)
+    full.narrow(axis, 0, have).copy_(t)
+    return full
 
 
-def _random_states(old: m.Schema, draw: m.Schema, lead: tuple, gen: torch.Generator, max_entities: int) -> dict:
-    """Random inputs of the old schema (the featurised layout), lead axes `lead`.
+def _random_states(old: m.Schema, draw: m.Schema, lead: tuple, gen: torch.Generator, max_entities: int,
+                   dtype: torch.dtype) -> dict:
+    """Random inputs of the old schema (the featurised layout, numbers in `dtype`), lead axes `lead`.
     An entity set holds 0 to max_entities entities at its front; padding is zero
     (and never drawn)."""
     out: dict = {}
     for group in old.groups:
         slots = min(group.entities, max_entities) if group.is_entity_set else None
         shape = lead + ((slots,) if slots is not None else ())
-        values = _random_values(group, shape, gen)
+        values = _random_values(group, shape, gen, dtype)
         items = {}
         for f in group.category_features:
             names = old.vocab(f.vocab).item_names
@@ -111,15 +113,16 @@ def _random_states(old: m.Schema, draw: m.Schema, lead: tuple, gen: torch.Genera
 
 def _entities(entities: int, values: torch.Tensor, items: dict, mask: torch.Tensor) -> tuple:
     """The first slots of an entity set, zero where `mask` is false, padded with zero slots to `entities`."""
-    values = _pad_entities(values * mask.unsqueeze(-1), entities, -2)
-    items = {k: _pad_entities(v * mask, entities, -1) for k, v in items.items()}
-    return values, items, _pad_entities(mask.double(), entities, -1)
+    values = _pad_entities(values.mul_(mask.unsqueeze(-1)), entities, -2)
+    items = {k: _pad_entities(v.mul_(mask), entities, -1) for k, v in items.items()}
+    return values, items, _pad_entities(mask.to(values.dtype), entities, -1)
 
 
-_CASTS = {"float": lambda v: v, "int": torch.trunc, "bool": lambda v: (v != 0).double()}
+_CASTS = {"float": lambda v: v, "int": torch.trunc, "bool": lambda v: (v != 0).to(v.dtype)}
 
 
-def _carry(inputs: dict, old: m.Schema, new: m.Schema, renames: Renames, gen: torch.Generator) -> dict:
+def _carry(inputs: dict, old: m.Schema, new: m.Schema, renames: Renames, gen: torch.Generator,
+           dtype: torch.dtype) -> dict:
     """The same states as inputs of the new schema, from the old one's inputs:
     each feature the renames pair is taken from its old column (cast to its new
     type, category items mapped; an item the new version lacks is random), the
@@ -136,7 +139,7 @@ def _carry(inputs: dict, old: m.Schema, new: m.Schema, renames: Renames, gen: to
             used = inputs[f"{before.name}#mask"].reshape(-1, before.entities).any(0).nonzero() if same else None
             slots = min(group.entities, int(used.max()) + 1) if used is not None and len(used) else 0
         shape = lead + ((slots,) if slots is not None else ())
-        values = _random_values(group, shape, gen)
+        values = _random_values(group, shape, gen, dtype)
         if same:
             old_values = inputs[before.name]
             if slots is not None:
@@ -147,7 +150,7 @@ def _carry(inputs: dict, old: m.Schema, new: m.Schema, renames: Renames, gen: to
                          if f.type == kind and (was := renames.features.get(f"{group.name}.{f.name}"))]
                 if pairs:
                     js, ks = zip(*pairs)
-                    values[..., list(js)] = cast(old_values[..., list(ks)].double())
+                    values[..., list(js)] = cast(old_values[..., list(ks)].to(dtype))
         items = {}
         for f in group.category_features:
             names = new.vocab(f.vocab).item_names
@@ -278,14 +281,16 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
                                                  [obs for seq in records[start:start + n] for obs in seq])
                 else:
                     lead = (n, steps) if old_graph.has_time else (n * steps,)
-                    old_in = old_model.inputs(_random_states(old_spec.schema, draw, lead, gen, max_entities))
+                    old_in = old_model.inputs(_random_states(old_spec.schema, draw, lead, gen, max_entities,
+                                                             _drawn_dtype(old_model)))
+                out_old = _run(old_model, old_in, n, has_time)
                 # the new model's lead axes: [B, T] if it is recurrent, else [B * T]
                 lead = (n, steps) if new_graph.has_time else (n * steps,)
                 as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_in.items()}
-                new_in = new_model.inputs(_carry(as_new, old_spec.schema, new_spec.schema, renames, gen))
-                del as_new
-                out_old = _run(old_model, old_in, n, has_time)
                 del old_in
+                new_in = new_model.inputs(_carry(as_new, old_spec.schema, new_spec.schema, renames, gen,
+                                                 _drawn_dtype(new_model)))
+                del as_new
                 out_new = _run(new_model, new_in, n, has_time)
                 del new_in
                 for h, (old_h, new_cols, old_cols) in columns.items():
@@ -320,13 +325,20 @@ def batch_size(old_model, new_model, steps: int) -> int:
 
 
 def _input_bytes(schema: m.Schema, itemsize: int) -> int:
-    """One observation's inputs as verify makes them: numbers drawn in float64,
-    then in the model's dtype; category indices (int64)."""
+    """One observation's inputs as verify makes them: numbers drawn in float32
+    (or float64), then in the model's dtype; category indices (int64)."""
     total = 0
     for g in schema.groups:
         numbers = len(g.numeric_features) + g.is_entity_set  # an entity set's mask
-        total += (g.entities or 1) * (numbers * (8 + itemsize) + 8 * len(g.category_features))
+        total += (g.entities or 1) * (numbers * max(4, itemsize) * 2 + 8 * len(g.category_features))
     return total
+
+
+def _drawn_dtype(model) -> torch.dtype:
+    """Numbers are drawn in float32 (in float64 for a float64 model), as featurise reads them."""
+    from ..model import model_dtype
+
+    return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
 def _old_records(records, old_model, has_time: bool) -> list:

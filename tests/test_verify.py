@@ -1,0 +1,102 @@
+"""ss.verify's states: drawn into the inputs, carried to the new schema column
+for column, streamed in batches that change nothing but memory."""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+import specsurgery as ss
+from specsurgery.features import random_record
+from specsurgery.spec.load import load_text
+from specsurgery.surgery.diff import find_renames
+from specsurgery.surgery.verify import _carry, verify_models
+
+OLD = """schema s {
+  vocab kinds = [a, b, c]
+  group g {
+    x: float
+    n: int
+    k: category(kinds)
+  }
+  group units[4] {
+    hp: float
+    kind: category(kinds)
+  }
+}
+
+model m(obs: s) {
+  u = maxpool(relu(linear(concat(obs.units, embed(obs.units.kind, 2)), 3)))
+  out score = linear(concat(obs.g, embed(obs.g.k, 2), u), 2)
+  out target = pointer(linear(obs.g, 3), obs.units, 3)
+}
+"""
+# x renamed, b renamed and an item put first, a new unit feature, a larger entity set
+NEW = (OLD.replace("    x: float\n", "    speed: float was x\n")
+       .replace("[a, b, c]", "[z, a, bee was b, c]")
+       .replace("units[4] {\n    hp: float\n", "units[6] {\n    hp: float\n    mp: float\n"))
+
+
+def trained(text: str, seed: int = 1):
+    model = ss.compile(text, seed=seed)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def old_records(n: int, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    return [random_record(load_text(OLD).model().schema, rng) for _ in range(n)]
+
+
+def test_states_are_carried_column_for_column():
+    old = ss.compile(OLD)
+    new = ss.compile(NEW)
+    os_, ns = old._ss_graph.spec, new._ss_graph.spec
+    records = old_records(40)
+    inputs = old.featurise(records)
+    carried = new.inputs(_carry(inputs, os_.schema, ns.schema, find_renames(os_, ns),
+                                torch.Generator().manual_seed(0), torch.float32))
+    assert torch.equal(carried["g"], inputs["g"])  # speed (was x), n: the same columns
+    new_items = {"a": 1, "b": 2, "c": 3}
+    assert carried["g.k"].tolist() == [new_items[r["g"]["k"]] for r in records]
+    mask = carried["units#mask"]
+    assert mask.shape == (40, 6) and torch.equal(mask[:, :4], inputs["units#mask"]) and not mask[:, 4:].any()
+    assert torch.equal(carried["units"][..., :4, 0], inputs["units"][..., 0])  # hp
+    assert not carried["units"][..., 4:, :].any()  # padding stays zero
+    assert not (carried["units"][..., 1] * (1 - mask)).any()  # mp is random on real units only
+    kinds = [[new_items[u["kind"]] for u in r["units"]] + [0] * (6 - len(r["units"])) for r in records]
+    assert carried["units.kind"].tolist() == kinds
+
+
+def test_a_preserving_surgery_verifies_on_random_states_and_on_records():
+    old = trained(OLD)
+    new = ss.surgery(old, NEW).model
+    v = ss.verify(old, new, states=64)
+    assert v.ok and set(v.max_diff) == {"score", "target"}, v
+    assert ss.verify(old, new, records=old_records(16)).ok
+    # the pointer's padding scores are -inf on both sides, and equal
+    assert v.max_diff["target"] < 1e-6 and math.isfinite(v.max_diff["target"])
+
+
+def test_a_moved_weight_is_found():
+    old = trained(OLD)
+    new = ss.surgery(old, NEW).model
+    with torch.no_grad():
+        new.score.linear.weight[:, 0] += 1.0  # what reads speed (was x)
+    v = ss.verify(old, new, states=32)
+    assert not v.ok and v.max_diff["score"] > 0.1 and v.max_diff["target"] < 1e-6
+
+
+def test_batches_change_nothing_but_memory():
+    old = trained(OLD)
+    lossy = ss.surgery(old, OLD.replace("    x: float\n", ""), allow_lossy=True).model  # nothing new is drawn
+    records = old_records(23)
+    found = [verify_models(old, lossy, records=records, batch=b).max_diff for b in (1, 5, 23)]
+    assert found[0]["score"] > 0.1
+    for other in found[1:]:  # the same maximum (a float32 matmul rounds a batch of 1 its own way)
+        assert other.keys() == found[0].keys()
+        assert all(math.isclose(other[h], found[0][h], rel_tol=1e-6) for h in other)
