@@ -18,10 +18,14 @@ here recurses on that depth).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import gc
 import itertools
 import operator
 import weakref
+from itertools import repeat
 from typing import Callable, Optional, Union
 
 # Interning: signature -> a weak reference to the one key with it. A key inside
@@ -34,6 +38,21 @@ _LIVE: dict = {}
 _SWEEP = [1 << 16]  # the table size that triggers the next sweep
 _NEW = object.__new__
 _REF = weakref.ref
+
+
+@contextlib.contextmanager
+def bulk():
+    """While maps and plans make keys by the hundred thousand: no cyclic
+    garbage collection. Keys, their signatures and references hold no cycles,
+    yet each batch of new containers makes the collector walk the whole heap
+    again (half of planning a large model); it runs as usual afterwards."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _sweep() -> None:
@@ -180,7 +199,8 @@ class Joined(_Key):
         return f"{self.op} of {base(self.left).describe()} and {base(self.right).describe()}"
 
 
-_FEATURE, _UNIT, _WRAPPED, _NORMED, _JOINED = map(_setters, (Feature, Unit, Wrapped, Normed, Joined))
+_SETTERS = {cls: _setters(cls) for cls in (Feature, Unit, Wrapped, Normed, Joined)}
+_FEATURE, _UNIT, _WRAPPED, _NORMED, _JOINED = _SETTERS.values()
 
 Key = Union[Feature, Unit, Wrapped, Normed, Joined]
 
@@ -189,7 +209,27 @@ Key = Union[Feature, Unit, Wrapped, Normed, Joined]
 def units(scope: str, n: int, tag: Optional[str] = None) -> tuple[Unit, ...]:
     """The keys of n units of one op (one block of them): built once, shared by
     every graph that has the op (the old and the new version mostly do)."""
-    return tuple([Unit(scope, tag, i) for i in range(n)])
+    return _made(Unit, (repeat(scope, n), repeat(tag, n), range(n)), (repeat(scope, n), repeat(tag, n), range(n)))
+
+
+def _made(cls, signature_fields: tuple, fields: tuple) -> tuple:
+    """Many keys of one class at once, interned: per key its signature's
+    fields (after the class) and its own fields, as columns (iterables). Keys
+    of a whole axis are made by C loops, not one call each; an axis of which
+    some keys live already, or that has a key twice, is made key by key."""
+    signatures = list(zip(repeat(cls), *signature_fields))
+    if not signatures:
+        return ()
+    refs = list(map(_LIVE.get, signatures))
+    if refs.count(None) != len(refs) or len(set(signatures)) != len(signatures):  # some live, or one twice
+        return tuple([cls(*row) for row in zip(*fields)])
+    keys = list(map(_NEW, repeat(cls, len(signatures))))
+    for setter, column in zip(_SETTERS[cls], fields):
+        collections.deque(map(setter, keys, column), maxlen=0)
+    _LIVE.update(zip(signatures, map(_REF, keys)))
+    if len(_LIVE) > _SWEEP[0]:
+        _sweep()
+    return tuple(keys)
 
 
 def wrap(op: str, key: Key, idempotent: bool) -> Key:
@@ -217,7 +257,8 @@ def _derived(signature: tuple, inputs: tuple, build: Callable[[], tuple]) -> tup
     if hit is not None and all(map(operator.is_, hit[0], inputs)):
         return hit[1]
     out = build()
-    _AXES.pop(signature, None)
+    if hit is not None:
+        _AXES_HELD[0] -= len(_AXES.pop(signature)[1])
     _AXES[signature] = (inputs, out)
     _AXES_HELD[0] += len(out)
     while len(_AXES) > 1 and (len(_AXES) > _AXES_LIMIT[0] or _AXES_HELD[0] > _AXES_LIMIT[1]):
@@ -227,20 +268,28 @@ def _derived(signature: tuple, inputs: tuple, build: Callable[[], tuple]) -> tup
 
 def wrapped_axis(op: str, keys: tuple, idempotent: bool) -> tuple:
     """`wrap(op, k, idempotent)` of each key of an axis."""
-    if idempotent:
-        return _derived(("wrap", op, True, id(keys)), (keys,), lambda: tuple([wrap(op, k, True) for k in keys]))
-    return _derived(("wrap", op, False, id(keys)), (keys,), lambda: tuple([Wrapped(op, k, False) for k in keys]))
+    def build() -> tuple:
+        if idempotent and any(type(k) is Wrapped and k.op == op for k in keys):
+            return tuple([wrap(op, k, True) for k in keys])  # some keys are kept as they are
+        n = len(keys)
+        return _made(Wrapped, (repeat(op, n), map(id, keys), repeat(idempotent, n)),
+                     (repeat(op, n), keys, repeat(idempotent, n)))
+
+    return _derived(("wrap", op, idempotent, id(keys)), (keys,), build)
 
 
 def normed_axis(scope: str, keys: tuple) -> tuple:
     """Each key of an axis after the normalisation at `scope`."""
-    return _derived(("norm", scope, id(keys)), (keys,), lambda: tuple([Normed(scope, k) for k in keys]))
+    n = len(keys)
+    return _derived(("norm", scope, id(keys)), (keys,),
+                    lambda: _made(Normed, (repeat(scope, n), map(id, keys)), (repeat(scope, n), keys)))
 
 
 def joined_axis(op: str, left: tuple, right: tuple) -> tuple:
     """Index i of a two-input op over two axes: Joined(op, left[i], right[i])."""
+    n = min(len(left), len(right))
     return _derived(("join", op, id(left), id(right)), (left, right),
-                    lambda: tuple([Joined(op, a, b) for a, b in zip(left, right)]))
+                    lambda: _made(Joined, (repeat(op, n), map(id, left), map(id, right)), (repeat(op, n), left, right)))
 
 
 def chained(axes: tuple) -> tuple:

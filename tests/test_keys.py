@@ -44,3 +44,19 @@ def test_keys_100000_deep_hash_compare_and_translate():
         joined = K.Joined("add", joined, K.Feature(f"g.y{i % 7}"))
     assert len(K.parts(joined)) == 100_000
     assert K.source(joined).startswith("add(add(add(add(")
+
+
+def test_keys_made_for_a_whole_axis_are_the_keys_made_one_by_one():
+    """Axes are keyed in bulk (C loops); an axis holding a key twice (concat(x, x))
+    still gets one object per key, and the same ones as built key by key."""
+    x = K.units("bulk.linear", 3)
+    twice = x + x
+    tanh = K.wrapped_axis("tanh", twice, idempotent=False)
+    assert tanh[0] is tanh[3] and tanh == tuple(K.Wrapped("tanh", k) for k in twice)
+    normed = K.normed_axis("bulk.layernorm", twice)
+    assert normed[1] is normed[4] and normed == tuple(K.Normed("bulk.layernorm", k) for k in twice)
+    joined = K.joined_axis("add", twice, tanh)
+    assert joined[2] is joined[5] and joined == tuple(K.Joined("add", a, b) for a, b in zip(twice, tanh))
+    relu = K.wrapped_axis("relu", K.wrapped_axis("relu", x, idempotent=True), idempotent=True)
+    assert relu == tuple(K.wrap("relu", k, idempotent=True) for k in x)
+    assert K.units("bulk.linear", 3) is x and x[2] is K.Unit("bulk.linear", None, 2)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 if TYPE_CHECKING:
     import numpy as np
 
+from .. import keys as K
 from ..ir import FeatureTable, Graph, walk
 from ..ops import OPS, Axis
 
@@ -147,7 +148,8 @@ def shadow_map(graph: Graph, inputs: Optional[Callable] = None, output: Optional
             params[f"{node.scope}.{local}"] = ParamMap(f"{node.scope}.{local}", spec.shape, spec.roles, axes)
         return out
 
-    values = walk(graph, visit)
+    with K.bulk():
+        values = walk(graph, visit)
     ordered = {name: params[name] for name in graph.parameters()}
     return InteractionMap(graph, ordered, values)
 

@@ -723,6 +723,12 @@ def make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph,
               old_map: Optional[InteractionMap] = None, new_map: Optional[InteractionMap] = None) -> Plan:
     """The surgery plan from the old version to the new one (each a ModelSpec or
     its Graph; the maps are computed if not given)."""
+    with K.bulk():
+        return _make_plan(old_spec, new_spec, old_map, new_map)
+
+
+def _make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph, old_map: Optional[InteractionMap],
+               new_map: Optional[InteractionMap]) -> Plan:
     old_graph = old_map.graph if old_map else as_graph(old_spec)
     new_graph = new_map.graph if new_map else as_graph(new_spec)
     renames = find_renames(old_graph.spec, new_graph.spec)
