@@ -61,6 +61,7 @@ class Renames:
     _features_moved: Optional[bool] = None
     _memo: dict = field(default_factory=dict)
     _axes: dict = field(default_factory=dict)
+    _scopes: dict = field(default_factory=dict)  # op scope -> `scope(it)`, asked once per planning
 
     def feature(self, name: str) -> str:
         return self.features.get(name, name)
@@ -90,7 +91,9 @@ class Renames:
         hit = self._axes.get(id(keys))
         if hit is not None and hit[0] is keys:
             return hit[1]
-        out = [self.key(k) for k in keys]
+        out = list(map(self._memo.get, keys))  # keys translated before, in C
+        if None in out:
+            out = [self.key(k) if t is None else t for k, t in zip(keys, out)]
         self._axes[id(keys)] = (keys, out)  # holding `keys` keeps its id from being reused
         return out
 
@@ -100,10 +103,15 @@ class Renames:
             return found
         memo = self._memo
         if type(key) is K.Unit and key.scope not in self.identity_inputs:  # the common case, at once
-            found = memo[key] = K.Unit(self.scope(key.scope), key.tag, key.ordinal)
+            scope = self._scopes.get(key.scope)
+            if scope is None:
+                scope = self._scopes[key.scope] = self.scope(key.scope)
+            found = memo[key] = key if scope == key.scope else K.Unit(scope, key.tag, key.ordinal)
             return found
-        if all(d in memo for d in self._deps(key)):  # its insides translated already: no walk
-            found = memo[key] = self._build(key, memo)
+        kind = type(key)
+        if (kind is K.Feature or (kind is K.Joined and key.left in memo and key.right in memo)
+                or ((kind is K.Wrapped or kind is K.Normed) and key.inner in memo)):
+            found = memo[key] = self._build(key, memo)  # its insides translated already: no walk
             return found
         return K.transform(key, self._deps, self._build, memo)
 
