@@ -268,7 +268,8 @@ def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_
     """Carry a checkpoint over to `new`, file to file, streaming tensor by tensor
     (the new file appears whole or not at all). User metadata and each tensor's
     dtype are kept. With `max_shard_size`, or from a sharded checkpoint, `out` is
-    a sharded folder. A list of checkpoints (of one spec) is planned once and
+    a sharded folder; from a DCP folder, a DCP folder, with the optimizer state
+    in it carried by the same plan. A list of checkpoints (of one spec) is planned once and
     applied in worker processes (`jobs`), each written as OUT/<its name>; the
     ones that fail are named in one UserError, the others are written whole."""
     check_seed(seed)
@@ -301,6 +302,7 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
     """ss.apply, and what the writer reports (bytes, tensors; shards and jobs for a folder).
     With a `policy` (the command's), the plan must pass it as build's must."""
     from .checkpoint import load_spec, read_header
+    from .dcp import is_dcp
     from .ir import build_graph
     from .shards import is_folder_checkpoint
 
@@ -315,6 +317,11 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
     sharded = max_shard_size is not None or (is_folder_checkpoint(checkpoint) and not out.endswith(".safetensors"))
     if sharded and out.endswith(".safetensors"):
         raise UserError(f"{out}: error: a sharded checkpoint is a folder; name it without .safetensors")
+    if sharded and is_dcp(checkpoint):  # a DCP folder stays one, its optimizer state inside it
+        from .dcp import apply_dcp
+
+        return carried, apply_dcp(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size,
+                                  jobs=jobs, seed=seed, checked=True)
     if sharded:
         from .shard_apply import apply_sharded
 
@@ -326,7 +333,11 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
         written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True)
     from .checkpoint import optimizer_path
 
-    if os.path.exists(optimizer_path(checkpoint)):  # the optimizer's state goes along, moved by the same plan
+    if is_dcp(checkpoint):  # into one file: the optimizer state in the folder goes beside it
+        from .dcp import carry_dcp_optimizer_file
+
+        written["optimizer"] = carry_dcp_optimizer_file(carried._plan, checkpoint, out)
+    elif os.path.exists(optimizer_path(checkpoint)):  # the optimizer's state goes along, moved by the same plan
         from .optimizer_state import carry_optimizer_file
 
         written["optimizer"] = carry_optimizer_file(carried._plan, checkpoint, out)

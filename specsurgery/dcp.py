@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass
+from typing import Optional
 
 from .checkpoint import META_MODEL, META_SPEC, META_VERSION, EmbeddedSpec, Header, TensorInfo, package_version, read_header
 from .errors import UserError
@@ -30,6 +31,10 @@ from .errors import UserError
 SPEC_FILE = "specsurgery.dcp.json"
 FORMAT = "specsurgery-dcp/1"
 SHARDING_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
+OPTIMIZER_DIR = "optimizer"  # the optimizer's state: chunk files as the model's, named <parameter>/<state key>
+OPTIMIZER_FILE = "specsurgery.optimizer.json"  # its class, param groups and spec hash
+OPTIMIZER_FORMAT = "specsurgery-dcp-optimizer/1"
+_PICKLED = (".distcp", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")  # torch.save / pickle files
 _MAX_SPEC_FILE = 100 * 1024 * 1024
 
 
@@ -68,57 +73,108 @@ def is_dcp(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, SPEC_FILE))
 
 
-def read_dcp(folder: str) -> DcpHeader:
-    spec_path = os.path.join(folder, SPEC_FILE)
+def has_optimizer(folder: str) -> bool:
+    return os.path.isdir(os.path.join(folder, OPTIMIZER_DIR))
 
+
+def _bad(folder: str):
     def bad(why: str) -> UserError:
         return UserError(f"{folder}: error: not a valid distributed checkpoint: {why}")
 
+    return bad
+
+
+def _read_table(path: str, name: str, form: str, bad) -> dict[str, str]:
+    """The `metadata` table of the JSON file `path` (SPEC_FILE, OPTIMIZER_FILE): strings only."""
     try:
-        if os.path.getsize(spec_path) > _MAX_SPEC_FILE:
-            raise bad(f"{SPEC_FILE} is larger than 100 MB")
-        with open(spec_path, "rb") as f:
+        if os.path.getsize(path) > _MAX_SPEC_FILE:
+            raise bad(f"{name} is larger than 100 MB")
+        with open(path, "rb") as f:
             data = json.loads(f.read())
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise bad(f"{SPEC_FILE} is not JSON") from None
+        raise bad(f"{name} is not JSON") from None
+    except FileNotFoundError:
+        raise bad(f"{name} is missing") from None
     except OSError as e:
-        raise UserError(f"{spec_path}: error: cannot read: {e.strerror or e}") from None
+        raise UserError(f"{path}: error: cannot read: {e.strerror or e}") from None
     metadata = data.get("metadata") if isinstance(data, dict) else None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(metadata, dict) \
-            or not all(isinstance(v, str) for v in metadata.values()) \
-            or META_SPEC not in metadata or META_MODEL not in metadata:
-        raise bad(f"{SPEC_FILE} is not a {FORMAT} table with the spec in its metadata")
+    if not isinstance(data, dict) or data.get("format") != form or not isinstance(metadata, dict) \
+            or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad(f"{name} is not a {form} table of strings")
+    return metadata
 
+
+def _check_entries(folder: str, bad) -> None:
+    """What a folder from elsewhere may hold: chunk files and JSON inside it,
+    nothing pickled, no index or link that reaches outside."""
     real = os.path.realpath(folder)
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if entry == ".metadata" or entry.endswith(_PICKLED):
+            raise bad(f"it holds {entry}, a pickle (DCP's default format pickles its plan in .metadata and "
+                      "torch.save()s its tensors); specsurgery never unpickles: save with ss.save_dcp, "
+                      "which writes safetensors and JSON")
+        if entry.endswith(".index.json"):
+            raise bad(f"it holds {entry}, an index of files; a DCP folder's files are its own chunk files, "
+                      "listed by nothing (a folder is a DCP checkpoint or a sharded one, not both)")
+        if entry.endswith(".safetensors") or entry == OPTIMIZER_DIR:
+            kind = os.path.isfile if entry != OPTIMIZER_DIR else os.path.isdir
+            if os.path.islink(path) or os.path.dirname(os.path.realpath(path)) != real or not kind(path):
+                raise bad(f"{entry} is a link to outside the folder, or not a "
+                          + ("file" if entry != OPTIMIZER_DIR else "folder"))
+
+
+def _read_chunks(folder: str, bad) -> tuple[dict[str, list[Chunk]], dict[str, TensorInfo]]:
+    """Every chunk of every tensor in the folder's safetensors files, and the
+    whole tensors they tile (each file's header checked; no torch)."""
+    _check_entries(folder, bad)
     chunks: dict[str, list[Chunk]] = {}
     dtypes: dict[str, str] = {}
     for file in sorted(os.listdir(folder)):
         if not file.endswith(".safetensors"):
             continue
-        path = os.path.join(folder, file)
-        if os.path.dirname(os.path.realpath(path)) != real or not os.path.isfile(path):
-            raise bad(f"{file} is a link to a file outside the folder, or not a file")
-        header = read_header(path, embedded_spec=False)
+        header = read_header(os.path.join(folder, file), embedded_spec=False)
         info = header.metadata.get(SHARDING_KEY)
         try:
-            sharding = json.loads(info) if info is not None else {}
+            sharding = json.loads(info) if info is not None else None
         except json.JSONDecodeError:
             raise bad(f"{file}: its {SHARDING_KEY} is not JSON") from None
-        if not isinstance(sharding, dict):
+        if sharding is not None and not isinstance(sharding, dict):
             raise bad(f"{file}: its {SHARDING_KEY} is not a table")
         for name, t in header.tensors.items():
-            entry = sharding.get(name, {"saved_offsets": [0] * len(t.shape)})
+            entry = {"saved_offsets": [0] * len(t.shape)} if sharding is None else sharding.get(name)
             offsets = entry.get("saved_offsets") if isinstance(entry, dict) else None
             if not isinstance(offsets, list) or len(offsets) != len(t.shape) \
                     or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets):
-                raise bad(f"{file}: tensor {name!r} has malformed saved_offsets")
+                raise bad(f"{file}: tensor {name!r} has " + ("no" if entry is None else "malformed")
+                          + " saved_offsets")
             if dtypes.setdefault(name, t.dtype) != t.dtype:
                 raise bad(f"tensor {name!r} is saved in chunks of different dtypes")
             chunks.setdefault(name, []).append(Chunk(header, tuple(offsets), t.shape))
+    return chunks, {name: _whole(name, parts, dtypes[name], bad) for name, parts in chunks.items()}
+
+
+def read_dcp(folder: str) -> DcpHeader:
+    bad = _bad(folder)
+    metadata = _read_table(os.path.join(folder, SPEC_FILE), SPEC_FILE, FORMAT, bad)
+    if META_SPEC not in metadata or META_MODEL not in metadata:
+        raise bad(f"{SPEC_FILE} is not a {FORMAT} table with the spec in its metadata")
+    chunks, tensors = _read_chunks(folder, bad)
     if not chunks:
         raise bad("it holds no .safetensors files")
-    tensors = {name: _whole(name, parts, dtypes[name], bad) for name, parts in chunks.items()}
     return DcpHeader(folder, tensors, dict(metadata), chunks)
+
+
+def read_optimizer_dir(folder: str) -> DcpHeader:
+    """The optimizer state in `folder`/optimizer: its chunks, and (as metadata)
+    what optimizer_state.stored_metadata wrote: class, groups, spec hash."""
+    where = os.path.join(folder, OPTIMIZER_DIR)
+    bad = _bad(folder)
+    _check_entries(folder, bad)  # the optimizer folder itself is no link out
+    metadata = _read_table(os.path.join(where, OPTIMIZER_FILE), f"{OPTIMIZER_DIR}/{OPTIMIZER_FILE}",
+                           OPTIMIZER_FORMAT, bad)
+    chunks, tensors = _read_chunks(where, bad)
+    return DcpHeader(where, tensors, dict(metadata), chunks)
 
 
 def _whole(name: str, parts: list[Chunk], dtype: str, bad) -> TensorInfo:
@@ -204,42 +260,75 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _shared_token() -> str:
-    """One random name for the staging folder, the same on every rank."""
+def _staging_beside(target: str) -> str:
+    """A staging folder beside `target`, named by rank 0 for every rank. It
+    starts as shards.staged_folder's do (with rank 0's pid), so a later writer
+    of `target` removes it once the process that made it is gone."""
     import torch.distributed as dist
 
-    token = [secrets.token_hex(6)]
+    from .shards import _stage_prefix
+
+    name = [f"{_stage_prefix(target)}{os.getpid()}-dcp-{secrets.token_hex(6)}"]
     if _distributed():
-        dist.broadcast_object_list(token, src=0)  # in memory, between the job's own ranks
-    return token[0]
+        dist.broadcast_object_list(name, src=0)  # in memory, between the job's own ranks
+    return os.path.join(os.path.dirname(target), name[0])
+
+
+def _write_spec_file(folder: str, metadata: dict[str, str]) -> None:
+    from .checkpoint import atomic_file
+
+    with atomic_file(os.path.join(folder, SPEC_FILE), "w") as f:
+        json.dump({"format": FORMAT, "metadata": metadata}, f, indent=1)
+
+
+def _save_optimizer(folder: str, named, spec_text: str, *, no_dist: bool) -> None:
+    """`named` (optimizer_state.NamedState; DTensors under fully_shard) into
+    the folder `folder` through DCP's safetensors storage, on every rank (or
+    in one process: no_dist); its groups as JSON by rank 0. The folder exists."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+    from .checkpoint import atomic_file
+    from .optimizer_state import stored_metadata, stored_tensors
+
+    tensors, empty = stored_tensors(named)
+    if tensors:  # none before the first step: every rank alike
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(folder, save_distributed=True), no_dist=no_dist)
+    if no_dist or _rank() == 0:
+        with atomic_file(os.path.join(folder, OPTIMIZER_FILE), "w") as f:
+            json.dump({"format": OPTIMIZER_FORMAT, "metadata": stored_metadata(named, spec_text, empty)}, f, indent=1)
 
 
 def save_dcp(model, folder: str, *, optimizer=None) -> str:
     """Write `model` (an ss.Model, plain, DDP-wrapped or under fully_shard) to
-    `folder` as a DCP checkpoint: call it on every rank of the job, or in one
+    `folder` as a DCP checkpoint, with `optimizer`'s state in `folder`/optimizer
+    (keyed by parameter name): call it on every rank of the job, or in one
     process. The folder is staged beside the target and swapped into place by
     rank 0 once every rank's chunks are on disk."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
-    from .checkpoint import atomic_file
     from .shards import commit_folder
 
-    if optimizer is not None:
-        raise UserError("error: save_dcp does not save optimizer state yet (pass optimizer=None)")
     inner = getattr(model, "module", model)  # DDP keeps the model in .module
+    named = None
+    if optimizer is not None:  # refused (an unsupported class, say) before anything is written
+        from .optimizer_state import named_from_state_dict
+
+        named = named_from_state_dict(optimizer, inner)
     target = os.path.abspath(folder)
-    staged = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.staged-dcp-{_shared_token()}")
+    staged = _staging_beside(target)
     if _rank() == 0:
-        os.makedirs(staged)
+        os.makedirs(os.path.join(staged, OPTIMIZER_DIR) if named is not None else staged)
     _barrier()
     try:
-        state = inner.state_dict()
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(staged, save_distributed=True), no_dist=not _distributed())
+        dcp.save(inner.state_dict(), storage_writer=HuggingFaceStorageWriter(staged, save_distributed=True),
+                 no_dist=not _distributed())
+        if named is not None:
+            _save_optimizer(os.path.join(staged, OPTIMIZER_DIR), named, inner.spec, no_dist=not _distributed())
+        _barrier()  # every rank's chunks are on disk
         if _rank() == 0:
-            metadata = {META_SPEC: inner.spec, META_MODEL: inner.name, META_VERSION: package_version()}
-            with atomic_file(os.path.join(staged, SPEC_FILE), "w") as f:
-                json.dump({"format": FORMAT, "metadata": metadata}, f, indent=1)
+            _write_spec_file(staged, {META_SPEC: inner.spec, META_MODEL: inner.name, META_VERSION: package_version()})
             commit_folder(staged, target)
     except BaseException:
         if _rank() == 0:
@@ -249,10 +338,12 @@ def save_dcp(model, folder: str, *, optimizer=None) -> str:
     return folder
 
 
-def load_dcp(folder: str, model) -> None:
+def load_dcp(folder: str, model, *, optimizer=None) -> None:
     """Load a DCP folder (or a sharded folder apply wrote) into `model` on every
     rank, in place, sharded or replicated as the model is: DCP reshards. The
-    folder must hold this model's spec."""
+    folder must hold this model's spec. With `optimizer` (built over the model's
+    parameters, in the saved param groups), its state and hyperparameters are
+    set from `folder`/optimizer."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
@@ -263,7 +354,106 @@ def load_dcp(folder: str, model) -> None:
     if header.spec_text != inner.spec:
         raise UserError(f"{folder}: error: this checkpoint was saved from another spec than the model's "
                         f"(model {header.model_name}); carry it over with `specsurgery apply` first")
+    if optimizer is not None and not (is_dcp(folder) and has_optimizer(folder)):
+        raise UserError(f"{folder}: error: no optimizer state in this checkpoint "
+                        "(ss.save_dcp(model, folder, optimizer=...) saves it)")
     state = inner.state_dict()
     check_shapes(header, {k: tuple(v.shape) for k, v in state.items()})  # global shapes, also of DTensors
+    if optimizer is not None:  # checked whole and read (into tensors like the parameters) before the model is
+        named = _load_optimizer(folder, inner)
     dcp.load(state, storage_reader=HuggingFaceStorageReader(header.path), no_dist=not _distributed())
     inner.load_state_dict(state)
+    if optimizer is not None:
+        from .optimizer_state import set_from_named
+
+        set_from_named(optimizer, inner, named, folder)
+
+
+def _load_optimizer(folder: str, model):
+    """The optimizer state of `folder` (optimizer_state.NamedState), checked
+    against `model` (each tensor's name, shape and dtype, the spec, the
+    hyperparameters), then read on every rank: DCP reshards each moment onto
+    its parameter's placement."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    from .optimizer_state import SCALAR_KEYS, read_stored
+
+    stored = read_optimizer_dir(folder)
+    params = dict(model.named_parameters())
+    dtypes = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16}
+
+    def load_all(names: list[str]) -> dict:
+        like = {}
+        for full in names:  # each in the shape and placement it takes in the model
+            name, _, key = full.rpartition("/")
+            dtype = dtypes[stored.tensors[full].dtype]
+            like[full] = torch.zeros((), dtype=dtype) if key in SCALAR_KEYS else torch.zeros_like(params[name], dtype=dtype)
+        if like:
+            dcp.load(like, storage_reader=HuggingFaceStorageReader(stored.path), no_dist=not _distributed())
+        return like
+
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    return read_stored(stored.path, stored.metadata, stored.tensors, model.spec, shapes, load_all)
+
+
+def read_dcp_optimizer(folder: str, spec_text: str, shapes: dict[str, tuple[int, ...]]):
+    """The optimizer state of a DCP folder in one process, whole tensors
+    (optimizer_state.NamedState), checked as one file's is."""
+    from .optimizer_state import read_stored
+
+    stored = read_optimizer_dir(folder)
+    tensors = DcpTensors(stored)
+    return read_stored(stored.path, stored.metadata, stored.tensors, spec_text, shapes,
+                       lambda names: {n: tensors.get_tensor(n) for n in names})
+
+
+# ---------------------------------------------------------------------------
+# through surgery, in one process
+
+
+def _old_shapes(plan) -> dict[str, tuple[int, ...]]:
+    shapes = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
+    shapes.update({d.name: tuple(d.shape) for d in plan.dropped})
+    return shapes
+
+
+def apply_dcp(plan, checkpoint: str, new_spec, out: str, *, max_shard_size=None, jobs=None, seed: int = 0,
+              checked: bool = False) -> dict:
+    """Carry the DCP folder `checkpoint` over by `plan` into the DCP folder
+    `out`: the weights as shard_apply writes them (whole tensors, which DCP's
+    reader reshards onto any ranks at load), the optimizer state carried by the
+    plan (optimizer_state.carry) into `out`/optimizer. Staged beside `out`: a
+    failure leaves nothing in its place."""
+    from .checkpoint import user_metadata
+    from .shard_apply import apply_sharded
+
+    old = read_dcp(checkpoint)
+    named = read_dcp_optimizer(checkpoint, plan.old_spec, _old_shapes(plan)) if has_optimizer(checkpoint) else None
+
+    def finish(staged: str) -> None:  # in place of the index of a sharded folder
+        _write_spec_file(staged, {**user_metadata(old), META_SPEC: plan.new_spec, META_MODEL: plan.new_model,
+                                  META_VERSION: package_version()})
+        if named is not None:
+            from .optimizer_state import carry
+
+            os.makedirs(os.path.join(staged, OPTIMIZER_DIR))
+            _save_optimizer(os.path.join(staged, OPTIMIZER_DIR), carry(named, plan), plan.new_spec, no_dist=True)
+
+    written = apply_sharded(plan, checkpoint, new_spec, out, max_shard_size=max_shard_size, jobs=jobs, seed=seed,
+                            checked=checked, finish=finish)
+    written["optimizer"] = os.path.join(out, OPTIMIZER_DIR) if named is not None else None
+    return written
+
+
+def carry_dcp_optimizer_file(plan, checkpoint: str, out: str) -> Optional[str]:
+    """With optimizer state in the DCP folder `checkpoint`, write it carried
+    beside the one-file checkpoint `out`; returns its path, or None."""
+    if not has_optimizer(checkpoint):
+        return None
+    from .checkpoint import optimizer_path
+    from .optimizer_state import carry, write_optimizer
+
+    named = read_dcp_optimizer(checkpoint, plan.old_spec, _old_shapes(plan))
+    return write_optimizer(optimizer_path(out), carry(named, plan), plan.new_spec)

@@ -114,9 +114,25 @@ def named_state(optimizer, model) -> NamedState:
                                     f"for {name}, which specsurgery does not know how to carry")
                 state[name] = dict(entries)
         groups.append(({k: v for k, v in group.items() if k != "params"}, members))
+    return NamedState(cls, dict(optimizer.defaults), groups, state, _pending_by_name(optimizer, names))
+
+
+def _pending_by_name(optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """The masks of elements still waiting for their first gradient, by
+    parameter name. A sharded one (a DTensor) is kept even when its elements
+    have all been seen on this rank: every rank must save the same names."""
     waiting = getattr(optimizer, "_ss_awaiting_gradient", {})
-    pending = {names[id(p)]: mask.clone() for p, mask in waiting.items() if id(p) in names and mask.any()}
-    return NamedState(cls, dict(optimizer.defaults), groups, state, pending)
+    return {names[id(p)]: mask.clone() for p, mask in waiting.items()
+            if id(p) in names and (_is_sharded(mask) or mask.any())}
+
+
+def _is_sharded(t) -> bool:
+    return hasattr(t, "to_local")  # a DTensor (fully_shard), without importing torch.distributed.tensor
+
+
+def _local(t):
+    """This rank's elements of a DTensor (a view: writes go through), or `t` itself."""
+    return t.to_local() if _is_sharded(t) else t
 
 
 def build_optimizer(named: NamedState, model):
@@ -146,23 +162,90 @@ def _start_at_first_gradient(optimizer, pending: dict, keys: list[str]) -> None:
 
     def hook(opt, args, kwargs):
         with torch.no_grad():
-            for p, waiting in list(pending.items()):
+            for p, mask in list(pending.items()):
                 if p.grad is None or p not in opt.state:
                     continue
-                seen = waiting & (p.grad != 0)
+                # under fully_shard each rank sets its own elements (local views of the DTensors)
+                waiting, grad = _local(mask), _local(p.grad)
+                seen = waiting & (grad != 0)
                 if seen.any():
-                    square = p.grad[seen].to(torch.float64).square()
+                    square = grad[seen].to(torch.float64).square()
                     for key in keys:
                         if opt.state[p].get(key) is not None:
-                            opt.state[p][key][seen] = square.to(opt.state[p][key].dtype)
+                            moment = _local(opt.state[p][key])
+                            moment[seen] = square.to(moment.dtype)
                     waiting &= ~seen
-                if not waiting.any():
+                if not waiting.any() and not _is_sharded(mask):  # a sharded mask stays: see _pending_by_name
                     del pending[p]
         if not pending:
             handle.remove()
 
     handle = optimizer.register_step_pre_hook(hook)
     optimizer._ss_awaiting_gradient = pending  # saved with the state (PENDING_KEY), so a reload keeps waiting
+
+
+# ---------------------------------------------------------------------------
+# optimizer <-> named state on the ranks of a job: through
+# torch.distributed.checkpoint.state_dict, whose fully-qualified parameter names
+# are the model's own (fully_shard keeps them; DDP's `module.` is left out)
+
+
+def named_from_state_dict(optimizer, model) -> NamedState:
+    """`optimizer`'s state by get_optimizer_state_dict: on each rank, its shard
+    (DTensors) under fully_shard, the whole state under DDP or in one process."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UserError(f"error: optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    cls = _class_name(optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if not optimizer.state:  # no step yet; get_optimizer_state_dict would take a zero one (step counts 0 -> 1)
+        return named_state(optimizer, model)
+    osd = get_optimizer_state_dict(model, optimizer)
+    allowed = set(RULES[cls]["moments"]) | set(SCALAR_KEYS)
+    state = {}
+    for name, entries in osd["state"].items():
+        unknown = sorted(set(entries) - allowed)
+        if unknown:
+            raise UserError(f"error: optimizer torch.optim.{cls} keeps state {', '.join(map(repr, unknown))} "
+                            f"for {name}, which specsurgery does not know how to carry")
+        state[name] = dict(entries)
+    groups = [({k: v for k, v in g.items() if k != "params"}, list(g["params"])) for g in osd["param_groups"]]
+    return NamedState(cls, dict(optimizer.defaults), groups, state, _pending_by_name(optimizer, names))
+
+
+def set_from_named(optimizer, model, named: NamedState, where: str) -> None:
+    """Set `optimizer` (built over `model`'s parameters, sharded or not) to
+    `named` in place by set_optimizer_state_dict: state, and each group's
+    hyperparameters. Its class and groups must be the saved ones."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UserError(f"error: optimizer= takes a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    cls = _class_name(optimizer)
+    if cls != named.cls:
+        raise UserError(f"{where}: error: the checkpoint holds the state of torch.optim.{named.cls}; "
+                        f"the optimizer given is a torch.optim.{cls}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    mine = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    if any(n is None for members in mine for n in members):
+        raise UserError(f"error: the optimizer holds a tensor that is not a parameter of model {model.name}")
+    if [sorted(m) for m in mine] != [sorted(members) for _, members in named.groups]:
+        def show(groups):
+            return "; ".join(f"group {k}: {', '.join(sorted(m)) or 'none'}" for k, m in enumerate(groups))
+
+        raise UserError(f"{where}: error: the optimizer's param groups are not the checkpoint's: it has "
+                        f"{show(mine)}, the checkpoint {show([m for _, m in named.groups])}")
+    osd = {"state": {n: dict(e) for n, e in named.state.items()},
+           "param_groups": [{**hyper, "params": list(members)} for hyper, members in named.groups]}
+    # strict=False: a parameter new in surgery has no state; the optimizer starts it as any parameter
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(strict=False))
+    optimizer.defaults.clear()
+    optimizer.defaults.update(named.defaults)
+    if named.pending:
+        params = dict(model.named_parameters())
+        _start_at_first_gradient(optimizer, {params[n]: mask for n, mask in named.pending.items()},
+                                 [k for k, rule in named.rule["moments"].items() if rule == MEAN])
 
 
 # ---------------------------------------------------------------------------
@@ -292,12 +375,9 @@ def _decode(value):
     return value
 
 
-def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool = True) -> str:
-    """Write `named` to `path` atomically, laid out as checkpoints are (the same
-    state gives the same bytes, in any process)."""
-    from .checkpoint import write_checkpoint
-    from .model import dtype_name
-
+def stored_tensors(named: NamedState) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`named`'s tensors as stored, `<parameter>/<state key>` (DTensors stay
+    DTensors), and the names of its empty (None) entries."""
     tensors, empty = {}, []
     for name, entries in named.state.items():
         for key, value in entries.items():
@@ -309,7 +389,12 @@ def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool 
                 tensors[f"{name}/{key}"] = torch.tensor(float(value), dtype=torch.float32)
     for name, mask in named.pending.items():
         tensors[f"{name}/{PENDING_KEY}"] = mask.to(torch.float32)
-    metadata = {
+    return tensors, empty
+
+
+def stored_metadata(named: NamedState, spec_text: str, empty: list[str]) -> dict[str, str]:
+    """Class, defaults, param groups (hyperparameters, parameters by name) as JSON strings."""
+    return {
         META_CLASS: named.cls,
         META_DEFAULTS: json.dumps({k: _encode(v) for k, v in named.defaults.items()}),
         META_GROUPS: json.dumps([{**{k: _encode(v) for k, v in hyper.items()}, "params": members}
@@ -317,8 +402,17 @@ def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool 
         META_EMPTY: json.dumps(empty),
         META_SPEC_HASH: spec_sha256(spec_text),
     }
+
+
+def write_optimizer(path: str, named: NamedState, spec_text: str, durable: bool = True) -> str:
+    """Write `named` to `path` atomically, laid out as checkpoints are (the same
+    state gives the same bytes, in any process)."""
+    from .checkpoint import write_checkpoint
+    from .model import dtype_name
+
+    tensors, empty = stored_tensors(named)
     write_checkpoint(path, None, None, {k: tuple(t.shape) for k, t in tensors.items()}, tensors.items(),
-                     extra_metadata=metadata, durable=durable,
+                     extra_metadata=stored_metadata(named, spec_text, empty), durable=durable,
                      dtypes={k: dtype_name(t.dtype, f"optimizer state {k}") for k, t in tensors.items()})
     return path
 
@@ -329,11 +423,25 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
     from .checkpoint import read_header
 
     header = read_header(path, embedded_spec=False)  # sanity of the table, no torch, no pickle
+    if not header.tensors:
+        return read_stored(path, header.metadata, {}, spec_text, shapes, None)
+    from safetensors import safe_open
 
+    with safe_open(path, framework="pt") as f:  # the header read above is checked; no tensor read before its checks
+        return read_stored(path, header.metadata, header.tensors, spec_text, shapes,
+                           lambda names: {n: f.get_tensor(n) for n in names})
+
+
+def read_stored(path: str, meta: dict, infos: dict, spec_text: str, shapes: dict[str, tuple[int, ...]],
+                read_tensors) -> NamedState:
+    """The named state stored as `meta` (stored_metadata) and tensors `infos`
+    (name -> TensorInfo: dtype, whole shape), each checked against the spec and
+    the parameter shapes (name -> shape) before read_tensors(names) reads them
+    all (name -> tensor). One file and a DCP folder (dcp.py) are read by these
+    same checks."""
     def bad(why: str) -> UserError:
         return UserError(f"{path}: error: not a valid optimizer file: {why}")
 
-    meta = header.metadata
     if META_CLASS not in meta:
         raise bad("it has no optimizer class in its metadata (not written by specsurgery)")
     cls = meta[META_CLASS]
@@ -346,7 +454,7 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
         defaults = {k: _decode(v) for k, v in json.loads(meta.get(META_DEFAULTS, "{}")).items()}
         raw_groups = json.loads(meta[META_GROUPS])
         empty = json.loads(meta.get(META_EMPTY, "[]"))
-    except (KeyError, json.JSONDecodeError, AttributeError):
+    except (KeyError, json.JSONDecodeError, AttributeError, TypeError):
         raise bad("its param groups are not valid JSON") from None
     if not isinstance(raw_groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
                                                    for g in raw_groups):
@@ -365,7 +473,7 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
             _check_hyperparameter(path, cls, len(groups), key, value)
         groups.append((hyper, list(members)))
     allowed = set(RULES[cls]["moments"]) | set(SCALAR_KEYS) | {PENDING_KEY}
-    keys = list(header.tensors) + list(empty if isinstance(empty, list) else [])
+    keys = list(infos) + list(empty if isinstance(empty, list) else [])
     state: dict[str, dict] = {}
     for full in keys:
         name, _, key = str(full).rpartition("/")
@@ -374,20 +482,17 @@ def read_optimizer(path: str, spec_text: str, shapes: dict[str, tuple[int, ...]]
         if key not in allowed:
             raise bad(f"state {full!r}: torch.optim.{cls} keeps no {key!r}")
         state.setdefault(name, {})[key] = None
-    if state:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            for full in header.tensors:
-                name, _, key = full.rpartition("/")
-                info = header.tensors[full]
-                want = () if key in SCALAR_KEYS else tuple(shapes[name])
-                if tuple(info.shape) != want:
-                    raise UserError(f"{path}: error: state {full} has shape {list(info.shape)}, "
-                                    f"the parameter needs {list(want)}")
-                if info.dtype not in ("F32", "F64", "F16", "BF16"):
-                    raise bad(f"state {full} is {info.dtype}, not a floating dtype")
-                state[name][key] = f.get_tensor(full)
+    for full, info in infos.items():
+        name, _, key = full.rpartition("/")
+        want = () if key in SCALAR_KEYS else tuple(shapes[name])
+        if tuple(info.shape) != want:
+            raise UserError(f"{path}: error: state {full} has shape {list(info.shape)}, "
+                            f"the parameter needs {list(want)}")
+        if info.dtype not in ("F32", "F64", "F16", "BF16"):
+            raise bad(f"state {full} is {info.dtype}, not a floating dtype")
+    for full, value in (read_tensors(list(infos)) if infos else {}).items():
+        name, _, key = full.rpartition("/")
+        state[name][key] = value
     pending = {}
     for name, entries in state.items():
         if PENDING_KEY in entries:

@@ -166,11 +166,14 @@ def _run(built: list, moved: list, jobs: int, init: tuple):
 
 def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Union[int, str, None] = None,
                   jobs: Optional[int] = None, seed: int = 0, durable: bool = True,
-                  progress: Optional[Callable[[str, int], None]] = None, checked: bool = False) -> dict:
+                  progress: Optional[Callable[[str, int], None]] = None, checked: bool = False,
+                  finish: Optional[Callable[[str], None]] = None) -> dict:
     """Write the surgered checkpoint to the folder `out`, in the Hugging Face
     sharded layout. `max_shard_size` defaults to the old checkpoint's largest
     shard (or 5GB for a one-file input); `jobs` to one per core. `checked`:
-    the caller made the plan from both specs just now (else it is made again to compare)."""
+    the caller made the plan from both specs just now (else it is made again to compare).
+    `finish(staging folder)`, when given, writes what describes the shards in
+    place of the index (dcp.apply_dcp: a DCP folder's spec file)."""
     from .ir import Graph, build_graph
 
     header = read_header(checkpoint)
@@ -195,6 +198,9 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
             written += nbytes
             if progress is not None:
                 progress(os.path.basename(path), count)
-        write_index(tmp, plan.new_spec, plan.new_model, shards, shapes, dtypes=dtypes)
+        if finish is None:
+            write_index(tmp, plan.new_spec, plan.new_model, shards, shapes, dtypes=dtypes)
+        else:
+            finish(tmp)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs,
             "built_shards": len(built)}

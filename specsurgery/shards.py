@@ -272,7 +272,10 @@ def staged_folder(target: str) -> Iterator[str]:
     parent = os.path.dirname(target)
     if os.path.exists(target) and not os.path.isdir(target):
         raise UserError(f"{target}: error: cannot write a sharded checkpoint here: it is a file, not a folder")
-    if os.path.isdir(target) and os.listdir(target) and not os.path.exists(os.path.join(target, INDEX)):
+    from .dcp import is_dcp
+
+    if os.path.isdir(target) and os.listdir(target) and not os.path.exists(os.path.join(target, INDEX)) \
+            and not is_dcp(target):  # a checkpoint folder is replaced whole; a folder of other files is not
         raise UserError(f"{target}: error: cannot write a sharded checkpoint here: the folder holds other files")
     try:
         os.makedirs(parent, exist_ok=True)

@@ -18,7 +18,8 @@ from safetensors.numpy import save_file as save_numpy
 
 import specsurgery as ss
 from specsurgery.checkpoint import read_header
-from specsurgery.dcp import SPEC_FILE
+from specsurgery.dcp import SPEC_FILE, read_dcp_optimizer
+from specsurgery.optimizer_state import named_state
 
 save_dcp, load_dcp = ss.save_dcp, ss.load_dcp  # the public names
 from specsurgery.errors import UserError
@@ -40,7 +41,7 @@ model m(obs: s) {
 }
 """
 NEW = OLD.replace("    x: float\n", "    x: float\n    z: float\n").replace("linear(obs.g, 8)", "linear(obs.g, 11)")
-STEPS, LR, BATCH = 3, 0.1, 8
+STEPS, LR, BATCH = 3, 0.05, 8
 
 
 def equal_states(a, b) -> bool:
@@ -132,7 +133,16 @@ def read_spec(path):
 
 
 # ---------------------------------------------------------------------------
-# two ranks on gloo
+# two ranks on gloo: one job trains sharded (fully_shard per statement) and
+# replicated (DDP), saves with the optimizer, carries both folders through
+# surgery, loads them back into 2 ranks and trains on
+
+
+MODES = ("fsdp", "ddp")
+# where the old elements of each grown parameter lie in the new one: z is a new
+# column 1 of h's input, h grows from 8 to 11 units (rows 8-10, then h2's columns 8-10)
+OLD_ELEMENTS = {"h.linear.weight": (slice(0, 8), [0, 2]), "h.linear.bias": (slice(0, 8),),
+                "h2.linear.weight": (slice(None), slice(0, 8))}
 
 
 def data(spec_text: str):
@@ -141,40 +151,52 @@ def data(spec_text: str):
     return torch.randn(BATCH, width, generator=gen), torch.randn(BATCH, 2, generator=gen)
 
 
-def train(model, x, y, steps: int = STEPS):
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+def train(model, optimizer, x, y, steps: int = STEPS):
     for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model({"g": x})["q"], y)
-        loss.backward()
-        opt.step()
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model({"g": x})["q"], y).backward()
+        optimizer.step()
 
 
-def rank_main(rank: int, world: int, port: int, phase: str, mode: str, folder: str, spec_path: str, out: str):
+def distributed(model, mode: str, world: int):
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for child in model.children():  # one FSDP unit per statement
+        fully_shard(child, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def rank_main(rank: int, world: int, port: int, tmp: str):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        text = open(spec_path).read()
-        model = ss.compile(spec_path, seed=0)
-        if mode == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (world,))
-            for child in model.children():  # one FSDP unit per statement
-                fully_shard(child, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            wrapped = model
-        else:
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        if phase == "resume":
-            load_dcp(folder, wrapped)
-        x, y = data(text)
         per = BATCH // world
-        train(wrapped, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
-        save_dcp(wrapped, out)
+
+        def run(spec: str, mode: str, start, out: str, seed: int):
+            model = distributed(ss.compile(spec, seed=seed), mode, world)
+            optimizer = torch.optim.Adam(model.parameters(), lr=LR * 10)  # lr and moments come from `start`
+            if start is not None:
+                load_dcp(start, model, optimizer=optimizer)
+            else:
+                optimizer.param_groups[0]["lr"] = LR
+            x, y = data(open(spec).read())
+            train(model, optimizer, x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per])
+            save_dcp(model, out, optimizer=optimizer)
+
+        for mode in MODES:
+            run(f"{tmp}/old.spec", mode, None, f"{tmp}/a-{mode}", 0)
+        if rank == 0:  # surgery in one process, DCP folder to DCP folder
+            for mode in MODES:
+                ss.apply(f"{tmp}/a-{mode}", f"{tmp}/new.spec", f"{tmp}/b-{mode}", jobs=1)
+        dist.barrier()
+        for mode in MODES:
+            run(f"{tmp}/new.spec", mode, f"{tmp}/b-{mode}", f"{tmp}/c-{mode}", 9)
     finally:
         dist.destroy_process_group()
 
@@ -185,10 +207,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(*args, timeout: float = 240) -> None:
+def run_job(tmp: str, timeout: float = 240) -> None:
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(rank_main, args=(2, free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(rank_main, args=(2, free_port(), tmp), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -197,31 +219,64 @@ def run_job(*args, timeout: float = 240) -> None:
             pytest.fail(f"the 2-process job did not finish in {timeout} s")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
-def test_two_ranks_train_save_surgery_load_train_equal_one_process(tmp_path, mode):
+def stored_optimizer(folder: Path):
+    """The weights and the optimizer state of a DCP folder, read in one process."""
+    model = ss.load(str(folder))
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    return model.state_dict(), read_dcp_optimizer(str(folder), model.spec, shapes)
+
+
+def one_process_reference(tmp_path: Path):
+    """The same steps in one process: train, save with the optimizer, apply, load, train."""
+    model = ss.compile(str(tmp_path / "old.spec"), seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    train(model, optimizer, *data(OLD))
+    model.save(str(tmp_path / "ref.safetensors"), optimizer=optimizer)
+    ss.apply(str(tmp_path / "ref.safetensors"), str(tmp_path / "new.spec"), str(tmp_path / "ref-new.safetensors"))
+    model = ss.load(str(tmp_path / "ref-new.safetensors"))
+    optimizer = ss.load_optimizer(str(tmp_path / "ref-new.safetensors"), model)
+    train(model, optimizer, *data(NEW))
+    return model, optimizer
+
+
+@pytest.mark.slow  # one 2-process job: ~20 s of CPU
+def test_two_ranks_train_save_surgery_load_train_equal_one_process(tmp_path):
     (tmp_path / "old.spec").write_text(OLD)
     (tmp_path / "new.spec").write_text(NEW)
-    # one process: train, save, surgery, load, train
-    ref = ss.compile(str(tmp_path / "old.spec"), seed=0)
-    train(ref, *data(OLD))
-    ref.save(str(tmp_path / "ref.safetensors"))
-    new_spec = ss.compile(str(tmp_path / "new.spec"))._ss_graph.spec
-    apply_plan(make_plan(read_spec(tmp_path / "ref.safetensors"), new_spec), str(tmp_path / "ref.safetensors"), new_spec,
-               str(tmp_path / "ref-new.safetensors"))
-    ref_new = ss.load(str(tmp_path / "ref-new.safetensors"))
-    train(ref_new, *data(NEW))
-    # two ranks: train sharded, save_dcp; surgery on the folder; load into 2 ranks, train on
-    run_job("start", mode, "", str(tmp_path / "old.spec"), str(tmp_path / "a"))
-    assert equal_states_close(ss.load(str(tmp_path / "a")), ref)
-    result = subprocess.run([sys.executable, "-m", "specsurgery", "apply", str(tmp_path / "a"), str(tmp_path / "new.spec"),
-                             "-o", str(tmp_path / "b"), "--jobs", "2"], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    run_job("resume", mode, str(tmp_path / "b"), str(tmp_path / "new.spec"), str(tmp_path / "c"))
-    final = ss.load(str(tmp_path / "c"))
-    assert equal_states_close(final, ref_new)
+    run_job(str(tmp_path))
+    ref, ref_optimizer = one_process_reference(tmp_path)
+    ref_state = named_state(ref_optimizer, ref)
     x, _ = data(NEW)
-    assert torch.allclose(final({"g": x})["q"], ref_new({"g": x})["q"], atol=1e-6)
+    for mode in MODES:
+        # surgery carried each moment exactly where its weight moved; new elements start by Adam's rule
+        weights_a, opt_a = stored_optimizer(tmp_path / f"a-{mode}")
+        weights_b, opt_b = stored_optimizer(tmp_path / f"b-{mode}")
+        for name, new in weights_b.items():
+            kept = torch.zeros(new.shape, dtype=torch.bool)
+            kept[OLD_ELEMENTS.get(name, (slice(None),))] = True
+            assert torch.equal(new[kept], weights_a[name].flatten()), name
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt_b.state[name][key][kept], opt_a.state[name][key].flatten()), (name, key)
+            assert not opt_b.state[name]["exp_avg"][~kept].any(), name  # no history: zero
+            assert torch.equal(opt_b.state[name]["step"], opt_a.state[name]["step"])
+            if not kept.all():  # second moments wait for their first gradient
+                assert torch.equal(opt_b.pending[name], ~kept), name
+        assert opt_b.groups == opt_a.groups and opt_a.groups[0][0]["lr"] == LR
+        # resumed on 2 ranks and trained on: what one process computes
+        weights_c, opt_c = stored_optimizer(tmp_path / f"c-{mode}")
+        assert equal_states_close(ss.load(str(tmp_path / f"c-{mode}")), ref), mode
+        for name, entries in ref_state.state.items():
+            for key, value in entries.items():
+                assert torch.allclose(opt_c.state[name][key], value, atol=1e-6), (mode, name, key)
+        assert torch.allclose(ss.load(str(tmp_path / f"c-{mode}"))({"g": x})["q"], ref({"g": x})["q"], atol=1e-6)
+    # the 2 ranks' chunks load into one process, the optimizer's too
+    one = ss.compile(str(tmp_path / "new.spec"), seed=5)
+    optimizer = torch.optim.Adam(one.parameters(), lr=1.0)
+    load_dcp(str(tmp_path / "c-fsdp"), one, optimizer=optimizer)
+    assert equal_states_close(one, ref) and optimizer.param_groups[0]["lr"] == LR
+    train(one, optimizer, *data(NEW), steps=1)
+    train(ref, ref_optimizer, *data(NEW), steps=1)
+    assert equal_states_close(one, ref)
 
 
 def equal_states_close(a, b) -> bool:
