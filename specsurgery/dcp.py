@@ -13,8 +13,19 @@ the folder as one checkpoint (DcpHeader: every file's header checked, the
 chunks must tile each tensor exactly, with no gap or overlap); load_dcp leaves
 the resharding onto ranks to DCP. Reading the headers needs no torch.
 
-A sharded folder in the Hugging Face layout (what `apply` writes) is also a
-folder DCP's reader loads: its tensors are whole chunks at offset zero.
+With an optimizer, its state goes into `optimizer/` the same way: chunk files
+of tensors named `<parameter>/<state key>` (get_optimizer_state_dict's
+fully-qualified names), its class and param groups in
+`specsurgery.optimizer.json`, read back by the checks a one-file optimizer
+file gets (optimizer_state.read_stored) and set by set_optimizer_state_dict.
+
+A folder holding a pickle (DCP's `.metadata`, `.distcp` or torch.save files),
+an index, or a link out of itself is refused before anything is read.
+
+`apply` carries a DCP folder into a DCP folder (apply_dcp): the weights as
+shard_apply writes them, whole tensors, which DCP's reader reshards onto any
+ranks at load; the optimizer state carried by optimizer_state.carry. A sharded
+folder in the Hugging Face layout is also a folder DCP's reader loads.
 """
 from __future__ import annotations
 
@@ -22,6 +33,7 @@ import json
 import os
 import secrets
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -260,6 +272,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _quiet(call, *args, **kwargs):
+    """dcp.save / dcp.load, without the warning each gives in one process (told so by no_dist)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return call(*args, **kwargs)
+
+
 def _staging_beside(target: str) -> str:
     """A staging folder beside `target`, named by rank 0 for every rank. It
     starts as shards.staged_folder's do (with rank 0's pid), so a later writer
@@ -288,15 +307,37 @@ def _save_optimizer(folder: str, named, spec_text: str, *, no_dist: bool) -> Non
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
-    from .checkpoint import atomic_file
     from .optimizer_state import stored_metadata, stored_tensors
 
     tensors, empty = stored_tensors(named)
     if tensors:  # none before the first step: every rank alike
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(folder, save_distributed=True), no_dist=no_dist)
+        _quiet(dcp.save, tensors, storage_writer=HuggingFaceStorageWriter(folder, save_distributed=True), no_dist=no_dist)
     if no_dist or _rank() == 0:
-        with atomic_file(os.path.join(folder, OPTIMIZER_FILE), "w") as f:
-            json.dump({"format": OPTIMIZER_FORMAT, "metadata": stored_metadata(named, spec_text, empty)}, f, indent=1)
+        _write_optimizer_table(folder, stored_metadata(named, spec_text, empty))
+
+
+def _write_whole_optimizer(folder: str, named, spec_text: str) -> None:
+    """`named` in one process, whole tensors, as _save_optimizer lays it out:
+    one chunk file (no sharding info: every chunk at offset zero, as DCP's
+    reader takes it) and the JSON; no torch.distributed to import."""
+    from .checkpoint import write_checkpoint
+    from .model import dtype_name
+    from .optimizer_state import stored_metadata, stored_tensors
+
+    os.makedirs(folder)
+    tensors, empty = stored_tensors(named)
+    if tensors:
+        write_checkpoint(os.path.join(folder, "model-00001-of-00001.safetensors"), None, None,
+                         {k: tuple(t.shape) for k, t in tensors.items()}, tensors.items(),
+                         dtypes={k: dtype_name(t.dtype, f"optimizer state {k}") for k, t in tensors.items()})
+    _write_optimizer_table(folder, stored_metadata(named, spec_text, empty))
+
+
+def _write_optimizer_table(folder: str, metadata: dict[str, str]) -> None:
+    from .checkpoint import atomic_file
+
+    with atomic_file(os.path.join(folder, OPTIMIZER_FILE), "w") as f:
+        json.dump({"format": OPTIMIZER_FORMAT, "metadata": metadata}, f, indent=1)
 
 
 def save_dcp(model, folder: str, *, optimizer=None) -> str:
@@ -322,8 +363,8 @@ def save_dcp(model, folder: str, *, optimizer=None) -> str:
         os.makedirs(os.path.join(staged, OPTIMIZER_DIR) if named is not None else staged)
     _barrier()
     try:
-        dcp.save(inner.state_dict(), storage_writer=HuggingFaceStorageWriter(staged, save_distributed=True),
-                 no_dist=not _distributed())
+        _quiet(dcp.save, inner.state_dict(), storage_writer=HuggingFaceStorageWriter(staged, save_distributed=True),
+               no_dist=not _distributed())
         if named is not None:
             _save_optimizer(os.path.join(staged, OPTIMIZER_DIR), named, inner.spec, no_dist=not _distributed())
         _barrier()  # every rank's chunks are on disk
@@ -361,7 +402,7 @@ def load_dcp(folder: str, model, *, optimizer=None) -> None:
     check_shapes(header, {k: tuple(v.shape) for k, v in state.items()})  # global shapes, also of DTensors
     if optimizer is not None:  # checked whole and read (into tensors like the parameters) before the model is
         named = _load_optimizer(folder, inner)
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(header.path), no_dist=not _distributed())
+    _quiet(dcp.load, state, storage_reader=HuggingFaceStorageReader(header.path), no_dist=not _distributed())
     inner.load_state_dict(state)
     if optimizer is not None:
         from .optimizer_state import set_from_named
@@ -391,7 +432,7 @@ def _load_optimizer(folder: str, model):
             dtype = dtypes[stored.tensors[full].dtype]
             like[full] = torch.zeros((), dtype=dtype) if key in SCALAR_KEYS else torch.zeros_like(params[name], dtype=dtype)
         if like:
-            dcp.load(like, storage_reader=HuggingFaceStorageReader(stored.path), no_dist=not _distributed())
+            _quiet(dcp.load, like, storage_reader=HuggingFaceStorageReader(stored.path), no_dist=not _distributed())
         return like
 
     shapes = {n: tuple(p.shape) for n, p in params.items()}
@@ -436,10 +477,9 @@ def apply_dcp(plan, checkpoint: str, new_spec, out: str, *, max_shard_size=None,
         _write_spec_file(staged, {**user_metadata(old), META_SPEC: plan.new_spec, META_MODEL: plan.new_model,
                                   META_VERSION: package_version()})
         if named is not None:
-            from .optimizer_state import carry
+            from . import optimizer_state
 
-            os.makedirs(os.path.join(staged, OPTIMIZER_DIR))
-            _save_optimizer(os.path.join(staged, OPTIMIZER_DIR), carry(named, plan), plan.new_spec, no_dist=True)
+            _write_whole_optimizer(os.path.join(staged, OPTIMIZER_DIR), optimizer_state.carry(named, plan), plan.new_spec)
 
     written = apply_sharded(plan, checkpoint, new_spec, out, max_shard_size=max_shard_size, jobs=jobs, seed=seed,
                             checked=checked, finish=finish)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +20,8 @@ from safetensors.numpy import save_file as save_numpy
 
 import specsurgery as ss
 from specsurgery.checkpoint import read_header
-from specsurgery.dcp import SPEC_FILE, read_dcp_optimizer
+from optimizer_helpers import same_optimizer_state
+from specsurgery.dcp import OPTIMIZER_DIR, OPTIMIZER_FILE, SPEC_FILE, read_dcp_optimizer
 from specsurgery.optimizer_state import named_state
 
 save_dcp, load_dcp = ss.save_dcp, ss.load_dcp  # the public names
@@ -115,6 +118,7 @@ def test_apply_carries_a_chunked_dcp_folder_through_surgery(tmp_path):
     result = subprocess.run([sys.executable, "-m", "specsurgery", "apply", str(tmp_path / "ck"), str(tmp_path / "new.spec"),
                              "-o", str(tmp_path / "out"), "--jobs", "1"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["model-00001-of-00001.safetensors", SPEC_FILE]  # a DCP folder
     one = ss.load(str(tmp_path / "ck"))
     one.save(str(tmp_path / "one.safetensors"))
     plan = make_plan(read_spec(tmp_path / "one.safetensors"), ss.compile(str(tmp_path / "new.spec"))._ss_graph.spec)
@@ -130,6 +134,193 @@ def read_spec(path):
     from specsurgery.checkpoint import load_spec
 
     return load_spec(read_header(str(path)))
+
+
+# ---------------------------------------------------------------------------
+# the optimizer, in one process
+
+
+def adam_in_two_groups(model, lr: float = LR):
+    """h's parameters at lr, the others at twice it: groups and hyperparameters must come back."""
+    named = dict(model.named_parameters())
+    return torch.optim.Adam([{"params": [p for n, p in named.items() if n.startswith("h.")], "lr": lr},
+                             {"params": [p for n, p in named.items() if not n.startswith("h.")], "lr": 2 * lr}])
+
+
+def trained_with_optimizer(tmp_path, steps: int = STEPS):
+    (tmp_path / "old.spec").write_text(OLD)
+    (tmp_path / "new.spec").write_text(NEW)
+    model = ss.compile(str(tmp_path / "old.spec"), seed=4)
+    optimizer = adam_in_two_groups(model)
+    train(model, optimizer, *data(OLD), steps=steps)
+    return model, optimizer
+
+
+def test_save_dcp_with_the_optimizer_loads_back_equal_in_one_process(tmp_path):
+    model, optimizer = trained_with_optimizer(tmp_path)
+    save_dcp(model, str(tmp_path / "ck"), optimizer=optimizer)
+    assert sorted(os.listdir(tmp_path / "ck")) == [OPTIMIZER_DIR, "shard-00001-model-00001-of-00001.safetensors", SPEC_FILE]
+    assert sorted(os.listdir(tmp_path / "ck" / OPTIMIZER_DIR)) == ["shard-00001-model-00001-of-00001.safetensors",
+                                                                   OPTIMIZER_FILE]
+    other = ss.compile(str(tmp_path / "old.spec"), seed=5)
+    again = adam_in_two_groups(other, lr=1.0)  # lr comes from the checkpoint
+    load_dcp(str(tmp_path / "ck"), other, optimizer=again)
+    assert equal_states(other, model)
+    same_optimizer_state(optimizer, model, again, other)
+    train(model, optimizer, *data(OLD), steps=1)
+    train(other, again, *data(OLD), steps=1)
+    assert equal_states(other, model)
+
+
+def test_load_dcp_refuses_an_optimizer_that_is_not_the_saved_one(tmp_path):
+    model, optimizer = trained_with_optimizer(tmp_path, steps=1)
+    save_dcp(model, str(tmp_path / "ck"), optimizer=optimizer)
+    save_dcp(model, str(tmp_path / "bare"))
+    other = ss.compile(str(tmp_path / "old.spec"))
+    with pytest.raises(UserError, match=r"holds the state of torch.optim.Adam; the optimizer given is a torch.optim.SGD"):
+        load_dcp(str(tmp_path / "ck"), other, optimizer=torch.optim.SGD(other.parameters(), lr=0.1))
+    with pytest.raises(UserError, match=r"the optimizer's param groups are not the checkpoint's: it has group 0: "
+                                        r"h.linear.bias, h.linear.weight, h2.linear.bias"):
+        load_dcp(str(tmp_path / "ck"), other, optimizer=torch.optim.Adam(other.parameters()))
+    with pytest.raises(UserError, match=r"bare: error: no optimizer state in this checkpoint"):
+        load_dcp(str(tmp_path / "bare"), other, optimizer=torch.optim.Adam(other.parameters()))
+    with pytest.raises(UserError, match="cannot carry the state of optimizer torch.optim.lbfgs.LBFGS"):
+        save_dcp(model, str(tmp_path / "lbfgs"), optimizer=torch.optim.LBFGS(model.parameters()))
+    assert not os.path.exists(tmp_path / "lbfgs")
+
+
+def test_an_optimizer_saved_before_its_first_step_starts_as_a_fresh_one(tmp_path):
+    (tmp_path / "old.spec").write_text(OLD)
+    model = ss.compile(str(tmp_path / "old.spec"))
+    save_dcp(model, str(tmp_path / "ck"), optimizer=adam_in_two_groups(model))
+    assert os.listdir(tmp_path / "ck" / OPTIMIZER_DIR) == [OPTIMIZER_FILE]  # no state yet: no chunks
+    fresh, loaded = ss.compile(str(tmp_path / "old.spec")), ss.compile(str(tmp_path / "old.spec"), seed=1)
+    fresh_optimizer, optimizer = adam_in_two_groups(fresh), adam_in_two_groups(loaded, lr=1.0)
+    load_dcp(str(tmp_path / "ck"), loaded, optimizer=optimizer)
+    train(fresh, fresh_optimizer, *data(OLD))
+    train(loaded, optimizer, *data(OLD))
+    same_optimizer_state(fresh_optimizer, fresh, optimizer, loaded)  # step counts from 0, not 1
+
+
+def test_apply_carries_a_dcp_folder_into_a_dcp_folder_with_its_optimizer(tmp_path):
+    model, optimizer = trained_with_optimizer(tmp_path)
+    save_dcp(model, str(tmp_path / "ck"), optimizer=optimizer)
+    for _ in range(2):  # the second replaces the first folder whole
+        ss.apply(str(tmp_path / "ck"), str(tmp_path / "new.spec"), str(tmp_path / "out"), jobs=1)
+    assert sorted(os.listdir(tmp_path / "out")) == ["model-00001-of-00001.safetensors", OPTIMIZER_DIR, SPEC_FILE]
+    assert not [f for f in os.listdir(tmp_path) if ".staged-" in f]
+    ref = ss.surgery(model, str(tmp_path / "new.spec"), optimizer=optimizer)
+    loaded = ss.compile(str(tmp_path / "new.spec"), seed=9)
+    carried = adam_in_two_groups(loaded, lr=1.0)
+    load_dcp(str(tmp_path / "out"), loaded, optimizer=carried)
+    assert equal_states(loaded, ref.model)
+    same_optimizer_state(ref.optimizer, ref.model, carried, loaded)
+    train(ref.model, ref.optimizer, *data(NEW))
+    train(loaded, carried, *data(NEW))
+    assert equal_states(loaded, ref.model)
+    # into one file: the optimizer state goes beside it
+    ss.apply(str(tmp_path / "ck"), str(tmp_path / "new.spec"), str(tmp_path / "one.safetensors"))
+    one = ss.load(str(tmp_path / "one.safetensors"))
+    back = ss.load(str(tmp_path / "ck"))
+    back_optimizer = adam_in_two_groups(back)
+    load_dcp(str(tmp_path / "ck"), back, optimizer=back_optimizer)
+    ref = ss.surgery(back, str(tmp_path / "new.spec"), optimizer=back_optimizer)
+    same_optimizer_state(ref.optimizer, ref.model, ss.load_optimizer(str(tmp_path / "one.safetensors"), one), one)
+
+
+def test_a_failed_apply_leaves_nothing_in_place_of_the_output(tmp_path, monkeypatch):
+    import specsurgery.optimizer_state
+
+    model, optimizer = trained_with_optimizer(tmp_path, steps=1)
+    save_dcp(model, str(tmp_path / "ck"), optimizer=optimizer)
+
+    def broken(named, plan):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(specsurgery.optimizer_state, "carry", broken)
+    with pytest.raises(OSError):
+        ss.apply(str(tmp_path / "ck"), str(tmp_path / "new.spec"), str(tmp_path / "out"), jobs=1)
+    assert not os.path.exists(tmp_path / "out")
+    monkeypatch.undo()
+    ss.apply(str(tmp_path / "ck"), str(tmp_path / "new.spec"), str(tmp_path / "out"), jobs=1)
+    before = {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out") if f != OPTIMIZER_DIR}
+    monkeypatch.setattr(specsurgery.optimizer_state, "carry", broken)
+    with pytest.raises(OSError):
+        ss.apply(str(tmp_path / "ck"), str(tmp_path / "new.spec"), str(tmp_path / "out"), jobs=1)
+    assert {f: (tmp_path / "out" / f).read_bytes() for f in os.listdir(tmp_path / "out") if f != OPTIMIZER_DIR} == before
+    assert not [f for f in os.listdir(tmp_path) if ".staged-" in f]
+
+
+@pytest.fixture(scope="module")
+def saved_with_optimizer(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("dcp")
+    model, optimizer = trained_with_optimizer(tmp_path, steps=1)
+    save_dcp(model, str(tmp_path / "ck"), optimizer=optimizer)
+    return tmp_path
+
+
+def hostile_copy(saved: Path, tmp_path: Path, change) -> str:
+    folder = tmp_path / "hostile"
+    shutil.copytree(saved / "ck", folder)
+    change(folder)
+    return str(folder)
+
+
+def pickled(path: Path) -> None:
+    import pickle
+
+    path.write_bytes(pickle.dumps({"storage_data": "../../elsewhere"}))  # what DCP's .metadata holds
+
+
+def linked_out(path: Path) -> None:
+    outside = path.parent.parent / ("outside-" + path.name)
+    shutil.move(str(path), str(outside))
+    path.symlink_to(outside)
+
+
+HOSTILE = {
+    "pickled plan": (lambda f: pickled(f / ".metadata"), "it holds .metadata, a pickle"),
+    "torch.save tensors": (lambda f: pickled(f / OPTIMIZER_DIR / "__0_0.distcp"), "it holds __0_0.distcp, a pickle"),
+    "index out of the folder": (lambda f: (f / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"h.linear.weight": "../../outside.safetensors"}})),
+        "it holds model.safetensors.index.json, an index of files"),
+    "chunk linked out": (lambda f: linked_out(f / "shard-00001-model-00001-of-00001.safetensors"),
+                         "shard-00001-model-00001-of-00001.safetensors is a link to outside the folder"),
+    "optimizer linked out": (lambda f: linked_out(f / OPTIMIZER_DIR), "optimizer is a link to outside the folder"),
+    "pickle named safetensors": (lambda f: pickled(f / OPTIMIZER_DIR / "shard-00001-model-00001-of-00001.safetensors"),
+                                 "shard-00001-model-00001-of-00001.safetensors: error: not a valid checkpoint"),
+    "stranger's parameter": (lambda f: rewrite_groups(f, "h.linear.weight", "../h.linear.weight"),
+                             "the optimizer state names parameter '../h.linear.weight', which the model has not"),
+}
+
+
+def rewrite_groups(folder: Path, old: str, new: str) -> None:
+    path = folder / OPTIMIZER_DIR / OPTIMIZER_FILE
+    table = json.loads(path.read_text())
+    table["metadata"]["specsurgery.optimizer.param_groups"] = \
+        table["metadata"]["specsurgery.optimizer.param_groups"].replace(f'"{old}"', f'"{new}"')
+    path.write_text(json.dumps(table))
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_a_hostile_dcp_folder_is_refused_with_one_message(case, saved_with_optimizer, tmp_path):
+    change, message = HOSTILE[case]
+    folder = hostile_copy(saved_with_optimizer, tmp_path, change)
+    model = ss.compile(str(saved_with_optimizer / "old.spec"))
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_dcp(folder, model, optimizer=adam_in_two_groups(model))
+    with pytest.raises(UserError, match=re.escape(message)):  # apply reads the optimizer before writing
+        ss.apply(folder, str(saved_with_optimizer / "new.spec"), str(tmp_path / "out"), jobs=1)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_the_command_line_names_a_hostile_dcp_folder_in_one_line(saved_with_optimizer, tmp_path):
+    folder = hostile_copy(saved_with_optimizer, tmp_path, HOSTILE["pickled plan"][0])
+    result = subprocess.run([sys.executable, "-m", "specsurgery", "apply", folder, str(saved_with_optimizer / "new.spec"),
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"{folder}: error: not a valid distributed checkpoint: it holds .metadata, a pickle")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -293,3 +293,22 @@ def test_a_build_killed_between_its_two_renames_is_finished_by_the_next(tmp_path
     old_moment = optimizer.state[old.get_parameter("h.linear.weight")]["exp_avg"]
     assert torch.equal(moment[:8, [0, 2, 3, 4, 5]], old_moment) and not moment[:, WIND].any()
     assert sorted(os.listdir("models")) == ["history", "m.optimizer.safetensors", "m.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["Adam", "RMSprop"])
+def test_apply_carries_the_optimizer_beside_a_sharded_checkpoint(kind, tmp_path, one_thread):
+    from optimizer_helpers import same_optimizer_state
+
+    old, optimizer, _, _, _ = trained(OPTIMIZERS[kind], tmp_path, steps=3)
+    old.save(str(tmp_path / "old"), optimizer=optimizer, max_shard_size=200)  # a folder of several shards
+    assert len([f for f in os.listdir(tmp_path / "old") if f.endswith(".safetensors")]) > 1
+    ss.apply(str(tmp_path / "old"), NEW, str(tmp_path / "new"), jobs=1)
+    assert os.path.exists(tmp_path / "new.optimizer.safetensors")  # beside the folder, as for one file
+    loaded = ss.load(str(tmp_path / "new"))
+    from_disk = ss.load_optimizer(str(tmp_path / "new"), loaded)
+    result = ss.surgery(old, NEW, optimizer=optimizer)
+    same_optimizer_state(result.optimizer, result.model, from_disk, loaded)
+    for i in range(2):  # and they train on alike, new elements started at their first gradient
+        step(result.model, result.optimizer, batch(10 + i, wind=True))
+        step(loaded, from_disk, batch(10 + i, wind=True))
+    assert all(torch.equal(p, q) for p, q in zip(result.model.parameters(), loaded.parameters()))
