@@ -60,19 +60,25 @@ def _start_worker(plan_json: str, seed: int, durable: bool, threads: Optional[in
             os.environ["OMP_NUM_THREADS"] = str(threads)
 
     plan = Plan.model_validate_json(plan_json)
-    spec = load_text(plan.new_spec, "<plan new spec>").model(plan.new_model)
-    _WORKER.update(plan=plan, spec=spec, seed=seed, durable=durable)
+    from .ir import build_graph
+
+    graph = build_graph(load_text(plan.new_spec, "<plan new spec>").model(plan.new_model))  # once, for every task
+    _WORKER.update(plan=plan, graph=graph, seed=seed, durable=durable)
 
 
 def _apply_one(task: tuple[str, str]) -> Outcome:
-    from .optimizer_state import carry_optimizer_file
+    from .checkpoint import optimizer_path
     from .surgery.apply import apply_plan
 
     checkpoint, out = task
     plan = _WORKER["plan"]
     try:
-        apply_plan(plan, checkpoint, _WORKER["spec"], out, seed=_WORKER["seed"], durable=_WORKER["durable"])
-        optimizer = carry_optimizer_file(plan, checkpoint, out, durable=_WORKER["durable"])
+        apply_plan(plan, checkpoint, _WORKER["graph"], out, seed=_WORKER["seed"], durable=_WORKER["durable"])
+        optimizer = None
+        if os.path.exists(optimizer_path(checkpoint)):  # optimizer_state imports torch: only for a file to carry
+            from .optimizer_state import carry_optimizer_file
+
+            optimizer = carry_optimizer_file(plan, checkpoint, out, durable=_WORKER["durable"])
     except UserError as e:
         return Outcome(checkpoint, out, error=str(e))
     except OSError as e:  # a full disk, a folder that cannot be written
