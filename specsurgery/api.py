@@ -322,6 +322,11 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
 
         return carried, apply_dcp(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size,
                                   jobs=jobs, seed=seed, checked=True)
+    new_optimizer = None  # from a DCP folder into one file: its optimizer state, carried before anything is written
+    if is_dcp(checkpoint):
+        from .dcp import carried_optimizer
+
+        new_optimizer = carried_optimizer(carried._plan, checkpoint)
     if sharded:
         from .shard_apply import apply_sharded
 
@@ -333,10 +338,11 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
         written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True)
     from .checkpoint import optimizer_path
 
-    if is_dcp(checkpoint):  # into one file: the optimizer state in the folder goes beside it
-        from .dcp import carry_dcp_optimizer_file
+    if is_dcp(checkpoint):  # beside the new file
+        from .optimizer_state import write_optimizer
 
-        written["optimizer"] = carry_dcp_optimizer_file(carried._plan, checkpoint, out)
+        written["optimizer"] = None if new_optimizer is None else \
+            write_optimizer(optimizer_path(out), new_optimizer, carried._plan.new_spec)
     elif os.path.exists(optimizer_path(checkpoint)):  # the optimizer's state goes along, moved by the same plan
         from .optimizer_state import carry_optimizer_file
 

@@ -311,7 +311,8 @@ def _save_optimizer(folder: str, named, spec_text: str, *, no_dist: bool) -> Non
 
     tensors, empty = stored_tensors(named)
     if tensors:  # none before the first step: every rank alike
-        _quiet(dcp.save, tensors, storage_writer=HuggingFaceStorageWriter(folder, save_distributed=True), no_dist=no_dist)
+        _quiet(dcp.save, tensors, storage_writer=HuggingFaceStorageWriter(folder, save_distributed=True),
+               no_dist=no_dist)
     if no_dist or _rank() == 0:
         _write_optimizer_table(folder, stored_metadata(named, spec_text, empty))
 
@@ -396,8 +397,12 @@ def load_dcp(folder: str, model, *, optimizer=None) -> None:
         raise UserError(f"{folder}: error: this checkpoint was saved from another spec than the model's "
                         f"(model {header.model_name}); carry it over with `specsurgery apply` first")
     if optimizer is not None and not (is_dcp(folder) and has_optimizer(folder)):
-        raise UserError(f"{folder}: error: no optimizer state in this checkpoint "
-                        "(ss.save_dcp(model, folder, optimizer=...) saves it)")
+        from .checkpoint import optimizer_path
+
+        beside = os.path.exists(optimizer_path(folder))
+        raise UserError(f"{folder}: error: no optimizer state in this checkpoint " + (
+            f"(model.save put it beside it: ss.load_optimizer({folder!r}, model) reads it in one process)" if beside
+            else "(ss.save_dcp(model, folder, optimizer=...) saves it)"))
     state = inner.state_dict()
     check_shapes(header, {k: tuple(v.shape) for k, v in state.items()})  # global shapes, also of DTensors
     if optimizer is not None:  # checked whole and read (into tensors like the parameters) before the model is
@@ -430,7 +435,8 @@ def _load_optimizer(folder: str, model):
         for full in names:  # each in the shape and placement it takes in the model
             name, _, key = full.rpartition("/")
             dtype = dtypes[stored.tensors[full].dtype]
-            like[full] = torch.zeros((), dtype=dtype) if key in SCALAR_KEYS else torch.zeros_like(params[name], dtype=dtype)
+            like[full] = (torch.zeros((), dtype=dtype) if key in SCALAR_KEYS
+                          else torch.zeros_like(params[name], dtype=dtype))  # a DTensor under fully_shard
         if like:
             _quiet(dcp.load, like, storage_reader=HuggingFaceStorageReader(stored.path), no_dist=not _distributed())
         return like
@@ -471,15 +477,13 @@ def apply_dcp(plan, checkpoint: str, new_spec, out: str, *, max_shard_size=None,
     from .shard_apply import apply_sharded
 
     old = read_dcp(checkpoint)
-    named = read_dcp_optimizer(checkpoint, plan.old_spec, _old_shapes(plan)) if has_optimizer(checkpoint) else None
+    named = carried_optimizer(plan, checkpoint)
 
     def finish(staged: str) -> None:  # in place of the index of a sharded folder
         _write_spec_file(staged, {**user_metadata(old), META_SPEC: plan.new_spec, META_MODEL: plan.new_model,
                                   META_VERSION: package_version()})
         if named is not None:
-            from . import optimizer_state
-
-            _write_whole_optimizer(os.path.join(staged, OPTIMIZER_DIR), optimizer_state.carry(named, plan), plan.new_spec)
+            _write_whole_optimizer(os.path.join(staged, OPTIMIZER_DIR), named, plan.new_spec)
 
     written = apply_sharded(plan, checkpoint, new_spec, out, max_shard_size=max_shard_size, jobs=jobs, seed=seed,
                             checked=checked, finish=finish)
@@ -487,13 +491,12 @@ def apply_dcp(plan, checkpoint: str, new_spec, out: str, *, max_shard_size=None,
     return written
 
 
-def carry_dcp_optimizer_file(plan, checkpoint: str, out: str) -> Optional[str]:
-    """With optimizer state in the DCP folder `checkpoint`, write it carried
-    beside the one-file checkpoint `out`; returns its path, or None."""
+def carried_optimizer(plan, checkpoint: str):
+    """The optimizer state of the DCP folder `checkpoint` carried by `plan`
+    (optimizer_state.carry, the rules ss.surgery uses), or None when it holds
+    none: read and checked before anything is written."""
     if not has_optimizer(checkpoint):
         return None
-    from .checkpoint import optimizer_path
-    from .optimizer_state import carry, write_optimizer
+    from .optimizer_state import carry
 
-    named = read_dcp_optimizer(checkpoint, plan.old_spec, _old_shapes(plan))
-    return write_optimizer(optimizer_path(out), carry(named, plan), plan.new_spec)
+    return carry(read_dcp_optimizer(checkpoint, plan.old_spec, _old_shapes(plan)), plan)
