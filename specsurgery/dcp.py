@@ -300,10 +300,10 @@ def _write_spec_file(folder: str, metadata: dict[str, str]) -> None:
         json.dump({"format": FORMAT, "metadata": metadata}, f, indent=1)
 
 
-def _save_optimizer(folder: str, named, spec_text: str, *, no_dist: bool) -> None:
+def _save_optimizer(folder: str, named, spec_text: str) -> None:
     """`named` (optimizer_state.NamedState; DTensors under fully_shard) into
     the folder `folder` through DCP's safetensors storage, on every rank (or
-    in one process: no_dist); its groups as JSON by rank 0. The folder exists."""
+    in one process); its groups as JSON by rank 0. The folder exists."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
@@ -312,8 +312,8 @@ def _save_optimizer(folder: str, named, spec_text: str, *, no_dist: bool) -> Non
     tensors, empty = stored_tensors(named)
     if tensors:  # none before the first step: every rank alike
         _quiet(dcp.save, tensors, storage_writer=HuggingFaceStorageWriter(folder, save_distributed=True),
-               no_dist=no_dist)
-    if no_dist or _rank() == 0:
+               no_dist=not _distributed())
+    if _rank() == 0:
         _write_optimizer_table(folder, stored_metadata(named, spec_text, empty))
 
 
@@ -367,7 +367,7 @@ def save_dcp(model, folder: str, *, optimizer=None) -> str:
         _quiet(dcp.save, inner.state_dict(), storage_writer=HuggingFaceStorageWriter(staged, save_distributed=True),
                no_dist=not _distributed())
         if named is not None:
-            _save_optimizer(os.path.join(staged, OPTIMIZER_DIR), named, inner.spec, no_dist=not _distributed())
+            _save_optimizer(os.path.join(staged, OPTIMIZER_DIR), named, inner.spec)
         _barrier()  # every rank's chunks are on disk
         if _rank() == 0:
             _write_spec_file(staged, {META_SPEC: inner.spec, META_MODEL: inner.name, META_VERSION: package_version()})
