@@ -209,7 +209,8 @@ Key = Union[Feature, Unit, Wrapped, Normed, Joined]
 def units(scope: str, n: int, tag: Optional[str] = None) -> tuple[Unit, ...]:
     """The keys of n units of one op (one block of them): built once, shared by
     every graph that has the op (the old and the new version mostly do)."""
-    return _made(Unit, (repeat(scope, n), repeat(tag, n), range(n)), (repeat(scope, n), repeat(tag, n), range(n)))
+    return _derived(("units", scope, tag, n), (), lambda: _made(Unit, (repeat(scope, n), repeat(tag, n), range(n)),
+                                                               (repeat(scope, n), repeat(tag, n), range(n))))
 
 
 def _made(cls, signature_fields: tuple, fields: tuple) -> tuple:
@@ -241,29 +242,52 @@ def wrap(op: str, key: Key, idempotent: bool) -> Key:
 
 
 # Whole axes of keys derived from others (an op's output from its inputs'),
-# remembered by what they were made from: the old and the new version of a
-# model share most values, and a value made again from the same key tuples is
-# the same tuple, so comparing the versions' axes is one identity test. Keyed
-# by the inputs' ids, each entry holding its inputs (an id is not reused while
-# they live); the oldest entries go once there are more than _AXES_LIMIT[0] or
-# they hold more keys than _AXES_LIMIT[1].
-_AXES: dict = {}
+# remembered by how they were made: the old and the new version of a model
+# share most values, and a value made again from the same key tuples is the
+# same tuple, so comparing the versions' axes is one identity test (and
+# translating one into old names is a question about how it was made:
+# `origin`). Keyed by the inputs' ids, each entry holding its inputs (an id is
+# not reused while they live); the oldest entries go once there are more than
+# _AXES_LIMIT[0] or they hold more keys than _AXES_LIMIT[1].
+_AXES: dict = {}  # signature -> (inputs, axis)
+_ORIGINS: dict = {}  # id(axis) -> (axis, how, inputs)
 _AXES_HELD = [0]
 _AXES_LIMIT = (1 << 13, 1 << 21)
 
 
-def _derived(signature: tuple, inputs: tuple, build: Callable[[], tuple]) -> tuple:
+def _derived(how: tuple, inputs: tuple, build: Callable[[], tuple]) -> tuple:
+    signature = (*how, *map(id, inputs))
     hit = _AXES.get(signature)
     if hit is not None and all(map(operator.is_, hit[0], inputs)):
         return hit[1]
     out = build()
     if hit is not None:
-        _AXES_HELD[0] -= len(_AXES.pop(signature)[1])
+        _forget(signature)
     _AXES[signature] = (inputs, out)
+    if out:  # the empty tuple is one object: it tells nothing
+        _ORIGINS[id(out)] = (out, how, inputs)
     _AXES_HELD[0] += len(out)
     while len(_AXES) > 1 and (len(_AXES) > _AXES_LIMIT[0] or _AXES_HELD[0] > _AXES_LIMIT[1]):
-        _AXES_HELD[0] -= len(_AXES.pop(next(iter(_AXES)))[1])
+        _forget(next(iter(_AXES)))
     return out
+
+
+def _forget(signature: tuple) -> None:
+    _, out = _AXES.pop(signature)
+    _AXES_HELD[0] -= len(out)
+    found = _ORIGINS.get(id(out))
+    if found is not None and found[0] is out:
+        del _ORIGINS[id(out)]
+
+
+def origin(keys: tuple) -> Optional[tuple[tuple, tuple]]:
+    """How an axis of keys was made, while that is remembered: (how, inputs),
+    `how` one of ("units", scope, tag, n), ("wrap", op, idempotent),
+    ("norm", scope), ("join", op), ("chain",); `inputs` the axes it was made of."""
+    found = _ORIGINS.get(id(keys))
+    if found is not None and found[0] is keys:
+        return found[1], found[2]
+    return None
 
 
 def wrapped_axis(op: str, keys: tuple, idempotent: bool) -> tuple:
@@ -275,26 +299,26 @@ def wrapped_axis(op: str, keys: tuple, idempotent: bool) -> tuple:
         return _made(Wrapped, (repeat(op, n), map(id, keys), repeat(idempotent, n)),
                      (repeat(op, n), keys, repeat(idempotent, n)))
 
-    return _derived(("wrap", op, idempotent, id(keys)), (keys,), build)
+    return _derived(("wrap", op, idempotent), (keys,), build)
 
 
 def normed_axis(scope: str, keys: tuple) -> tuple:
     """Each key of an axis after the normalisation at `scope`."""
     n = len(keys)
-    return _derived(("norm", scope, id(keys)), (keys,),
+    return _derived(("norm", scope), (keys,),
                     lambda: _made(Normed, (repeat(scope, n), map(id, keys)), (repeat(scope, n), keys)))
 
 
 def joined_axis(op: str, left: tuple, right: tuple) -> tuple:
     """Index i of a two-input op over two axes: Joined(op, left[i], right[i])."""
     n = min(len(left), len(right))
-    return _derived(("join", op, id(left), id(right)), (left, right),
+    return _derived(("join", op), (left, right),
                     lambda: _made(Joined, (repeat(op, n), map(id, left), map(id, right)), (repeat(op, n), left, right)))
 
 
 def chained(axes: tuple) -> tuple:
     """The keys of several axes, one after another (concat)."""
-    return _derived(("chain", *map(id, axes)), axes, lambda: tuple(itertools.chain.from_iterable(axes)))
+    return _derived(("chain",), axes, lambda: tuple(itertools.chain.from_iterable(axes)))
 
 
 def children(k: Key) -> tuple:

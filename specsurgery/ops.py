@@ -541,7 +541,7 @@ class LSTM(RecurrentCell):
         z_all = seen_x
         for s in set(h):
             z_all |= s
-        rows = tuple(key for gate in LSTM_GATES for key in K.units(node.scope, units, gate))
+        rows = K.chained(tuple(K.units(node.scope, units, gate) for gate in LSTM_GATES))
         hidden_keys = K.units(node.scope, units)
         empty_rows = Axis(rows, (0,) * len(rows))
         bias_rows = Axis(rows, (z_all,) * len(rows))
@@ -601,7 +601,7 @@ class GRU(RecurrentCell):
         # step on every unit carries what x carries, and weight_hh meets it from
         # the second step (the LSTM's fixpoint, reached at once).
         seen = x.union()
-        rows = tuple(key for gate in self.gates for key in K.units(node.scope, units, gate))
+        rows = K.chained(tuple(K.units(node.scope, units, gate) for gate in self.gates))
         hidden = Axis(K.units(node.scope, units), (seen,) * units)
         empty_rows = Axis(rows, (0,) * len(rows))
         bias_rows = Axis(rows, (seen,) * len(rows))
@@ -948,7 +948,7 @@ class Attention(Op):
         # Rows of q, k and v, and the heads' outputs that out_weight reads, are
         # keyed by head and dimension: a new head is new keys, and a head keeps
         # its first rows when head_dim changes.
-        per_head = tuple(key for h in range(heads) for key in K.units(node.scope, head_dim, f"head {h}"))
+        per_head = K.chained(tuple(K.units(node.scope, head_dim, f"head {h}") for h in range(heads)))
         rows, bias_rows = Axis(per_head, (0,) * width), Axis(per_head, (seen,) * width)
         params = {}
         for p in self.projections:

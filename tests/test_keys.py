@@ -60,3 +60,23 @@ def test_keys_made_for_a_whole_axis_are_the_keys_made_one_by_one():
     relu = K.wrapped_axis("relu", K.wrapped_axis("relu", x, idempotent=True), idempotent=True)
     assert relu == tuple(K.wrap("relu", k, idempotent=True) for k in x)
     assert K.units("bulk.linear", 3) is x and x[2] is K.Unit("bulk.linear", None, 2)
+
+
+def test_an_axis_reads_in_old_names_as_its_keys_do_one_by_one():
+    """Renames translate a whole axis from how it was made (K.origin) when they can:
+    the answer is the one key-by-key translation gives, and an axis nothing
+    renamed touches is returned as it is."""
+    moved, kept = K.units("t.linear", 4), K.units("u.linear", 4)
+    relu = K.wrapped_axis("relu", moved, idempotent=True)
+    joined = K.joined_axis("add", relu, kept)
+    normed = K.normed_axis("u.layernorm", kept)
+    both = K.chained((joined, normed))
+    renames = Renames(scopes={"t": "s"})
+    assert renames.keys(kept) is kept and renames.keys(normed) is normed
+    old_relu = [K.wrap("relu", K.Unit("s.linear", None, i), idempotent=True) for i in range(4)]
+    assert list(renames.keys(both))[:4] == [K.Joined("add", r, k) for r, k in zip(old_relu, kept)]
+    assert list(renames.keys(both)) == [Renames(scopes={"t": "s"}).key(k) for k in both]
+    # a join with a side that starts at zero stands for its other side, even over unchanged inputs
+    plain = K.joined_axis("add", kept, K.units("v.linear", 4))
+    renames = Renames(new_ops={"w.linear"}, zero_joins={plain[1]: kept[1]})
+    assert list(renames.keys(plain)) == [plain[0], kept[1], plain[2], plain[3]]

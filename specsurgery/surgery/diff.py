@@ -62,6 +62,7 @@ class Renames:
     _memo: dict = field(default_factory=dict)
     _axes: dict = field(default_factory=dict)
     _scopes: dict = field(default_factory=dict)  # op scope -> `scope(it)`, asked once per planning
+    _unchanged_axes: dict = field(default_factory=dict)  # id(axis) -> (axis, whether it reads as it is)
 
     def feature(self, name: str) -> str:
         return self.features.get(name, name)
@@ -91,11 +92,62 @@ class Renames:
         hit = self._axes.get(id(keys))
         if hit is not None and hit[0] is keys:
             return hit[1]
+        out = keys if self._unchanged(keys) else self._each(keys)
+        self._axes[id(keys)] = (keys, out)  # holding `keys` keeps its id from being reused
+        return out
+
+    def _each(self, keys) -> list:
         out = list(map(self._memo.get, keys))  # keys translated before, in C
         if None in out:
             out = [self.key(k) if t is None else t for k, t in zip(keys, out)]
-        self._axes[id(keys)] = (keys, out)  # holding `keys` keeps its id from being reused
         return out
+
+    def _unchanged(self, keys) -> bool:
+        """Whether every key of an axis reads as it is, told where possible from
+        how the axis was made (K.origin): a block of units of an op not renamed,
+        an op not renamed over axes unchanged. Without recursion: a chain of
+        100,000 statements makes axes 100,000 deep."""
+        known = self._unchanged_axes
+        stack = [keys]
+        while stack:
+            axis = stack[-1]
+            hit = known.get(id(axis))
+            if hit is not None and hit[0] is axis:
+                stack.pop()
+                continue
+            made = K.origin(axis)
+            if made is None:
+                verdict = _same(self._each(axis), axis)  # read key by key
+            else:
+                how, inputs = made
+                pending = [x for x in inputs if not (id(x) in known and known[id(x)][0] is x)]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                verdict = all(known[id(x)][1] for x in inputs) and self._made_alike(how, axis)
+            stack.pop()
+            known[id(axis)] = (axis, verdict)
+            if verdict:
+                self._memo.update(zip(axis, axis))  # its keys, asked one by one, read as they are too
+        return known[id(keys)][1]
+
+    def _made_alike(self, how: tuple, axis) -> bool:
+        """Whether the step `how` (of K.origin) reads the same in old names, its inputs unchanged."""
+        kind = how[0]
+        if kind == "units":
+            return how[1] not in self.identity_inputs and self._scope(how[1]) == how[1]
+        if kind == "norm":
+            return self._scope(how[1]) == how[1]
+        if kind == "join":
+            return not self.zero_joins or self.zero_joins.keys().isdisjoint(axis)
+        return True  # wrap, chain: index by index what their inputs are
+
+    def _scope(self, scope: str) -> str:
+        """`scope(scope)`, asked once per planning."""
+        found = self._scopes.get(scope)
+        if found is None:
+            found = self._scopes[scope] = self.scope(scope)
+        return found
 
     def key(self, key: K.Key) -> K.Key:
         found = self._memo.get(key)
@@ -103,9 +155,7 @@ class Renames:
             return found
         memo = self._memo
         if type(key) is K.Unit and key.scope not in self.identity_inputs:  # the common case, at once
-            scope = self._scopes.get(key.scope)
-            if scope is None:
-                scope = self._scopes[key.scope] = self.scope(key.scope)
+            scope = self._scope(key.scope)
             found = memo[key] = key if scope == key.scope else K.Unit(scope, key.tag, key.ordinal)
             return found
         kind = type(key)
