@@ -1,40 +1,44 @@
-"""The record reader: a batch of JSON-like records -> numpy tables, checked as they are read.
+"""The record reader: a batch of JSON-like records -> tensors, checked as they are read.
 
-Built once per schema (`reader_for`). Per group it holds one itemgetter of all
-the group's features (numeric ones in schema order, then categories), so each
-object of a record is visited once, in C, and its values land in one flat
-list: a table of one row per object. Category items become vocabulary indices
-in that list (a dict lookup, which is also their check), so the whole table
-turns into one float64 array with a single numpy call; numeric features,
-masks and indices are then columns of it, scattered into the padded layout.
+Built once per schema (`reader_for`), it holds per group an itemgetter of the
+group's features and a struct of its numeric ones, so the loops over objects
+and values run in C. Records are read 512 at a time: the objects of a chunk
+are still in cache for the second look at them, and the rows of a chunk are
+then scattered into the padded layout.
+
+  * validate=False: per object, struct packs the numeric values straight from
+    the itemgetter's tuple (each value touched once); each category is a
+    second, cached look at the objects.
+  * validate=True: the values of all objects go to one flat list first, so the
+    types can be checked column by column; category items become vocabulary
+    indices in that list; struct packs it with one call.
 
 The checks are the record JSON Schema's (features.record_schema, the
 definition), written out so that they run over whole columns:
 
-  * exact keys per object: its length, and the itemgetter's lookup of each feature;
-  * at most N entities in a set, category items by dict lookup;
-  * a type per value: the set of types met in each column (from the distinct
-    rows of types, or column by column when rows differ a lot) within the
-    types its kind takes;
-  * the few value rules, on the float64 table at once: no value beyond a float
+  * exact keys per object: its length, and the lookup of each feature;
+  * at most N entities in a set; category items by dict lookup;
+  * a type per value: the set of types met in each column, within the types
+    its kind takes;
+  * the few value rules, on the doubles at once: no value beyond a float
     (inf), a float in an int feature is a whole number, a number in a bool
     feature is 0 or 1.
 
-Any refusal raises `Refused`; features.featurise then asks jsonschema to word
-the message (tests/test_inputs.py proves both accept and refuse the same records).
+Any refusal raises `Refused` (or the KeyError or TypeError of a lookup);
+features.featurise then asks jsonschema to word the message
+(tests/test_inputs.py proves both accept and refuse the same records).
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, starmap
 from operator import itemgetter
 from typing import Callable, Optional
 
 from .spec import model as m
 
-
-CHUNK = 512  # records read at a time: their values stay in cache between the passes over them
+CHUNK = 512  # records read at a time: their objects stay in cache between the looks at them
 
 
 class Refused(Exception):
@@ -43,8 +47,8 @@ class Refused(Exception):
 
 def _type_sets() -> tuple[dict[str, frozenset], dict[str, frozenset]]:
     """Per kind of feature: the Python and numpy types it takes as they are, and
-    those it takes only for some values (looked at in the float64 table). These
-    are the record schema's types, with numpy scalars as jsonschema is told to take them."""
+    those it takes only for some values (looked at once converted). These are
+    the record schema's types, with numpy scalars as jsonschema is told to take them."""
     import numpy as np
 
     ints = frozenset({int} | {np.dtype(c).type for c in np.typecodes["AllInteger"]})
@@ -60,25 +64,25 @@ class _GroupPlan:
 
     name: str
     entities: Optional[int]  # N of an entity set, None for a plain group
-    width: int  # features of an object: the numeric ones (schema order), then the categories
-    read: Callable  # object -> its values in that order (one value when width is 1)
-    kinds: tuple[str, ...]  # float | int | bool | category, per column
-    categories: tuple[tuple[str, dict], ...]  # ("<group>.<feature>", item -> index)
+    width: int  # features of an object, numeric and category
+    kinds: tuple[str, ...]  # float | int | bool, per numeric feature (schema order)
+    read_all: Callable  # object -> its values: the numeric ones, then the categories (one value if width is 1)
+    read_numeric: Optional[Callable]  # object -> its numeric values (one value if there is one)
+    pack_numeric: Callable  # the numeric values of one object -> their doubles
+    categories: tuple[tuple[str, Callable, dict], ...]  # ("<group>.<feature>", object -> item, item -> index)
     mask_key: str
-
-    @property
-    def n_numeric(self) -> int:
-        return self.width - len(self.categories)
 
 
 def _plan(schema: m.Schema, group: m.Group) -> _GroupPlan:
     numeric = [f.name for f in group.numeric_features]
     cats = [f.name for f in group.category_features]
     return _GroupPlan(
-        name=group.name, entities=group.entities, width=len(numeric) + len(cats),
-        read=itemgetter(*numeric, *cats),
-        kinds=tuple(f.type for f in group.numeric_features) + ("category",) * len(cats),
-        categories=tuple((f"{group.name}.{f.name}", {item: k for k, item in enumerate(schema.vocab(f.vocab).item_names)})
+        name=group.name, entities=group.entities, width=len(group.features),
+        kinds=tuple(f.type for f in group.numeric_features),
+        read_all=itemgetter(*numeric, *cats), read_numeric=itemgetter(*numeric) if numeric else None,
+        pack_numeric=struct.Struct(f"{len(numeric)}d").pack,
+        categories=tuple((f"{group.name}.{f.name}", itemgetter(f.name),
+                          {item: k for k, item in enumerate(schema.vocab(f.vocab).item_names)})
                          for f in group.category_features),
         mask_key=f"{group.name}#mask")
 
@@ -98,31 +102,29 @@ class RecordReader:
         # float64 only for a float64 model; numpy has no bfloat16: build in float32 and convert
         wide = np.float64 if dtype == torch.float64 else np.float32
         count = len(flat)
-        # The outputs, filled chunk by chunk: a chunk's values stay in cache while
-        # they are checked and converted. np.zeros maps zero pages lazily, so
-        # padding nobody writes costs nothing here.
+        # The outputs, filled chunk by chunk; a plain group's rows are all written.
         arrays: dict = {}
         for g in self.groups:
-            slots = count if g.entities is None else count * g.entities
-            arrays[g.name] = np.zeros((slots, g.n_numeric), dtype=wide)
-            for key, _ in g.categories:
-                arrays[key] = np.zeros(slots, dtype=np.int64)
+            new, slots = (np.empty, count) if g.entities is None else (np.zeros, count * g.entities)
+            arrays[g.name] = new((slots, len(g.kinds)), dtype=wide)
             if g.entities is not None:
                 arrays[g.mask_key] = np.zeros(slots, dtype=wide)
+            for key, _, _ in g.categories:
+                arrays[key] = new(slots, dtype=np.int64)
         for start in range(0, count, CHUNK):
             self._read_chunk(flat[start:start + CHUNK], start, validate, arrays)
         out: dict[str, torch.Tensor] = {}
         for g in self.groups:
             lead = (count,) if g.entities is None else (count, g.entities)
-            out[g.name] = torch.from_numpy(arrays[g.name].reshape(*lead, g.n_numeric)).to(dtype)
+            out[g.name] = torch.from_numpy(arrays[g.name].reshape(*lead, len(g.kinds))).to(dtype)
             if g.entities is not None:
                 out[g.mask_key] = torch.from_numpy(arrays[g.mask_key].reshape(lead)).to(dtype)
-            for key, _ in g.categories:
+            for key, _, _ in g.categories:
                 out[key] = torch.from_numpy(arrays[key].reshape(lead))
         return out
 
     def _read_chunk(self, part: list, start: int, validate: bool, arrays: dict) -> None:
-        """Records part (the batch's from `start` on) into their rows of `arrays`."""
+        """Records `part` (the batch's from `start` on) into their rows of `arrays`."""
         import numpy as np
 
         count = len(part)
@@ -130,65 +132,81 @@ class RecordReader:
             raise Refused
         for g in self.groups:
             objs = list(map(itemgetter(g.name), part))
-            n = g.n_numeric
             if g.entities is None:
-                table = self._table(g, objs, validate)
-                arrays[g.name][start:start + count] = table[:, :n]
-                for j, (key, _) in enumerate(g.categories):
-                    arrays[key][start:start + count] = table[:, n + j]
+                numeric, ids = self._objects(g, objs, validate)
+                arrays[g.name][start:start + count] = numeric
+                for (key, _, _), column in zip(g.categories, ids):
+                    arrays[key][start:start + count] = column
                 continue
             if validate and (set(map(type, objs)) != {list} or max(map(len, objs)) > g.entities):
                 raise Refused
             objects = list(chain.from_iterable(objs))
             if not objects:
                 continue
-            table = self._table(g, objects, validate)
-            # the row of each entity in the padded layout [records * N]
+            numeric, ids = self._objects(g, objects, validate)
+            # the slot of each entity in the padded layout [records * N]
             counts = np.fromiter(map(len, objs), dtype=np.int64, count=count)
             size = g.entities
-            rows = np.repeat(np.arange(start, start + count, dtype=np.int64) * size - (np.cumsum(counts) - counts),
-                             counts) + np.arange(len(objects))
-            arrays[g.name][rows] = table[:, :n]
+            first_slots = np.arange(start * size, (start + count) * size, size) - (np.cumsum(counts) - counts)
+            rows = np.repeat(first_slots, counts) + np.arange(len(objects))
+            arrays[g.name][rows] = numeric
             arrays[g.mask_key][rows] = 1.0
-            for j, (key, _) in enumerate(g.categories):
-                arrays[key][rows] = table[:, n + j]
+            for (key, _, _), column in zip(g.categories, ids):
+                arrays[key][rows] = column
 
-    def _table(self, g: _GroupPlan, objects: list, validate: bool):
-        """The float64 table [objects, width] of the group's values, category items as indices."""
+    def _objects(self, g: _GroupPlan, objects: list, validate: bool) -> tuple:
+        """The objects' numeric values (float64 [objects, n]) and category indices (per feature)."""
         import numpy as np
 
-        w, n = g.width, g.n_numeric
-        if validate and (set(map(type, objects)) != {dict} or set(map(len, objects)) != {w}):
-            raise Refused
-        values = list(map(g.read, objects)) if w == 1 else list(chain.from_iterable(map(g.read, objects)))
-        for j, (_, index) in enumerate(g.categories):
+        if validate:
+            if set(map(type, objects)) != {dict} or set(map(len, objects)) != {g.width}:
+                raise Refused
+            return self._checked(g, objects)
+        count, n = len(objects), len(g.kinds)
+        ids = [np.fromiter(map(index.__getitem__, map(get, objects)), dtype=np.int64, count=count)
+               for _, get, index in g.categories]  # KeyError: not an item, TypeError: not a string
+        if not n:
+            return np.zeros((count, 0)), ids
+        rows = map(g.read_numeric, objects)
+        try:  # struct refuses what is not a number (a string, None, a list)
+            packed = b"".join(map(g.pack_numeric, rows) if n == 1 else starmap(g.pack_numeric, rows))
+        except (struct.error, OverflowError, TypeError):
+            raise Refused from None
+        return np.frombuffer(packed, dtype=np.float64).reshape(count, n), ids
+
+    def _checked(self, g: _GroupPlan, objects: list) -> tuple:
+        """_objects with every value checked (see the module's docstring)."""
+        import numpy as np
+
+        w, n = g.width, len(g.kinds)
+        values = list(map(g.read_all, objects)) if w == 1 else list(chain.from_iterable(map(g.read_all, objects)))
+        for j, (_, _, index) in enumerate(g.categories):
             column = slice(n + j, None, w)
             values[column] = list(map(index.__getitem__, values[column]))  # KeyError: not an item
-        by_value = self._check_types(g, values) if validate else ()
+        by_value = self._check_types(g, values)
         try:
-            # struct converts a list of numbers to doubles faster than numpy does,
-            # and refuses what is not a number (a string, None, a list)
             table = np.frombuffer(struct.pack(f"{len(values)}d", *values), dtype=np.float64)
         except (struct.error, OverflowError, TypeError):
             raise Refused from None
         table = table.reshape(len(objects), w)
-        if validate:
-            if np.isinf(table[:, :n]).any():
+        numeric = table[:, :n]
+        if np.isinf(numeric).any():
+            raise Refused
+        for i in by_value:
+            column = numeric[:, i]
+            ok = column == np.floor(column) if g.kinds[i] == "int" else (column == 0) | (column == 1)
+            if not ok.all():
                 raise Refused
-            for i in by_value:
-                column = table[:, i]
-                ok = column == np.floor(column) if g.kinds[i] == "int" else (column == 0) | (column == 1)
-                if not ok.all():
-                    raise Refused
-        return table
+        return numeric, [table[:, n + j].astype(np.int64) for j in range(len(g.categories))]
 
     def _check_types(self, g: _GroupPlan, values: list) -> list[int]:
-        """Refuse a value of a type its feature does not take. Returns the columns
-        whose values need a look at by value: floats in an int feature (whole
-        numbers only), numbers in a bool feature (0 or 1 only)."""
+        """Refuse a value of a type its feature does not take (`values`: the
+        objects' values one after the other). Returns the columns whose values
+        need a look at by value: floats in an int feature (whole numbers only),
+        numbers in a bool feature (0 or 1 only)."""
         w = g.width
         by_value = []
-        for i, kind in enumerate(g.kinds[:g.n_numeric]):
+        for i, kind in enumerate(g.kinds):
             seen = set(map(type, values[i::w]))
             if seen <= self._as_they_are[kind]:
                 continue
