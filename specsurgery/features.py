@@ -94,12 +94,30 @@ def _json_validator(schema: m.Schema):
             "integer": lambda c, v: base.TYPE_CHECKER.is_type(v, "integer") or isinstance(v, np.integer)
             or (isinstance(v, np.floating) and float(v).is_integer()),
         })
-        cls = jsonschema.validators.extend(base, type_checker=checker)
+        cls = jsonschema.validators.extend(base, type_checker=checker, validators={
+            "minimum": _numpy_bound(base.VALIDATORS["minimum"]), "maximum": _numpy_bound(base.VALIDATORS["maximum"])})
         validator = cls(record_schema(schema))
         if len(_VALIDATORS) >= 16:
             _VALIDATORS.pop(next(iter(_VALIDATORS)))
         _VALIDATORS[id(schema)] = (schema, validator)
     return validator
+
+
+def _numpy_bound(keyword):
+    """jsonschema's minimum or maximum, also right for a numpy scalar: numpy
+    compares np.float32(inf) with the bound in float32, where the bound itself
+    is inf, and lets it through; such a scalar is compared again as a Python number."""
+    import numpy as np
+
+    def check(validator, bound, instance, schema):
+        with np.errstate(over="ignore", invalid="ignore"):
+            errors = list(keyword(validator, bound, instance, schema))
+        if not errors and isinstance(instance, (np.integer, np.floating)):
+            number = float(instance) if isinstance(instance, np.floating) else int(instance)
+            errors = list(keyword(validator, bound, number, schema))
+        yield from errors
+
+    return check
 
 
 def validate_record(schema: m.Schema, record: Any, where: str = "record") -> None:

@@ -137,6 +137,7 @@ def test_featurise_equals_inputs_on_random_specs(pair, seed, as_dict, counts):
     else:
         recs = [random_record(spec.schema, rng) for _ in range(3)]
     expected = featurise(spec.schema, recs, time=graph.has_time)
+    assert_same(featurise(spec.schema, recs, time=graph.has_time, validate=False), expected)
     from specsurgery.features import inputs_from_columns
 
     got = inputs_from_columns(spec.schema, columns_of(spec.schema, recs, graph.has_time, as_dict, counts),
@@ -205,6 +206,41 @@ def test_reader_accepts_and_refuses_what_the_json_schema_does(case):
     except ss.UserError:
         accepted = False
     assert accepted == definition.is_valid(record), record
+
+
+NUMPY_VALUES = st.sampled_from([
+    np.float16(1.0), np.float32(0.5), np.float64(-2.0), np.longdouble(1.0), np.float32(np.inf), np.float64(np.nan),
+    np.int8(1), np.uint8(0), np.int32(-3), np.int64(4), np.longlong(2), np.uint64(2 ** 64 - 1),
+    np.bool_(True), np.bool_(False), np.str_("a"), np.str_("z")])
+
+
+@st.composite
+def records_with_numpy_scalars(draw):
+    """A random record with some values replaced by numpy scalars (of every width)."""
+    rng = random.Random(draw(st.integers(0, 2 ** 16)))
+    schema = schema_of(ss.compile(SPEC))
+    record = random_record(schema, rng)
+    objects = [record["g"], *record["items"]]
+    for _ in range(draw(st.integers(1, 3))):
+        obj = draw(st.sampled_from(objects))
+        obj[draw(st.sampled_from(sorted(obj)))] = draw(NUMPY_VALUES)
+    return schema, record
+
+
+@settings(max_examples=100, deadline=None)
+@given(records_with_numpy_scalars())
+def test_reader_takes_numpy_scalars_as_the_json_schema_is_told_to(case):
+    """numpy scalars: the reader agrees with the validator that words its refusals
+    (jsonschema told that numpy numbers are numbers, numpy bools read as bools)."""
+    from specsurgery.features import _json_validator, _plain
+
+    schema, record = case
+    try:
+        featurise(schema, [record])
+        accepted = True
+    except ss.UserError:
+        accepted = False
+    assert accepted == _json_validator(schema).is_valid(_plain(record)), record
 
 
 def test_numpy_scalars_and_bool_spellings(model):
