@@ -19,7 +19,10 @@ is Five's, so their own lookups of the model's dtype and device are timed too).
 Five has an lstm, so each batch item is a sequence of one observation
 ([B, 1, ...] arrays); the floors read the same observations. Each time is the
 fastest of --repeat runs (x10 for arrays), the candidates run in turn so a busy
-moment falls on all alike.
+moment falls on all alike. Times are this process's CPU time (time.process_time,
+kernel time such as page faults included; torch runs on one thread): on a
+machine shared with other work, wall time also counts their turns, and the
+fastest of a few runs is then further from the truth the longer a run takes.
 """
 from __future__ import annotations
 
@@ -42,14 +45,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def best_times(fns: list, repeat: int) -> list[float]:
-    """The fastest of `repeat` runs of each function, run in turn (so a busy
-    moment of the machine falls on all of them alike)."""
+    """The fastest of `repeat` runs of each function (CPU time), run in turn (so a
+    busy moment of the machine falls on all of them alike)."""
     best = [float("inf")] * len(fns)
     for _ in range(repeat):
         for i, fn in enumerate(fns):
-            start = time.perf_counter()
+            start = time.process_time()
             fn()
-            best[i] = min(best[i], time.perf_counter() - start)
+            best[i] = min(best[i], time.process_time() - start)
     return best
 
 
@@ -117,6 +120,7 @@ def main() -> None:
     print(f"  model.featurise(validate=False)  {1e3 * t_plain:9.1f} ms   {t_plain / t_floor:5.2f}x "
           "(requirement: at most 1.5x)")
     print(f"  per observation: {1e6 * t_valid / args.batch:.1f} µs validated, {1e6 * t_plain / args.batch:.1f} µs not")
+    print("load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":
