@@ -69,6 +69,7 @@ class _GroupPlan:
     read_all: Callable  # object -> its values: the numeric ones, then the categories (one value if width is 1)
     read_numeric: Optional[Callable]  # object -> its numeric values (one value if there is one)
     pack_numeric: Callable  # the numeric values of one object -> their doubles
+    pack_numeric32: Callable  # ... -> their float32s
     categories: tuple[tuple[str, Callable, dict], ...]  # ("<group>.<feature>", object -> item, item -> index)
     mask_key: str
 
@@ -80,7 +81,7 @@ def _plan(schema: m.Schema, group: m.Group) -> _GroupPlan:
         name=group.name, entities=group.entities, width=len(group.features),
         kinds=tuple(f.type for f in group.numeric_features),
         read_all=itemgetter(*numeric, *cats), read_numeric=itemgetter(*numeric) if numeric else None,
-        pack_numeric=struct.Struct(f"{len(numeric)}d").pack,
+        pack_numeric=struct.Struct(f"{len(numeric)}d").pack, pack_numeric32=struct.Struct(f"{len(numeric)}f").pack,
         categories=tuple((f"{group.name}.{f.name}", itemgetter(f.name),
                           {item: k for k, item in enumerate(schema.vocab(f.vocab).item_names)})
                          for f in group.category_features),
@@ -112,7 +113,7 @@ class RecordReader:
             for key, _, _ in g.categories:
                 arrays[key] = new(slots, dtype=np.int64)
         for start in range(0, count, CHUNK):
-            self._read_chunk(flat[start:start + CHUNK], start, validate, arrays)
+            self._read_chunk(flat[start:start + CHUNK], start, validate, arrays, wide)
         out: dict[str, torch.Tensor] = {}
         for g in self.groups:
             lead = (count,) if g.entities is None else (count, g.entities)
@@ -123,7 +124,7 @@ class RecordReader:
                 out[key] = torch.from_numpy(arrays[key].reshape(lead))
         return out
 
-    def _read_chunk(self, part: list, start: int, validate: bool, arrays: dict) -> None:
+    def _read_chunk(self, part: list, start: int, validate: bool, arrays: dict, wide) -> None:
         """Records `part` (the batch's from `start` on) into their rows of `arrays`."""
         import numpy as np
 
@@ -133,7 +134,7 @@ class RecordReader:
         for g in self.groups:
             objs = list(map(itemgetter(g.name), part))
             if g.entities is None:
-                numeric, ids = self._objects(g, objs, validate)
+                numeric, ids = self._objects(g, objs, validate, wide)
                 arrays[g.name][start:start + count] = numeric
                 for (key, _, _), column in zip(g.categories, ids):
                     arrays[key][start:start + count] = column
@@ -143,7 +144,7 @@ class RecordReader:
             objects = list(chain.from_iterable(objs))
             if not objects:
                 continue
-            numeric, ids = self._objects(g, objects, validate)
+            numeric, ids = self._objects(g, objects, validate, wide)
             # the slot of each entity in the padded layout [records * N]
             counts = np.fromiter(map(len, objs), dtype=np.int64, count=count)
             size = g.entities
@@ -154,8 +155,8 @@ class RecordReader:
             for (key, _, _), column in zip(g.categories, ids):
                 arrays[key][rows] = column
 
-    def _objects(self, g: _GroupPlan, objects: list, validate: bool) -> tuple:
-        """The objects' numeric values (float64 [objects, n]) and category indices (per feature)."""
+    def _objects(self, g: _GroupPlan, objects: list, validate: bool, wide) -> tuple:
+        """The objects' numeric values ([objects, n], float64 or `wide`) and category indices (per feature)."""
         import numpy as np
 
         if validate:
@@ -167,12 +168,14 @@ class RecordReader:
                for _, get, index in g.categories]  # KeyError: not an item, TypeError: not a string
         if not n:
             return np.zeros((count, 0)), ids
+        # straight to float32 for a float32 model (rounded as numpy casts; beyond a float32, inf)
+        pack = g.pack_numeric32 if wide == np.float32 else g.pack_numeric
         rows = map(g.read_numeric, objects)
         try:  # struct refuses what is not a number (a string, None, a list)
-            packed = b"".join(map(g.pack_numeric, rows) if n == 1 else starmap(g.pack_numeric, rows))
+            packed = b"".join(map(pack, rows) if n == 1 else starmap(pack, rows))
         except (struct.error, OverflowError, TypeError):
             raise Refused from None
-        return np.frombuffer(packed, dtype=np.float64).reshape(count, n), ids
+        return np.frombuffer(packed, dtype=wide).reshape(count, n), ids
 
     def _checked(self, g: _GroupPlan, objects: list) -> tuple:
         """_objects with every value checked (see the module's docstring)."""
