@@ -13,6 +13,8 @@ from specsurgery.spec.load import load_text
 from specsurgery.surgery.diff import find_renames
 from specsurgery.surgery.verify import _carry, verify_models
 
+from test_api_surgery import trained
+
 OLD = """schema s {
   vocab kinds = [a, b, c]
   group g {
@@ -36,15 +38,6 @@ model m(obs: s) {
 NEW = (OLD.replace("    x: float\n", "    speed: float was x\n")
        .replace("[a, b, c]", "[z, a, bee was b, c]")
        .replace("units[4] {\n    hp: float\n", "units[6] {\n    hp: float\n    mp: float\n"))
-
-
-def trained(text: str, seed: int = 1):
-    model = ss.compile(text, seed=seed)
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
 
 
 def old_records(n: int, seed: int = 0) -> list:

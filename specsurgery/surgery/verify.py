@@ -26,19 +26,12 @@ from ..spec import model as m
 from .diff import Renames, find_renames
 
 # What one batch may hold beyond the two models: both versions' inputs and the
-# larger forward pass's live values (model.forward_bytes). A batch of ~100
-# states of a Five-sized model; larger batches buy little speed on 2 cores.
+# larger forward pass's live values (model.forward_bytes). For Five (3 steps a
+# state) that is 126 states, and the process peaks at 1.63 GB: within its two
+# checkpoints plus 512 MB, of which torch itself takes 220 MB. Batches of 120
+# and 180 states ran at the same speed per state; smaller ones slow the LSTM.
 BATCH_BYTES = 160 << 20
 MAX_BATCH = 1024
-
-
-def load_module(path: str):
-    """(spec, model in eval mode) of a checkpoint."""
-    from ..model import load_model
-
-    model = load_model(path)
-    model.eval()
-    return model._ss_graph.spec, model
 
 
 def _shared_items(old: m.Schema, new: m.Schema, renames: Renames) -> m.Schema:
