@@ -12,9 +12,12 @@ Surgery matches the indices of an old and a new axis by these keys (DESIGN.md,
 
 Keys are small frozen values, built by the ops' shadow rules (ops.py) and read
 here and in surgery/, never taken apart by position. They are interned: equal
-keys are one object, so equality is identity and hashing is cached, whatever
+keys are one object, so equality and hashing are by identity, in C, whatever
 the depth (a chain of 100,000 statements nests keys 100,000 deep, and nothing
-here recurses on that depth).
+here recurses on that depth). Shadow rules make a whole axis of keys at once
+(`units`, `wrapped_axis`, `normed_axis`, `joined_axis`, `chained`): made again
+from the same input axes, an axis is the same tuple, and `origin` says how it
+was made.
 """
 from __future__ import annotations
 

@@ -85,8 +85,9 @@ class Renames:
 
     def keys(self, keys):
         """`key` of each, skipped when nothing was renamed (the common, large case:
-        then `keys` itself). Read it, never change it.
-        An axis is translated once: the same value is read by several ops."""
+        then `keys` itself, as for an axis that no rename touches). Read it,
+        never change it. An axis is translated once: the same value is read by
+        several ops."""
         if not self:
             return keys
         hit = self._axes.get(id(keys))
