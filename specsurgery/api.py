@@ -322,11 +322,7 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
 
         return carried, apply_dcp(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size,
                                   jobs=jobs, seed=seed, checked=True)
-    new_optimizer = None  # from a DCP folder into one file: its optimizer state, carried before anything is written
-    if is_dcp(checkpoint):
-        from .dcp import carried_optimizer
-
-        new_optimizer = carried_optimizer(carried._plan, checkpoint)
+    new_optimizer = _carried_optimizer(carried._plan, checkpoint)  # before anything is written
     if sharded:
         from .shard_apply import apply_sharded
 
@@ -336,18 +332,29 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
         from .surgery.apply import apply_plan
 
         written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True)
-    from .checkpoint import optimizer_path
-
-    if is_dcp(checkpoint):  # beside the new file
+    if new_optimizer is not None:  # beside the new checkpoint
+        from .checkpoint import optimizer_path
         from .optimizer_state import write_optimizer
 
-        written["optimizer"] = None if new_optimizer is None else \
-            write_optimizer(optimizer_path(out), new_optimizer, carried._plan.new_spec)
-    elif os.path.exists(optimizer_path(checkpoint)):  # the optimizer's state goes along, moved by the same plan
-        from .optimizer_state import carry_optimizer_file
-
-        written["optimizer"] = carry_optimizer_file(carried._plan, checkpoint, out)
+        written["optimizer"] = write_optimizer(optimizer_path(out), new_optimizer, carried._plan.new_spec)
     return carried, written
+
+
+def _carried_optimizer(plan, checkpoint: str):
+    """The optimizer state that goes along with `checkpoint` (in its DCP folder, or
+    in the file beside it), moved by the same plan; None when there is none."""
+    from .checkpoint import optimizer_path
+    from .dcp import is_dcp
+
+    if is_dcp(checkpoint):
+        from .dcp import carried_optimizer
+
+        return carried_optimizer(plan, checkpoint)
+    if os.path.exists(optimizer_path(checkpoint)):
+        from .optimizer_state import carried_optimizer_file
+
+        return carried_optimizer_file(plan, checkpoint)
+    return None
 
 
 def verify(old, new, *, states: int = 1000, records=None, tolerance: float = 1e-5, seed: int = 0,

@@ -551,13 +551,20 @@ def load_optimizer(path: str, model):
     return build_optimizer(named, model)
 
 
-def carry_optimizer_file(plan, checkpoint: str, out: str, durable: bool = True) -> Optional[str]:
-    """With an optimizer file beside `checkpoint`, write the carried one beside
-    `out`; returns its path, or None when there was none to carry."""
+def carried_optimizer_file(plan, checkpoint: str) -> Optional[NamedState]:
+    """The optimizer file beside `checkpoint`, read, checked and carried by `plan`
+    (None: there is none). Callers carry it before they write the new model, so
+    a bad optimizer file leaves nothing written."""
     source = optimizer_path(checkpoint)
     if not os.path.exists(source):
         return None
     old_shapes = {p.source: tuple(p.old_shape) for p in plan.params if p.source is not None}
     old_shapes.update({d.name: tuple(d.shape) for d in plan.dropped})
-    named = read_optimizer(source, plan.old_spec, old_shapes)
-    return write_optimizer(optimizer_path(out), carry(named, plan), plan.new_spec, durable=durable)
+    return carry(read_optimizer(source, plan.old_spec, old_shapes), plan)
+
+
+def carry_optimizer_file(plan, checkpoint: str, out: str, durable: bool = True) -> Optional[str]:
+    """With an optimizer file beside `checkpoint`, write the carried one beside
+    `out`; returns its path, or None when there was none to carry."""
+    named = carried_optimizer_file(plan, checkpoint)
+    return None if named is None else write_optimizer(optimizer_path(out), named, plan.new_spec, durable=durable)

@@ -220,7 +220,7 @@ def test_optimizer_file_of_another_spec_is_refused(tmp_path, one_thread):
 
 
 def test_hostile_optimizer_file_is_one_clear_error(tmp_path, one_thread):
-    _, _, _, _, _ = trained(OPTIMIZERS["Adam"], tmp_path)
+    trained(OPTIMIZERS["Adam"], tmp_path)  # old.safetensors, its optimizer beside it
     path = str(tmp_path / "old.safetensors")
     sidecar = optimizer_path(path)
     data = open(sidecar, "rb").read()
@@ -312,3 +312,16 @@ def test_apply_carries_the_optimizer_beside_a_sharded_checkpoint(kind, tmp_path,
         step(result.model, result.optimizer, batch(10 + i, wind=True))
         step(loaded, from_disk, batch(10 + i, wind=True))
     assert all(torch.equal(p, q) for p, q in zip(result.model.parameters(), loaded.parameters()))
+
+
+def test_a_bad_optimizer_file_beside_the_checkpoint_leaves_nothing_written(tmp_path, one_thread):
+    trained(OPTIMIZERS["Adam"], tmp_path)  # old.safetensors, its optimizer beside it
+    old_path, out = str(tmp_path / "old.safetensors"), str(tmp_path / "out.safetensors")
+    other = ss.compile(NEW, seed=1)  # an optimizer file of another spec, in the old one's place
+    other_optimizer = torch.optim.Adam(other.parameters())
+    step(other, other_optimizer, batch(0, wind=True))
+    other.save(str(tmp_path / "other.safetensors"), optimizer=other_optimizer)
+    os.replace(tmp_path / "other.optimizer.safetensors", optimizer_path(old_path))
+    with pytest.raises(ss.UserError, match="this optimizer state was saved for another spec than the model's"):
+        ss.apply(old_path, NEW, out)
+    assert not os.path.exists(out) and not os.path.exists(optimizer_path(out))
