@@ -124,15 +124,17 @@ def test_a_change_that_draws_uniform_values_applies_without_torch(tmp_path):
 
     new = tmp_path / "new.spec"  # a feature more (zero columns), the layer widened (fresh uniform rows)
     new.write_text(ADD_LEVEL.replace("linear(concat(obs.hero, he), 8)", "linear(concat(obs.hero, he), 12)"))
-    ckpt, out = str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors")
+    ckpt, out, folder = (str(tmp_path / name) for name in ("old.safetensors", "new.safetensors", "new"))
     ss.compile(HERO_AGENT, seed=1).save(ckpt)
-    code = "import sys, specsurgery as ss; ss.apply(*sys.argv[1:]); print('torch' in sys.modules)"
-    run = subprocess.run([sys.executable, "-c", code, ckpt, str(new), out], capture_output=True, text=True,
+    code = ("import sys, specsurgery as ss; old, new, out, folder = sys.argv[1:]; ss.apply(old, new, out); "
+            "ss.apply(old, new, folder, max_shard_size=400, jobs=2); print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, ckpt, str(new), out, folder], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "False"
+    assert run.stdout.strip() == "False"  # one file, and shards written in parallel
     done = ss.surgery(ss.load(ckpt), str(new))  # in memory, with torch: the same bits
     assert done.plan.summary.fresh and done.plan.summary.zeroed
-    carried = ss.load(out).state_dict()
-    for name, value in done.model.state_dict().items():
-        assert torch.equal(carried[name], value), name
+    for written in (out, folder):
+        carried = ss.load(written).state_dict()
+        for name, value in done.model.state_dict().items():
+            assert torch.equal(carried[name], value), (written, name)
