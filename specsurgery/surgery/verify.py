@@ -39,11 +39,8 @@ def _shared_items(old: m.Schema, new: m.Schema, renames: Renames) -> m.Schema:
     kept = set(renames.features.values())
     vocabs = []
     for vocab in old.vocabs:
-        items = []
-        for item in vocab.items:
-            users = [f"{g.name}.{f.name}={item.name}" for g in old.groups for f in g.category_features if f.vocab == vocab.name]
-            if all(u in kept for u in users) or not users:
-                items.append(item)
+        readers = [f"{g.name}.{f.name}" for g in old.groups for f in g.category_features if f.vocab == vocab.name]
+        items = [item for item in vocab.items if all(f"{r}={item.name}" in kept for r in readers)]
         vocabs.append(vocab.model_copy(update={"items": tuple(items) or vocab.items}))
     return old.model_copy(update={"vocabs": tuple(vocabs)})
 
