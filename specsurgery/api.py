@@ -193,13 +193,13 @@ def refuse_lossy(p: Plan, allow_lossy: bool, what: str = "surgery") -> None:
     raise UserError("\n".join(lines))
 
 
-def refuse_by_policy(p: Plan, policy) -> None:
+def refuse_by_policy(p: Plan, policy, checkpoint: str) -> None:
     """The project's rule for carrying out a change (workflow.policy), as build applies it."""
     from .workflow.policy import policy_verdict
 
     problems = policy_verdict(p.summary, policy)
     if problems:
-        lines = ["error: refused surgery:"] + [f"  {problem}" for problem in problems]
+        lines = [f"{checkpoint}: error: refused surgery:"] + [f"  {problem}" for problem in problems]
         lines += [f"  {r.render()}" for r in p.reasons]
         raise UserError("\n".join(lines))
 
@@ -313,7 +313,7 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
     if policy is None:
         refuse_lossy(carried, allow_lossy)
     else:
-        refuse_by_policy(carried, policy)
+        refuse_by_policy(carried, policy, checkpoint)
     sharded = max_shard_size is not None or (is_folder_checkpoint(checkpoint) and not out.endswith(".safetensors"))
     if sharded and out.endswith(".safetensors"):
         raise UserError(f"{out}: error: a sharded checkpoint is a folder; name it without .safetensors")

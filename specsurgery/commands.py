@@ -274,7 +274,7 @@ def _apply(args) -> int:
     policy = load_policy().override(allow_lossy=args.allow_lossy, min_transfer=args.min_transfer)  # build's rule
     if len(args.checkpoints) > 1:
         many = given or plan(args.checkpoint, new)
-        refuse_by_policy(many, policy)
+        refuse_by_policy(many, policy, args.checkpoint)
         return _apply_many(args, many._plan)
     progress = Progress("apply", 0, enabled=not args.json)
     try:

@@ -155,7 +155,7 @@ def test_apply_refuses_a_lossy_change_unless_allowed_as_build_does(folder):
     refused = specsurgery("apply", old, "no_mana.spec", "-o", "lossy.safetensors", cwd=folder)
     assert refused.returncode == 1
     assert refused.stderr.splitlines()[:2] == [
-        "error: refused surgery:",
+        f"{old}: error: refused surgery:",
         "  the change does not preserve the function (allow it with --allow-lossy or allow_lossy = true)"]
     assert "feature hero.mana was removed" in refused.stderr
     assert not (folder / "lossy.safetensors").exists()
@@ -176,7 +176,7 @@ def test_apply_keeps_the_policys_min_transfer_as_build_does(folder):
     refused = specsurgery("apply", old, "narrow.spec", "-o", "narrow.safetensors", "--allow-lossy", cwd=folder)
     assert refused.returncode == 1
     assert refused.stderr.splitlines()[:2] == [
-        "error: refused surgery:",
+        f"{old}: error: refused surgery:",
         "  only 56.04% of the old parameters carry over; the policy asks for min_transfer = 0.9 "
         "(lower it in [tool.specsurgery] if that is meant)"]
     assert not (folder / "narrow.safetensors").exists()
