@@ -120,6 +120,17 @@ def test_insert_layer_without_activation_starts_as_identity(surgery):
     assert torch.equal(o.new["h2.linear.weight"], torch.eye(4))
 
 
+def test_insert_layer_read_through_a_join_starts_as_identity(surgery):
+    """The old reader of the value is a join (mul), and an old layer reads the join:
+    the inserted layer still starts as the identity (found by the random sequences)."""
+    old_text = edit(SMALL, ("linear(h, 2)", "linear(mul(h, h), 2)"))
+    new = edit(old_text, ("  out o = linear(mul(h, h), 2)", "  h2 = linear(h, 4)\n  out o = linear(mul(h2, h), 2)"))
+    o = surgery(old_text, new)
+    check(o, old_params=22, new_params=42, transferred=22, zeroed=4, fresh=0, dropped=0, preserving=True)
+    assert torch.equal(o.new["h2.linear.weight"], torch.eye(4))
+    assert torch.equal(o.new["o.linear.weight"], o.old["o.linear.weight"])
+
+
 def test_insert_layer_whose_activation_does_not_give_back_its_input(surgery):
     """tanh(tanh(x)) is not tanh(x): the layer starts as the identity, and the plan
     says the function changes."""

@@ -594,8 +594,9 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
     * A join whose neutral value is 0 (add) of an old value and a new one: the
       new side starts at zero when every path back from it reaches a new op
       that can start at zero through ops that map 0 to 0.
-    * A new op that can be the identity, square over an old value, read (not
-      through a join) by an old op or an old head: it starts as the identity."""
+    * A new op that can be the identity, square over an old value, read by an
+      old op or an old head (directly, or through index-by-index ops, concats and
+      joins, whose index i carries its input's index i): it starts as the identity."""
     starts: dict[str, str] = {}
     nodes = new_graph.nodes
     readers: dict[int, list] = {}
@@ -630,7 +631,7 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
         return True
 
     def read_by_an_old_op(node) -> bool:
-        """Whether an old op or head reads the value (through index-by-index ops and concat, not a join)."""
+        """Whether an old op or head reads the value (through index-by-index ops, concats and joins)."""
         stack, seen = [node.index], set()
         while stack:
             index = stack.pop()
@@ -644,7 +645,7 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
                 if indices is Indices.MIXING:
                     if reader.scope in renames.ops:
                         return True
-                elif indices in (Indices.ELEMENTWISE, Indices.CONCAT):
+                elif indices in (Indices.ELEMENTWISE, Indices.CONCAT, Indices.JOIN):
                     stack.append(reader.index)
         return False
 
