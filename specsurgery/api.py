@@ -264,22 +264,29 @@ def surgery(model, new, *, optimizer=None, plan: Optional[Plan] = None, allow_lo
 
 
 def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_lossy: bool = False,
-          seed: int = 0, max_shard_size=None, jobs: Optional[int] = None, progress=None) -> Plan:
+          seed: int = 0, max_shard_size=None, jobs: Optional[int] = None, progress=None, fsync: bool = True) -> Plan:
     """Carry a checkpoint over to `new`, file to file, streaming tensor by tensor
     (the new file appears whole or not at all). User metadata and each tensor's
     dtype are kept. With `max_shard_size`, or from a sharded checkpoint, `out` is
     a sharded folder; from a DCP folder, a DCP folder, with the optimizer state
     in it carried by the same plan. A list of checkpoints (of one spec) is planned once and
     applied in worker processes (`jobs`), each written as OUT/<its name>; the
-    ones that fail are named in one UserError, the others are written whole."""
+    ones that fail are named in one UserError, the others are written whole.
+
+    Every file is fsynced before it is renamed into place, so the new
+    checkpoint survives a power cut. `fsync=False` skips that (the data may
+    still be in the page cache when apply returns, as after `cp`); each file is
+    still written beside its place and renamed, so a killed process leaves
+    nothing half-written."""
     check_seed(seed)
     if isinstance(checkpoint, (list, tuple)):
-        return _apply_many(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed, jobs=jobs)
+        return _apply_many(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed, jobs=jobs,
+                           fsync=fsync)
     return apply_checkpoint(checkpoint, new, out, plan=plan, allow_lossy=allow_lossy, seed=seed,
-                            max_shard_size=max_shard_size, jobs=jobs, progress=progress)[0]
+                            max_shard_size=max_shard_size, jobs=jobs, progress=progress, fsync=fsync)[0]
 
 
-def _apply_many(checkpoints, new, out: str, *, plan, allow_lossy: bool, seed: int, jobs) -> Plan:
+def _apply_many(checkpoints, new, out: str, *, plan, allow_lossy: bool, seed: int, jobs, fsync: bool = True) -> Plan:
     from .checkpoint import load_spec, read_header
     from .ir import build_graph
     from .many_apply import apply_many
@@ -289,7 +296,8 @@ def _apply_many(checkpoints, new, out: str, *, plan, allow_lossy: bool, seed: in
         raise UserError("error: ss.apply was given an empty list of checkpoints")
     carried = _checked_plan(plan, build_graph(load_spec(read_header(checkpoints[0]))), build_graph(_spec_of(new)))
     refuse_lossy(carried, allow_lossy)
-    failed = [o for o in apply_many(carried._plan, checkpoints, os.fspath(out), jobs=jobs, seed=seed) if o.error]
+    failed = [o for o in apply_many(carried._plan, checkpoints, os.fspath(out), jobs=jobs, seed=seed, durable=fsync)
+              if o.error]
     if failed:
         raise UserError("\n".join([o.error for o in failed] + [f"{len(checkpoints) - len(failed)} of {len(checkpoints)} "
                                                               "checkpoints carried over; the others are whole"]))
@@ -298,7 +306,7 @@ def _apply_many(checkpoints, new, out: str, *, plan, allow_lossy: bool, seed: in
 
 def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_lossy: bool = False,
                      seed: int = 0, max_shard_size=None, jobs: Optional[int] = None,
-                     progress=None, policy=None) -> tuple[Plan, dict]:
+                     progress=None, policy=None, fsync: bool = True) -> tuple[Plan, dict]:
     """ss.apply, and what the writer reports (bytes, tensors; shards and jobs for a folder).
     With a `policy` (the command's), the plan must pass it as build's must."""
     from .checkpoint import load_spec, read_header
@@ -321,22 +329,24 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
         from .dcp import apply_dcp
 
         return carried, apply_dcp(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size,
-                                  jobs=jobs, seed=seed, checked=True)
+                                  jobs=jobs, seed=seed, checked=True, durable=fsync)
     new_optimizer = _carried_optimizer(carried._plan, checkpoint)  # before anything is written
     if sharded:
         from .shard_apply import apply_sharded
 
         written = apply_sharded(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size, jobs=jobs,
-                                seed=seed, checked=True)
+                                seed=seed, checked=True, durable=fsync)
     else:
         from .surgery.apply import apply_plan
 
-        written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True)
+        written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True,
+                             durable=fsync)
     if new_optimizer is not None:  # beside the new checkpoint
         from .checkpoint import optimizer_path
         from .optimizer_state import write_optimizer
 
-        written["optimizer"] = write_optimizer(optimizer_path(out), new_optimizer, carried._plan.new_spec)
+        written["optimizer"] = write_optimizer(optimizer_path(out), new_optimizer, carried._plan.new_spec,
+                                               durable=fsync)
     return carried, written
 
 

@@ -280,7 +280,8 @@ def _apply(args) -> int:
     try:
         result, written = apply_checkpoint(args.checkpoint, new, args.output, plan=given,
                                            policy=policy, seed=args.seed,
-                                           max_shard_size=args.max_shard_size, jobs=args.jobs, progress=progress)
+                                           max_shard_size=args.max_shard_size, jobs=args.jobs, progress=progress,
+                                           fsync=args.fsync)
     finally:
         progress.close()
     s = result.summary
@@ -296,7 +297,7 @@ def _apply_many(args, plan) -> int:
 
     if args.max_shard_size is not None:
         raise UserError("error: --max-shard-size takes one checkpoint; several are each written as they are")
-    outcomes = apply_many(plan, args.checkpoints, args.output, jobs=args.jobs, seed=args.seed)
+    outcomes = apply_many(plan, args.checkpoints, args.output, jobs=args.jobs, seed=args.seed, durable=args.fsync)
     failed = [o for o in outcomes if o.error]
     if args.json:
         emit_json({"outputs": [o.__dict__ for o in outcomes], "failed": len(failed), **plan.summary.model_dump()})
@@ -377,6 +378,10 @@ def _surgery_parsers(add) -> None:
                    "of shards up to SIZE (bytes, or 2GB, 400MiB; default for a sharded input: its largest shard)")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                    help="worker processes writing shards or checkpoints (default: one per core)")
+    p.add_argument("--no-fsync", dest="fsync", action="store_false",
+                   help="do not fsync the files written (by default each is fsynced before its rename, so it "
+                        "survives a power cut); each file is still written beside its place and renamed, so a "
+                        "killed apply leaves nothing half-written")
 
     p = add("verify")
     p.add_argument("old", metavar="OLD_CKPT")

@@ -293,10 +293,10 @@ def _staging_beside(target: str) -> str:
     return os.path.join(os.path.dirname(target), name[0])
 
 
-def _write_spec_file(folder: str, metadata: dict[str, str]) -> None:
+def _write_spec_file(folder: str, metadata: dict[str, str], durable: bool = True) -> None:
     from .checkpoint import atomic_file
 
-    with atomic_file(os.path.join(folder, SPEC_FILE), "w") as f:
+    with atomic_file(os.path.join(folder, SPEC_FILE), "w", durable=durable) as f:
         json.dump({"format": FORMAT, "metadata": metadata}, f, indent=1)
 
 
@@ -317,7 +317,7 @@ def _save_optimizer(folder: str, named, spec_text: str) -> None:
         _write_optimizer_table(folder, stored_metadata(named, spec_text, empty))
 
 
-def _write_whole_optimizer(folder: str, named, spec_text: str) -> None:
+def _write_whole_optimizer(folder: str, named, spec_text: str, durable: bool = True) -> None:
     """`named` in one process, whole tensors, as _save_optimizer lays it out:
     one chunk file (no sharding info: every chunk at offset zero, as DCP's
     reader takes it) and the JSON; no torch.distributed to import."""
@@ -330,14 +330,15 @@ def _write_whole_optimizer(folder: str, named, spec_text: str) -> None:
     if tensors:
         write_checkpoint(os.path.join(folder, "model-00001-of-00001.safetensors"), None, None,
                          {k: tuple(t.shape) for k, t in tensors.items()}, tensors.items(),
-                         dtypes={k: dtype_name(t.dtype, f"optimizer state {k}") for k, t in tensors.items()})
-    _write_optimizer_table(folder, stored_metadata(named, spec_text, empty))
+                         dtypes={k: dtype_name(t.dtype, f"optimizer state {k}") for k, t in tensors.items()},
+                         durable=durable)
+    _write_optimizer_table(folder, stored_metadata(named, spec_text, empty), durable)
 
 
-def _write_optimizer_table(folder: str, metadata: dict[str, str]) -> None:
+def _write_optimizer_table(folder: str, metadata: dict[str, str], durable: bool = True) -> None:
     from .checkpoint import atomic_file
 
-    with atomic_file(os.path.join(folder, OPTIMIZER_FILE), "w") as f:
+    with atomic_file(os.path.join(folder, OPTIMIZER_FILE), "w", durable=durable) as f:
         json.dump({"format": OPTIMIZER_FORMAT, "metadata": metadata}, f, indent=1)
 
 
@@ -467,7 +468,7 @@ def _old_shapes(plan) -> dict[str, tuple[int, ...]]:
 
 
 def apply_dcp(plan, checkpoint: str, new_spec, out: str, *, max_shard_size=None, jobs=None, seed: int = 0,
-              checked: bool = False) -> dict:
+              checked: bool = False, durable: bool = True) -> dict:
     """Carry the DCP folder `checkpoint` over by `plan` into the DCP folder
     `out`: the weights as shard_apply writes them (whole tensors, which DCP's
     reader reshards onto any ranks at load), the optimizer state carried by the
@@ -481,12 +482,12 @@ def apply_dcp(plan, checkpoint: str, new_spec, out: str, *, max_shard_size=None,
 
     def finish(staged: str) -> None:  # in place of the index of a sharded folder
         _write_spec_file(staged, {**user_metadata(old), META_SPEC: plan.new_spec, META_MODEL: plan.new_model,
-                                  META_VERSION: package_version()})
+                                  META_VERSION: package_version()}, durable)
         if named is not None:
-            _write_whole_optimizer(os.path.join(staged, OPTIMIZER_DIR), named, plan.new_spec)
+            _write_whole_optimizer(os.path.join(staged, OPTIMIZER_DIR), named, plan.new_spec, durable)
 
     written = apply_sharded(plan, checkpoint, new_spec, out, max_shard_size=max_shard_size, jobs=jobs, seed=seed,
-                            checked=checked, finish=finish)
+                            checked=checked, finish=finish, durable=durable)
     written["optimizer"] = os.path.join(out, OPTIMIZER_DIR) if named is not None else None
     return written
 

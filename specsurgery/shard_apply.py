@@ -172,6 +172,7 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     sharded layout. `max_shard_size` defaults to the old checkpoint's largest
     shard (or 5GB for a one-file input); `jobs` to one per core. `checked`:
     the caller made the plan from both specs just now (else it is made again to compare).
+    `durable` False: no fsync anywhere (each file still written beside and renamed).
     `finish(staging folder)`, when given, writes what describes the shards in
     place of the index (dcp.apply_dcp: a DCP folder's spec file)."""
     from .ir import Graph, build_graph
@@ -190,7 +191,7 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     shards = plan_shards({n: tensor_bytes(s, dtypes[n]) for n, s in shapes.items()}, parse_size(max_shard_size))
     jobs = max(1, min(jobs or default_jobs(), len(shards)))
     written = 0
-    with staged_folder(out) as tmp:
+    with staged_folder(out, durable) as tmp:
         tasks = [(os.path.join(tmp, shard_file(k, len(shards))), names) for k, names in enumerate(shards, 1)]
         built = [t for t in tasks if any(_needs_torch(name) for name in t[1])]
         moved = [t for t in tasks if t not in built]
@@ -199,7 +200,7 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
             if progress is not None:
                 progress(os.path.basename(path), count)
         if finish is None:
-            write_index(tmp, plan.new_spec, plan.new_model, shards, shapes, dtypes=dtypes)
+            write_index(tmp, plan.new_spec, plan.new_model, shards, shapes, dtypes=dtypes, durable=durable)
         else:
             finish(tmp)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs,

@@ -264,10 +264,11 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def staged_folder(target: str) -> Iterator[str]:
+def staged_folder(target: str, durable: bool = True) -> Iterator[str]:
     """A fresh folder beside `target` to write the new checkpoint into; on
     success it takes the target's place in one rename (or exchange), the old
-    folder is removed after; on failure it is removed and the target untouched."""
+    folder is removed after; on failure it is removed and the target untouched.
+    `durable`: the folders are fsynced around the rename (atomic_file's)."""
     target = os.path.abspath(target)
     parent = os.path.dirname(target)
     if os.path.exists(target) and not os.path.isdir(target):
@@ -290,17 +291,18 @@ def staged_folder(target: str) -> Iterator[str]:
         raise UserError(f"{target}: error: cannot write: {e.strerror or e}") from None
     try:
         yield tmp
-        commit_folder(tmp, target)
+        commit_folder(tmp, target, durable)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def commit_folder(tmp: str, target: str) -> None:
+def commit_folder(tmp: str, target: str, durable: bool = True) -> None:
     """Put the finished folder `tmp` in the place of `target` (a sibling) in one
     step: a rename, or an exchange with the old folder, which is removed after."""
     parent = os.path.dirname(os.path.abspath(target))
-    _fsync_dir(tmp)
+    if durable:
+        _fsync_dir(tmp)
     if not os.path.exists(target):
         os.rename(tmp, target)
     elif _exchange(tmp, target):
@@ -310,7 +312,8 @@ def commit_folder(tmp: str, target: str) -> None:
         os.rename(target, os.path.join(old, "old"))
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(parent)
+    if durable:
+        _fsync_dir(parent)
 
 
 def keep_folder_in_history(target: str, path: str) -> tuple[str, bool]:
@@ -347,13 +350,13 @@ def index_json(spec_text: str, model_name: str, weight_map: dict[str, str], tota
 
 def write_index(folder: str, spec_text: str, model_name: str, shards: list[list[str]],
                 shapes: dict[str, tuple[int, ...]], extra_metadata: Optional[dict[str, str]] = None,
-                dtypes: Optional[dict[str, str]] = None) -> None:
+                dtypes: Optional[dict[str, str]] = None, durable: bool = True) -> None:
     from .checkpoint import atomic_file
 
     n = len(shards)
     weight_map = {name: shard_file(k, n) for k, names in enumerate(shards, 1) for name in names}
     total = sum(tensor_bytes(shapes[name], (dtypes or {}).get(name, "F32")) for name in weight_map)
-    with atomic_file(os.path.join(folder, INDEX), "w") as f:
+    with atomic_file(os.path.join(folder, INDEX), "w", durable=durable) as f:
         f.write(index_json(spec_text, model_name, weight_map, total, extra_metadata))
 
 
