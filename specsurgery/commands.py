@@ -201,7 +201,8 @@ def _map_parser(add) -> None:
                    default="boolean",
                    help="boolean: the shadow graph, exact and fast (default). The paper's gradient probe, one "
                         "input feature on at a time, a non-zero gradient marks an interaction (needs torch): "
-                        "gradient: positive weights, max-pools read as average pools (the paper's method); "
+                        "gradient: positive weights, max-pools read as average pools, tanh and sigmoid inputs "
+                        "normalised so none saturates (the paper's method); "
                         "gradient-random: the model's own random init, pools as written (ReLUs on negative "
                         "inputs hide interactions); gradient-positive: positive weights, max-pools kept (a max "
                         "picks one entity and hides the rest)")

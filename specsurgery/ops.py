@@ -271,6 +271,19 @@ def _gated_bias(z, bias):
     return z + bias * (z != 0).to(z.dtype)
 
 
+def _unsaturated(z, ctx: RunContext):
+    """The input of a tanh or sigmoid (a gate too) in the full probe, brought into
+    (-1, 1): the paper's "normalizing the inputs into sigmoid/tanh to avoid
+    saturation". Positive values grow along a probe (a layernorm's x + mean, a
+    mul's a + b + ab), and in float32 tanh'(9.5) and sigmoid'(17) are exactly 0: the
+    gradient would miss an interaction the boolean map has. z / (1 + |z|) keeps
+    zero and sign; its divisor is not differentiated, so the slope is never
+    rounded away (written out, the derivative of z / (1 + |z|) cancels to 0)."""
+    if ctx.probe_variant != "gradient":
+        return z
+    return z / (1 + z.abs()).detach()
+
+
 def _no_params(node: Node, name: str, tensor, generator) -> None:
     raise AssertionError(f"{node.op} has no parameters")
 
@@ -512,7 +525,7 @@ class LSTM(RecurrentCell):
         outputs = []
         for t in range(x.shape[1]):
             z = x[:, t] @ params["weight_ih"].T + h @ params["weight_hh"].T
-            z = _gated_bias(z, bias)
+            z = _unsaturated(_gated_bias(z, bias), ctx)  # c and h stay below 1 by themselves
             i, f, g, o = z.chunk(4, dim=-1)
             i, f, o = (torch.sigmoid(v) - 0.5 for v in (i, f, o))
             c = f * c + i * torch.tanh(g)
@@ -590,8 +603,8 @@ class GRU(RecurrentCell):
             from_x, from_h = from_x + params["bias_ih"] * reached, from_h + params["bias_hh"] * reached
             xr, xz, xn = from_x.chunk(3, dim=-1)
             hr, hz, hn = from_h.chunk(3, dim=-1)
-            r, z = torch.sigmoid(xr + hr) - 0.5, torch.sigmoid(xz + hz) - 0.5
-            h = torch.tanh(xn + r * hn) + z * h
+            r, z = (torch.sigmoid(_unsaturated(v, ctx)) - 0.5 for v in (xr + hr, xz + hz))
+            h = torch.tanh(_unsaturated(xn + r * hn, ctx)) + z * h  # h stays below 2
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
@@ -706,6 +719,9 @@ class Tanh(Elementwise):
     name, torch_name = "tanh", "tanh"
     surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=True, idempotent=False, layout=Layout(entities="any"))
 
+    def probe(self, node, params, xs, ctx):
+        return _torch().tanh(_unsaturated(xs[0], ctx))
+
 
 class Gelu(Elementwise):
     name, torch_name = "gelu", "gelu"
@@ -717,7 +733,7 @@ class Sigmoid(Elementwise):
     surgery = Surgery(Indices.ELEMENTWISE, zero_to_zero=False, idempotent=False, layout=Layout(entities="any"))
 
     def probe(self, node, params, xs, ctx):
-        return _torch().sigmoid(xs[0]) - 0.5  # sigmoid(0) = 1/2 would invent a value from nothing
+        return _torch().sigmoid(_unsaturated(xs[0], ctx)) - 0.5  # sigmoid(0) = 1/2 would invent a value from nothing
 
 
 class Binary(Op):

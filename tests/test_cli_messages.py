@@ -48,7 +48,8 @@ def test_map_method_help_explains_each_gradient_method(folder):
     text = re.sub(r"(\w)- (\w)", r"\1-\2", text)  # argparse wraps lines at hyphens
     assert "(see README)" not in text
     assert "boolean: the shadow graph, exact and fast (default)" in text
-    assert "gradient: positive weights, max-pools read as average pools (the paper's method)" in text
+    assert ("gradient: positive weights, max-pools read as average pools, tanh and sigmoid inputs normalised "
+            "so none saturates (the paper's method)") in text
     assert "gradient-random: the model's own random init, pools as written" in text
     assert "gradient-positive: positive weights, max-pools kept" in text
 

@@ -160,3 +160,25 @@ def test_gradient_map_of_statement_named_like_a_module_attribute(body):
 def test_gradient_map_of_statement_reaching_no_head():
     graph = _graph("  h = linear(obs.g, 1)\n  out o = obs.g")
     assert map_mismatches(graph, shadow_map(graph)) == []
+
+
+# Positive probe values grow through layernorms (x + mean) and muls (a + b + ab):
+# here past 9.5 at a tanh and 17 at a sigmoid, where float32 rounds their slope
+# to exactly 0. The full method then missed LSTM gate g (rows 2 of 4; found in CI
+# as `lstm(c, 1)` after `layernorm(add(b, linear(b, 3)))`), every gate of a GRU,
+# and all that lies before a tanh or sigmoid; its inputs are now brought into
+# (-1, 1) first (ops.py, _unsaturated).
+DEEP = "mul(layernorm(layernorm(obs.g)), layernorm(layernorm(obs.g)))"
+
+
+@pytest.mark.parametrize("head, interactions", [
+    ("lstm(DEEP, 1)", 24),  # 8 of 4 layernorms, 4 + 4 + 4 + 4 rows of the cell (found: 16)
+    ("gru(DEEP, 1)", 20),  # 8, then 3 + 3 + 3 + 3 (found: 0)
+    ("linear(tanh(DEEP), 1)", 10),  # 8, then the linear's weight and bias (found: 2)
+    ("linear(sigmoid(mul(DEEP, DEEP)), 1)", 18),  # 16, then 2 (found: 2)
+])
+def test_gradient_map_through_a_saturating_function(head, interactions):
+    graph = _graph("  out o = " + head.replace("DEEP", DEEP))
+    full = gradient_map(graph, "gradient")
+    assert sum(int(mask[0].sum()) for mask in full.masks.values()) == interactions
+    assert map_mismatches(graph, shadow_map(graph)) == []

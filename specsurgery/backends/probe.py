@@ -5,7 +5,8 @@ The graph is run with every op's `probe` rule: one input feature on at a time
 (value 1 in every entity and step, everything else 0), the loss the sum of all
 heads, and a non-zero gradient on an element marks an interaction. Variants:
 
-  gradient           positive non-bias weights, max-pool -> avg-pool (the paper's method)
+  gradient           positive non-bias weights, max-pool -> avg-pool, the inputs of tanh,
+                     sigmoid and the gates normalised into (-1, 1) (the paper's method)
   gradient-random    signed random init, pools as written   (Table 3's 49.42% row)
   gradient-positive  positive init, max-pool kept            (Table 3's 0.52% row)
 
@@ -34,8 +35,9 @@ def probe_module(graph: Graph, method: str, seed: int = 0) -> SpecModule:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in module.named_parameters():
-                # Strictly positive and small enough that tanh / sigmoid stay
-                # out of saturation: U(0.5, 1) / fan_in.
+                # Strictly positive, U(0.5, 1) / fan_in: a linear's outputs stay
+                # near its inputs' scale (in a deep model they still grow, which
+                # the full method's tanh and sigmoid inputs are normalised for).
                 fan_in = p.shape[1] if p.dim() > 1 else 1
                 p.copy_((torch.rand(p.shape, generator=generator) * 0.5 + 0.5) / max(1, fan_in))
     return module
