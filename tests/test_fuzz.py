@@ -10,8 +10,8 @@ For every input, whatever it is:
 
 The commands run in this process through cli.main (the console script's own
 code), which is what lets hypothesis try hundreds of inputs in seconds. The
-fast variant is derandomized (the same inputs on every run); the slow one
-draws new ones each time and many more.
+slow variants draw many more. Every run draws the same inputs (conftest.py);
+SPECSURGERY_EXPLORE=1 draws fresh ones (with --hypothesis-seed=N, run N's).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from test_hostile import SMALL, small_checkpoint
 
-FAST = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+FAST = settings(max_examples=40, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 SLOW = settings(max_examples=600, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

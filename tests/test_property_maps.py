@@ -6,6 +6,9 @@ read as avg-pool) must be equal element for element, for every parameter and
 every input feature; each weaker probe ("gradient-random", "gradient-positive")
 may only miss interactions, never invent one: its map is a subset.
 
+Every run draws the same specs (conftest.py); SPECSURGERY_EXPLORE=1 draws
+fresh ones (with --hypothesis-seed=N, run N's).
+
 The regression tests at the end are the minimal cases the property found
 before they were fixed: a statement named like an attribute of a torch module
 (`forward`, `training`), and a statement that reaches no head (the probe's

@@ -2,7 +2,9 @@
 
 Every generated spec must load, build, run and round-trip through its
 canonical text; padding entities must not change any output; the torch
-module's parameters must be exactly the graph's.
+module's parameters must be exactly the graph's. Every run draws the same
+specs (conftest.py); SPECSURGERY_EXPLORE=1 draws fresh ones (with
+--hypothesis-seed=N, run N's).
 """
 from __future__ import annotations
 
