@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import weakref
 
 import jsonschema
 import numpy as np
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 import specsurgery as ss
 from specsurgery.features import featurise, random_record, record_schema
 from specsurgery.ir import build_graph
+from specsurgery.record_reader import reader_for
 from specsurgery.spec.load import load_text
 
 from strategies import specs
@@ -265,6 +267,58 @@ def test_featurise_without_validation_still_refuses_cleanly(model):
         model.featurise([{**GOOD, "g": {"x": 1.0, "n": 1, "on": True}}], validate=False)
     same = model.featurise([GOOD], validate=False)
     assert_same(same, model.featurise([GOOD]))
+
+
+# ---------------------------------------------------------------------------
+# the output buffer: handed out again once nothing of a batch is referenced
+
+FULL = {**GOOD, "items": [{"w": 3.0, "kind": "b"}] * 4}  # every entity slot taken
+
+
+def buffer_of(model):
+    """The reader's current output buffer, as a weak reference (a strong one would keep it busy)."""
+    return weakref.ref(reader_for(model._ss_graph.schema)._outputs.buffer)
+
+
+def expected_of(model, records: list) -> dict:
+    return model.inputs(columns_of(schema_of(model), records))
+
+
+def test_a_batch_still_held_is_never_written_over(model):
+    first = model.featurise([FULL, FULL], validate=False)
+    kept = {k: v.clone() for k, v in first.items()}
+    held = buffer_of(model)
+    recs = [GOOD, {**GOOD, "items": []}]
+    second = model.featurise(recs, validate=False)
+    assert buffer_of(model)() is not held()
+    assert_same(first, kept)
+    assert_same(second, expected_of(model, recs))
+
+
+def test_a_reused_buffer_holds_exactly_the_new_batch(model):
+    model.featurise([FULL, FULL])  # dropped at once: its buffer is free
+    held = buffer_of(model)
+    recs = [GOOD, {**GOOD, "items": []}]
+    out = model.featurise(recs, validate=False)
+    assert buffer_of(model)() is held()  # the same memory, the earlier entities zeroed
+    assert_same(out, expected_of(model, recs))
+    assert out["items"][1].abs().sum() == 0 and out["items.kind"][1].abs().sum() == 0
+
+
+def test_a_view_of_one_tensor_keeps_its_batch(model):
+    view = model.featurise([FULL, FULL])["items"][1, 3]  # a view of one entity: the batch stays
+    model.featurise([GOOD, GOOD])
+    assert view.tolist() == [3.0]
+    array = model.featurise([FULL, FULL])["items#mask"].numpy()  # numpy shares the memory too
+    model.featurise([GOOD, GOOD])
+    assert array.tolist() == [[1.0] * 4] * 2
+
+
+def test_a_batch_refused_halfway_leaves_nothing_behind(model):
+    with pytest.raises(ss.UserError):
+        model.featurise([FULL, {**FULL, "items": [{"w": "x", "kind": "a"}]}], validate=False)
+    recs = [GOOD, {**GOOD, "items": []}]
+    assert_same(model.featurise(recs, validate=False), expected_of(model, recs))
 
 
 def test_inputs_land_in_the_model_dtype():
