@@ -5,7 +5,7 @@ import contextlib
 import errno
 import os
 import tempfile
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .errors import UserError
 
@@ -107,25 +107,36 @@ def _start_writeback(fd: int) -> None:
 _COPY_STEP = 64 << 20
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> None:
-    """Append `nbytes` of src (from `offset`) to dst at its position: in the kernel
-    where the file system can (copy_file_range), through a buffer where not."""
+def copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int, at: Optional[int] = None) -> None:
+    """Copy `nbytes` of src (from `offset`) into dst: at its position (moving it)
+    or, given `at`, at that offset (the position stays): in the kernel where the
+    file system can (copy_file_range), through a buffer where not."""
     left = nbytes
     try:
         while left:
-            n = os.copy_file_range(src_fd, dst_fd, min(left, _COPY_STEP), offset)
+            n = os.copy_file_range(src_fd, dst_fd, min(left, _COPY_STEP), offset, at)
             if n == 0:
                 break
             left -= n
             offset += n
+            at = None if at is None else at + n
             wrote(dst_fd, n)
-    except OSError:
+    except OSError:  # not here (another file system, an old kernel): the buffer below
         pass
     while left:
         chunk = os.pread(src_fd, min(left, 16 << 20), offset)
         if not chunk:
             raise UserError("error: a checkpoint ended early while copying from it (truncated?)")
-        os.write(dst_fd, chunk)
+        write_all(dst_fd, memoryview(chunk), at)
         left -= len(chunk)
         offset += len(chunk)
+        at = None if at is None else at + len(chunk)
         wrote(dst_fd, len(chunk))
+
+
+def write_all(fd: int, view: memoryview, at: Optional[int] = None) -> None:
+    """Write all of `view` to fd: at its position, or at offset `at` (pwrite)."""
+    while view.nbytes:
+        done = os.write(fd, view) if at is None else os.pwrite(fd, view, at)
+        view = view[done:]
+        at = None if at is None else at + done

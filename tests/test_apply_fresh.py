@@ -80,13 +80,22 @@ def old_tensor(tmp_path, shape, dtype):
     return values, StoredTensor.of(read_header(path, embedded_spec=False), "p.linear.weight")
 
 
-def streamed_bytes(tmp_path, entry, source, dtype, init, seed=3, block_rows=2) -> bytes:
+def streamed_bytes(tmp_path, entry, source, dtype, init, seed=3, block_rows=2, by_kernel=False) -> bytes:
+    """The tensor's bytes as StreamedTensor writes them, after 5 bytes already in
+    the file (it writes at the file's position); `by_kernel`: every run of old
+    columns copied by the kernel, however short (else gathered in a buffer)."""
     streamed = StreamedTensor(entry, source, dtype, fresh_values(entry, init, seed, dtype))
     streamed.block_bytes = block_rows * max(entry.shape[-1], (entry.old_shape or (1,))[-1]) * 8  # several blocks
+    streamed.kernel_piece_bytes = 0 if by_kernel else 1 << 30
     path = tmp_path / "streamed.bin"
     with open(path, "wb") as f:
+        f.write(b"start")
+        f.flush()
         assert streamed.copy_to(f) == int(np.prod(entry.shape)) * DTYPES[dtype].itemsize
-    return path.read_bytes()
+        assert f.tell() == 5 + int(np.prod(entry.shape)) * DTYPES[dtype].itemsize
+    data = path.read_bytes()
+    assert data[:5] == b"start"
+    return data[5:]
 
 
 def built_bytes(entry, old, dtype, init, seed=3) -> bytes:
@@ -103,7 +112,9 @@ def test_a_streamed_tensor_is_the_built_tensor_to_the_bit(tmp_path, grown, fills
     entry = plan_entry((rows.new_size, cols.new_size), (rows.old_size, cols.old_size), (rows, cols), FILLS[fills])
     old, source = old_tensor(tmp_path, entry.old_shape, dtype)
     init = uniform(0.25)
-    assert streamed_bytes(tmp_path, entry, source, dtype, init) == built_bytes(entry, old, dtype, init)
+    expected = built_bytes(entry, old, dtype, init)
+    assert streamed_bytes(tmp_path, entry, source, dtype, init) == expected
+    assert streamed_bytes(tmp_path, entry, source, dtype, init, by_kernel=True) == expected
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])

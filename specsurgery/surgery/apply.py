@@ -19,7 +19,7 @@ import numpy as np
 from ..checkpoint import (_DTYPES, TORCH_DTYPES, StoredTensor, check_shapes, load_spec, open_tensors, read_header,
                           user_metadata, write_checkpoint)
 from ..errors import UserError
-from ..files import copy_range, wrote
+from ..files import copy_range, write_all, wrote
 from ..ir import Graph, build_graph
 from ..ops import OPS
 from ..spec.canonical import canonical
@@ -217,9 +217,18 @@ class StreamedTensor:
         return rows, cols, old_cols, sorted(row_runs), col_runs, regions
 
     def copy_to(self, out) -> int:
+        """Write the tensor at the file's position (its end: anything past it is
+        cut off). The file is first extended over the tensor (ftruncate), so
+        what stays zero is never written: a hole reads as zeros. Runs of old
+        bytes are copied by the kernel, the rest is laid out and written in place."""
         rows, cols, old_cols, row_runs, col_runs, regions = self._grid()
         size = _DTYPES[self.dtype]
         bits = _UINT[size]
+        dst = out.fileno()
+        base = os.lseek(dst, 0, os.SEEK_CUR)
+        row_bytes, nbytes = cols * size, rows * cols * size
+        os.ftruncate(dst, base)  # nothing was written from here on: all of it reads as zero
+        os.ftruncate(dst, base + nbytes)
         whole_rows = old_cols == cols and col_runs == [(0, 0, cols)]  # an old row's bytes are the new row's
         spans = []  # (first row, end, old first row or None: laid out in the buffer)
         at = 0
@@ -232,41 +241,71 @@ class StreamedTensor:
             spans.append((at, rows, None))
         step = max(1, self.block_bytes // (size * max(cols, old_cols, 1)))
         pieces = _row_pieces(col_runs, cols, size)
-        dst = out.fileno()
+        old_pieces = [k for o, k in pieces if o is not None]
+        by_kernel = bool(old_pieces) and sum(old_pieces) >= self.kernel_piece_bytes * len(old_pieces)
         src = open(self.source.path, "rb") if self.source is not None else None
         new_buf = old_buf = None
         try:
             for first, end, old in spans:
                 if old is not None:
                     self._skip_fresh(regions, first, end)  # drawn for elements the copy replaces (none in practice)
-                    copy_range(src.fileno(), dst, self.source.offset + old * old_cols * size, (end - first) * cols * size)
+                    copy_range(src.fileno(), dst, self.source.offset + old * old_cols * size, (end - first) * row_bytes,
+                               at=base + first * row_bytes)
                     continue
-                if new_buf is None:
-                    new_buf = np.empty((min(step, rows), cols), dtype=bits)
-                    old_buf = np.empty((min(step, rows), old_cols), dtype=bits) if src is not None else None
                 for a in range(first, end, step):
                     b = min(a + step, end)
-                    if src is not None and self._only_old_columns(regions, a, b, row_runs):
-                        self._read_rows(src, old_buf, a, b, row_runs, old_cols, size)
-                        _gather(dst, memoryview(old_buf).cast("B"), b - a, old_cols * size, pieces)
-                        wrote(dst, (b - a) * cols * size)
+                    carried, only_zeros = _carried(row_runs, a, b), self._only_zeros(regions, a, b)
+                    if only_zeros and not carried:  # all zero: left a hole
                         continue
+                    if only_zeros and carried == b - a:  # old rows, zero in their new columns: nothing laid out
+                        if by_kernel:
+                            self._copy_rows(src.fileno(), dst, base, a, b, row_runs, old_cols, cols, size, pieces)
+                            continue
+                        if old_buf is None:
+                            old_buf = np.empty((min(step, rows), old_cols), dtype=bits)
+                        self._read_rows(src, old_buf, a, b, row_runs, old_cols, size)
+                        _gather(dst, memoryview(old_buf).cast("B"), b - a, old_cols * size, pieces, base + a * row_bytes)
+                        wrote(dst, (b - a) * row_bytes)
+                        continue
+                    if new_buf is None:
+                        new_buf = np.empty((min(step, rows), cols), dtype=bits)
+                    if old_buf is None and src is not None:
+                        old_buf = np.empty((min(step, rows), old_cols), dtype=bits)
                     block = new_buf[:b - a]
                     self._lay_out(block, a, b, regions, row_runs, col_runs, src, old_buf, old_cols, size)
-                    _write_all(dst, memoryview(block).cast("B"))
+                    write_all(dst, memoryview(block).cast("B"), base + a * row_bytes)
                     wrote(dst, block.nbytes)
         finally:
             if src is not None:
                 src.close()
-        return rows * cols * size
+        os.lseek(dst, base + nbytes, os.SEEK_SET)
+        return nbytes
 
-    def _only_old_columns(self, regions, a: int, b: int, row_runs) -> bool:
-        """Rows a..b all carried over, nothing but zeros in their other columns:
-        written straight from the old rows (_gather), nothing laid out."""
-        if sum(max(0, min(b, new + length) - max(a, new)) for new, _, length in row_runs) != b - a:
-            return False
+    # An old row's column runs at least this long on average are copied by the
+    # kernel, run by run, row by row (a widened 8192-unit layer: 32 KB runs);
+    # shorter ones are read into a buffer and gathered (a syscall per run costs more).
+    kernel_piece_bytes = 4096
+
+    def _only_zeros(self, regions, a: int, b: int) -> bool:
+        """No fill but zero reaches rows a..b."""
         return not any(fill.value != "zero" and regions[k][1].size and _between(regions[k][0], a, b).size
                        for k, fill in enumerate(self.plan.fills))
+
+    def _copy_rows(self, src_fd: int, dst: int, base: int, a: int, b: int, row_runs, old_cols: int, cols: int,
+                   size: int, pieces) -> None:
+        """New rows a..b (all carried over) from their old rows, each run of old
+        columns by the kernel; the new columns stay the hole's zeros."""
+        runs, at = [], 0  # (offset in the old row, offset in the new row, length)
+        for offset, length in pieces:
+            if offset is not None:
+                runs.append((offset, at, length))
+            at += length
+        for new, old, length in row_runs:
+            for r in range(max(a, new), min(b, new + length)):
+                from_row = self.source.offset + (old + r - new) * old_cols * size
+                to_row = base + r * cols * size
+                for offset, at, n in runs:
+                    copy_range(src_fd, dst, from_row + offset, n, at=to_row + at)
 
     def _read_rows(self, src, old_buf, a: int, b: int, row_runs, old_cols: int, size: int):
         """The old rows of new rows a..b (those runs carry over) into old_buf[:b - a]."""
@@ -306,6 +345,11 @@ class StreamedTensor:
                 block[lo - a:hi - a, c_new:c_new + c_len] = got[lo - a:hi - a, c_old:c_old + c_len]
 
 
+def _carried(row_runs, a: int, b: int) -> int:
+    """How many of rows a..b are carried over from old rows."""
+    return sum(max(0, min(b, new + length) - max(a, new)) for new, _, length in row_runs)
+
+
 def _between(sorted_indices: np.ndarray, a: int, b: int) -> np.ndarray:
     return sorted_indices[np.searchsorted(sorted_indices, a):np.searchsorted(sorted_indices, b)]
 
@@ -325,11 +369,6 @@ def _put(block: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarr
         block[np.ix_(r, c)] = values
 
 
-def _write_all(fd: int, view: memoryview) -> None:
-    while view.nbytes:
-        view = view[os.write(fd, view):]
-
-
 def _row_pieces(col_runs, cols: int, size: int) -> list[tuple[Optional[int], int]]:
     """A new row as byte pieces, in order: (offset in the old row, length) for a
     run of old columns, (None, length) for new columns (zero)."""
@@ -347,23 +386,24 @@ def _row_pieces(col_runs, cols: int, size: int) -> list[tuple[Optional[int], int
 _IOV_MAX = 1024  # Linux's limit on the buffers of one writev
 
 
-def _gather(fd: int, old_rows: memoryview, n: int, old_row_bytes: int, pieces) -> None:
-    """Write n new rows from the old rows in `old_rows`, gathered by writev: the
-    old columns' runs straight from the read buffer, zeros for new columns; no
-    copy into a row buffer first (a third of the work for a widened input)."""
+def _gather(fd: int, old_rows: memoryview, n: int, old_row_bytes: int, pieces, at: int) -> None:
+    """Write n new rows at offset `at` from the old rows in `old_rows`, gathered
+    by pwritev: the old columns' runs straight from the read buffer, zeros for
+    new columns; no copy into a row buffer first (a third of the work for a
+    widened input)."""
     zeros = memoryview(bytes(max((k for o, k in pieces if o is None), default=0)))
     iov = [zeros[:k] if o is None else old_rows[i * old_row_bytes + o:i * old_row_bytes + o + k]
            for i in range(n) for o, k in pieces]
     for j in range(0, len(iov), _IOV_MAX):
         part = iov[j:j + _IOV_MAX]
-        done, want = os.writev(fd, part), sum(v.nbytes for v in part)
+        done, want = os.pwritev(fd, part, at), sum(v.nbytes for v in part)
         if done < want:  # a short write (rare on a file): the rest one buffer at a time
             for v in part:
-                if done >= v.nbytes:
-                    done -= v.nbytes
-                    continue
-                _write_all(fd, v[done:])
-                done = 0
+                if done < v.nbytes:
+                    write_all(fd, v[done:], at + done)
+                done, at = max(0, done - v.nbytes), at + v.nbytes
+        else:
+            at += want
 
 
 def streams(p: ParamPlan, header, stored: Optional[str]) -> bool:
