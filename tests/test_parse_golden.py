@@ -178,6 +178,29 @@ def test_doc_example_spans_point_at_names():
     assert (core.expr.op_span.line, core.expr.op_span.column) == (28, 12)
 
 
+
+def test_a_node_spans_from_its_first_token_to_its_last():
+    text = ("schema s {\n  vocab v = [a, b was c]\n  group g {\n    x: float\n  }\n}\n"
+            "model m(obs: s) {\n  h = relu(linear(obs.g,\n    8, bias=false) as first)  # a comment\n"
+            "  out y = linear( h , 2 )\n}\n")
+    parsed = parse_text(text, "s.spec")
+
+    def where(node):
+        span = node.span
+        return span.file, span.line, span.column, span.end_line, span.end_column
+
+    relu, out = (s.expr for s in parsed.models[0].statements)
+    linear = relu.args[0]
+    assert where(relu) == ("s.spec", 8, 7, 9, 29)  # to the end of its ')'
+    assert where(linear) == ("s.spec", 8, 12, 9, 28)  # to the end of the alias' name
+    assert where(linear.args[0]) == ("s.spec", 8, 19, 8, 24)  # obs.g
+    assert where(linear.args[1]) == ("s.spec", 9, 5, 9, 6)
+    assert where(linear.keywords[0]) == ("s.spec", 9, 8, 9, 18)  # bias=false
+    assert where(out) == ("s.spec", 10, 11, 10, 26)
+    assert [where(i) for i in parsed.schemas[0].vocabs[0].items] == [("s.spec", 2, 14, 2, 15), ("s.spec", 2, 17, 2, 18)]
+    assert parsed.schemas[0].vocabs[0].items[1].was == "c"
+
+
 def test_doc_example_parameters_follow_the_op_table():
     """Names `statement.op.param`, shapes as in the operations table."""
     spec = load_text(DOC_EXAMPLE, "policy.spec").model("policy")

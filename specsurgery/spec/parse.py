@@ -1,4 +1,5 @@
-"""Text to typed spec: lark (LALR, positions kept) and one transformer.
+"""Text to typed spec: lark (LALR) runs one transformer inline, as each rule
+is reduced, so no parse tree is built; spans come from the tokens.
 
 Syntax errors stop at the first one (the rest of the file cannot be trusted);
 they are converted here, at the boundary, so no lark exception reaches a user.
@@ -10,12 +11,13 @@ import gc
 import hashlib
 import json
 import re
+import threading
 from importlib import resources
 from pathlib import Path as FsPath
 from typing import Optional
 
 import lark
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token
 
 from ..errors import Diagnostic, SpecError
 from . import model as m
@@ -42,7 +44,8 @@ def grammar_text() -> str:
     return (FsPath(__file__).resolve().parents[2] / "grammar" / "spec.lark").read_text(encoding="utf-8")
 
 
-_OPTIONS = dict(parser="lalr", propagate_positions=True, maybe_placeholders=True)
+# No propagate_positions: no parse tree is built, every span comes from tokens.
+_OPTIONS = dict(parser="lalr", maybe_placeholders=True)
 # The LALR tables of the grammar, built once and shipped as plain JSON (lark's
 # own cache would pickle.load a file in the temp folder that anyone can plant).
 TABLES = FsPath(__file__).with_name("parser_tables.json")
@@ -59,10 +62,10 @@ def _parser() -> Lark:
         with open(TABLES, encoding="utf-8") as f:
             stored = json.load(f, object_hook=_int_keys)
         if stored["key"] == _grammar_key(grammar):
-            return Lark._load_from_dict(stored["data"], stored["memo"])
+            return Lark._load_from_dict(stored["data"], stored["memo"], transformer=_BUILDER)
     except (OSError, ValueError, KeyError):
         pass
-    return Lark(grammar, **_OPTIONS)  # edited grammar or another lark: build the tables (~0.1 s)
+    return Lark(grammar, transformer=_BUILDER, **_OPTIONS)  # edited grammar or another lark: build the tables (~0.1 s)
 
 
 def _int_keys(obj: dict) -> dict:
@@ -88,20 +91,20 @@ def parse_text(text: str, path: str = "<string>") -> m.SpecFile:
     # collector would only rescan them (a third of the time on a large spec).
     was_enabled = gc.isenabled()
     gc.disable()
+    _STATE.file, _STATE.errors = path, []
     try:
-        tree = _parser().parse(text)
-        too_deep = _first_too_deep(tree)
+        spec_file = _parser().parse(text)
+        too_deep = _first_too_deep(spec_file)
         if too_deep is not None:
-            raise SpecError(Diagnostic(f"calls nest more than {MAX_NESTING} deep", _span(path, too_deep.meta),
+            raise SpecError(Diagnostic(f"calls nest more than {MAX_NESTING} deep", too_deep.span,
                                        "name the inner values in statements of their own"))
-        builder = _ToSpec(path)
-        spec_file = builder.transform(tree)
-        if builder.errors:
-            raise SpecError(builder.errors)
+        if _STATE.errors:
+            raise SpecError(_STATE.errors)
         return spec_file
     except lark.UnexpectedInput as error:
         raise SpecError(_syntax_diagnostic(error, text, path)) from None
     finally:
+        _STATE.errors = []
         if was_enabled:
             gc.enable()
 
@@ -113,16 +116,17 @@ MAX_NESTING = 100
 MAX_INT = 1 << 20
 
 
-def _first_too_deep(tree: lark.Tree) -> Optional[lark.Tree]:
-    """The outermost call nested more than MAX_NESTING calls deep (walked without recursion)."""
-    stack = [(tree, 0)]
+def _first_too_deep(spec_file: m.SpecFile) -> Optional[m.Call]:
+    """The outermost call nested more than MAX_NESTING calls deep (walked without
+    recursion, the last statement first, as the parse tree was)."""
+    stack = [(s.expr, 0) for model in spec_file.models for s in model.statements]
     while stack:
         node, depth = stack.pop()
-        if node.data == "call":
+        if isinstance(node, m.Call):
             depth += 1
             if depth > MAX_NESTING:
                 return node
-        stack.extend((child, depth) for child in node.children if isinstance(child, lark.Tree))
+            stack.extend((arg, depth) for arg in node.args if isinstance(arg, m.Call))
     return None
 
 
@@ -288,24 +292,30 @@ def _or_list(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _span(path: str, meta_or_token) -> m.Span:
+def _span(path: str, token: Token, end: Optional[Token] = None) -> m.Span:
+    """From the start of `token` to the end of `end` (else of `token` itself)."""
+    end = token if end is None else end
     # The most made node of all; its fields come straight from lark's ints, so
-    # pydantic's validation is skipped (model_construct).
-    return m.Span.model_construct(
-        file=path,
-        line=meta_or_token.line,
-        column=meta_or_token.column,
-        end_line=meta_or_token.end_line,
-        end_column=meta_or_token.end_column,
-    )
+    # pydantic's validation is skipped (m.built).
+    return m.built(m.Span, file=path, line=token.line, column=token.column, end_line=end.end_line,
+                   end_column=end.end_column)
 
 
-@v_args(meta=True)
-class _ToSpec(Transformer):
-    def __init__(self, path: str):
-        super().__init__()
-        self.file = path
+class _State(threading.local):
+    """What the parse under way in this thread reads and adds to: its file and its errors."""
+
+    def __init__(self):  # once per thread
+        self.file = "<string>"
         self.errors: list[Diagnostic] = []
+
+
+_STATE = _State()
+
+
+class _ToSpec:
+    """The typed node of each rule, made from its children as lark reduces it
+    (lark calls the method named after the rule). A node's span runs from its
+    first token to its last: `call` keeps its ')' for that (`!call` in the grammar)."""
 
     def _int(self, token: Token) -> int:
         """A whole number within MAX_INT; out of bounds it is reported, and 1 stands in for it."""
@@ -313,49 +323,45 @@ class _ToSpec(Transformer):
         if len(digits) <= 9 and int(digits) <= MAX_INT:
             return int(str(token))
         shown = str(token) if len(str(token)) <= 20 else f"{str(token)[:12]}... ({len(digits):,} digits)"
-        self.errors.append(Diagnostic(f"{shown} is too large: whole numbers in a spec are at most {MAX_INT:,}",
-                                      _span(self.file, token)))
+        _STATE.errors.append(Diagnostic(f"{shown} is too large: whole numbers in a spec are at most {MAX_INT:,}",
+                                        _span(_STATE.file, token)))
         return 1
 
-    def _s(self, meta) -> m.Span:
-        return _span(self.file, meta)
-
-    def start(self, meta, children):
-        uses = tuple(c for c in children if isinstance(c, m.Use))
+    def start(self, children):
         return m.SpecFile(
-            path=self.file,
-            uses=uses,
+            path=_STATE.file,
+            uses=tuple(c for c in children if isinstance(c, m.Use)),
             schemas=tuple(c for c in children if isinstance(c, m.Schema)),
             models=tuple(c for c in children if isinstance(c, m.Model)),
         )
 
-    def use_decl(self, meta, children):
-        return m.Use(path=str(children[0])[1:-1], span=_span(self.file, children[0]))  # the caret goes under the path
+    def use_decl(self, children):
+        return m.Use(path=str(children[0])[1:-1], span=_span(_STATE.file, children[0]))  # the caret goes under the path
 
-    def schema(self, meta, children):
+    def schema(self, children):
         name, *items = children
         return m.Schema(
             name=str(name),
             vocabs=tuple(i for i in items if isinstance(i, m.Vocab)),
             groups=tuple(i for i in items if isinstance(i, m.Group)),
-            span=_span(self.file, name),
+            span=_span(_STATE.file, name),
         )
 
-    def vocab(self, meta, children):
+    def vocab(self, children):
         name, *items = children
-        return m.Vocab(name=str(name), items=tuple(i for i in items if i is not None), span=_span(self.file, name))
+        return m.Vocab(name=str(name), items=tuple(i for i in items if i is not None), span=_span(_STATE.file, name))
 
-    def vocab_item(self, meta, children):
-        name, was = children
-        return m.VocabItem(name=str(name), was=was, span=_span(self.file, name))
+    def vocab_item(self, children):
+        name, was = children  # as many as a vocabulary has items: made without pydantic's checks
+        return m.built(m.VocabItem, name=str(name), was=was, span=_span(_STATE.file, name))
 
-    def was(self, meta, children):
+    def was(self, children):
         return str(children[0])
 
-    def entity_count(self, meta, children):
-        return (self._int(children[0]), _span(self.file, children[0]))
+    def entity_count(self, children):
+        return (self._int(children[0]), _span(_STATE.file, children[0]))
 
-    def group(self, meta, children):
+    def group(self, children):
         name, count, was, *features = children
         return m.Group(
             name=str(name),
@@ -363,69 +369,72 @@ class _ToSpec(Transformer):
             entities_span=count[1] if count else m.NO_SPAN,
             was=was,
             features=tuple(features),
-            span=_span(self.file, name),
+            span=_span(_STATE.file, name),
         )
 
-    def feature(self, meta, children):
+    def feature(self, children):
         name, (type_, vocab), was = children
-        return m.Feature(name=str(name), type=type_, vocab=vocab, was=was, span=_span(self.file, name))
+        return m.Feature(name=str(name), type=type_, vocab=vocab, was=was, span=_span(_STATE.file, name))
 
-    def feature_type(self, meta, children):
+    def feature_type(self, children):
         (child,) = children
         if isinstance(child, Token):
             return (str(child), None)
         return ("category", child)
 
-    def category(self, meta, children):
+    def category(self, children):
         return str(children[0])
 
-    def model(self, meta, children):
+    def model(self, children):
         name, input_name, schema_name, *statements = children
         return m.Model(
             name=str(name),
             input_name=str(input_name),
             schema_name=str(schema_name),
             statements=tuple(statements),
-            span=_span(self.file, name),
-            schema_span=_span(self.file, schema_name),
+            span=_span(_STATE.file, name),
+            schema_span=_span(_STATE.file, schema_name),
         )
 
-    def statement(self, meta, children):
+    def statement(self, children):
         out, name, was, expr = children
-        return m.Statement(name=str(name), expr=expr, out=out is not None, was=was, span=_span(self.file, name))
+        return m.Statement(name=str(name), expr=expr, out=out is not None, was=was, span=_span(_STATE.file, name))
 
-    def call(self, meta, children):
-        name, *rest = children
-        alias = rest.pop() if rest and isinstance(rest[-1], tuple) and rest[-1][0] == "alias" else None
-        if rest and rest[-1] is None:  # the optional alias slot
-            rest.pop()
-        args = tuple(a for a in rest if a is not None and not isinstance(a, m.Keyword))
+    def call(self, children):
+        # NAME "(" [argument ("," argument)*] ")" [alias], every token kept (`!call`)
+        name, alias = children[0], children[-1]
+        rest = [c for c in children[1:-1] if c is not None and not isinstance(c, Token)]
+        args = tuple(a for a in rest if not isinstance(a, m.Keyword))
         keywords = tuple(a for a in rest if isinstance(a, m.Keyword))
         return m.Call(
             op=str(name),
             args=args,
             keywords=keywords,
             alias=alias[1] if alias else None,
-            span=self._s(meta),
-            op_span=_span(self.file, name),
+            span=_span(_STATE.file, name, alias[2] if alias else children[-2]),
+            op_span=_span(_STATE.file, name),
         )
 
-    def alias(self, meta, children):
-        return ("alias", str(children[0]))
+    def alias(self, children):
+        return ("alias", str(children[0]), children[0])
 
-    def int_argument(self, meta, children):
-        return m.IntArg(value=self._int(children[0]), span=self._s(meta))
+    def int_argument(self, children):
+        return m.IntArg(value=self._int(children[0]), span=_span(_STATE.file, children[0]))
 
-    def decimal_argument(self, meta, children):
-        return m.DecimalArg(value=float(children[0]), span=self._s(meta))
+    def decimal_argument(self, children):
+        return m.DecimalArg(value=float(children[0]), span=_span(_STATE.file, children[0]))
 
-    def keyword_argument(self, meta, children):
+    def keyword_argument(self, children):
         name, value = children
         parsed = {"true": True, "false": False}.get(str(value))
-        return m.Keyword(name=str(name), value=self._int(value) if parsed is None else parsed, span=self._s(meta))
+        return m.Keyword(name=str(name), value=self._int(value) if parsed is None else parsed,
+                         span=_span(_STATE.file, name, value))
 
-    def path(self, meta, children):
-        return m.Path(parts=tuple(str(c) for c in children), span=self._s(meta))
+    def path(self, children):
+        return m.Path(parts=tuple(str(c) for c in children), span=_span(_STATE.file, children[0], children[-1]))
+
+
+_BUILDER = _ToSpec()
 
 
 if __name__ == "__main__":
