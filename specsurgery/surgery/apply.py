@@ -294,18 +294,28 @@ class StreamedTensor:
     def _copy_rows(self, src_fd: int, dst: int, base: int, a: int, b: int, row_runs, old_cols: int, cols: int,
                    size: int, pieces) -> None:
         """New rows a..b (all carried over) from their old rows, each run of old
-        columns by the kernel; the new columns stay the hole's zeros."""
+        columns by the kernel; the new columns stay the hole's zeros. A run that
+        ends a row and one that starts the next are one copy when they lie end
+        to end on both sides (columns inserted mid-row: one copy a row, not two)."""
         runs, at = [], 0  # (offset in the old row, offset in the new row, length)
         for offset, length in pieces:
             if offset is not None:
                 runs.append((offset, at, length))
             at += length
+        copy = None  # (from, to, length) being extended
         for new, old, length in row_runs:
             for r in range(max(a, new), min(b, new + length)):
                 from_row = self.source.offset + (old + r - new) * old_cols * size
                 to_row = base + r * cols * size
                 for offset, at, n in runs:
-                    copy_range(src_fd, dst, from_row + offset, n, at=to_row + at)
+                    if copy is not None and copy[0] + copy[2] == from_row + offset and copy[1] + copy[2] == to_row + at:
+                        copy = (copy[0], copy[1], copy[2] + n)
+                        continue
+                    if copy is not None:
+                        copy_range(src_fd, dst, copy[0], copy[2], at=copy[1])
+                    copy = (from_row + offset, to_row + at, n)
+        if copy is not None:
+            copy_range(src_fd, dst, copy[0], copy[2], at=copy[1])
 
     def _read_rows(self, src, old_buf, a: int, b: int, row_runs, old_cols: int, size: int):
         """The old rows of new rows a..b (those runs carry over) into old_buf[:b - a]."""
