@@ -337,10 +337,11 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
         written = apply_sharded(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size, jobs=jobs,
                                 seed=seed, checked=True, durable=fsync)
     else:
+        from .shard_apply import default_jobs
         from .surgery.apply import apply_plan
 
         written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True,
-                             durable=fsync)
+                             durable=fsync, threads=jobs or default_jobs())
     if new_optimizer is not None:  # beside the new checkpoint
         from .checkpoint import optimizer_path
         from .optimizer_state import write_optimizer

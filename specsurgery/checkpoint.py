@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
 
 from .errors import SpecError, UserError
-from .files import atomic_file, copy_range, wrote
+from .files import atomic_file, copy_range, write_all, wrote
 
 META_SPEC = "specsurgery.spec"
 META_MODEL = "specsurgery.model"
@@ -234,18 +234,21 @@ class StoredTensor:
         info = header.tensors[name]
         return cls(header.path, header.data_start + info.start, info.end - info.start, info.shape, info.dtype)
 
-    def copy_to(self, out) -> int:
+    def write_at(self, fd: int, at: int) -> int:
+        """Copy the bytes to offset `at` of `fd` (by the kernel where it can)."""
         with open(self.path, "rb") as src:
-            copy_range(src.fileno(), out.fileno(), self.offset, self.nbytes)
+            copy_range(src.fileno(), fd, self.offset, self.nbytes, at=at)
         return self.nbytes
 
 
 def write_checkpoint(path: str, spec_text: str, model_name: str,
                      shapes: dict[str, tuple[int, ...]], tensors: Iterable, progress=None,
                      extra_metadata: Optional[dict[str, str]] = None, durable: bool = True,
-                     dtypes: Optional[dict[str, str]] = None) -> int:
-    """Stream `tensors` (name, tensor, or an object with `shape` and `copy_to(file)`
-    such as StoredTensor) in the order of `shapes`; returns bytes written.
+                     dtypes: Optional[dict[str, str]] = None, threads: int = 1) -> int:
+    """Stream `tensors` (name, tensor, or an object with `shape` and
+    `write_at(fd, offset) -> bytes written` such as StoredTensor) in the order
+    of `shapes`; returns bytes written. `threads` > 1 writes that many tensors at
+    once (each at its own offset; kernel copies and numpy let go of the GIL).
 
     `spec_text` None writes a file with no embedded spec (an optimizer's state).
     `dtypes` (name -> F32, BF16, F16 or F64; F32 where absent) is each tensor's
@@ -253,7 +256,9 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
     already be in it.
 
     The header is laid out from `shapes` first, so tensors can be produced and
-    written one at a time and dropped: memory holds one tensor, not the model.
+    written one at a time and dropped: memory holds one tensor (one per
+    thread), not the model. The file is extended to its full size first: what a
+    tensor leaves unwritten reads as zeros (a hole).
     """
     table: dict = {}
     offset = 0
@@ -276,30 +281,79 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
     with atomic_file(path, durable=durable) as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        names = iter(shapes)
-        for name, tensor in tensors:
-            expected = next(names, None)
-            if expected is None:
-                raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
-            if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
-                raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
-            start, end = table[name]["data_offsets"]
-            if hasattr(tensor, "copy_to"):  # writes itself at the file's end (fd level)
-                f.flush()
-                nbytes = tensor.copy_to(f)
-                os.lseek(f.fileno(), 0, os.SEEK_END)
-            else:
-                nbytes = f.write(tensor_bytes(tensor, table[name]["dtype"]))
-                wrote(f.fileno(), nbytes)
-            if nbytes != end - start:
-                raise AssertionError(f"writer expected {end - start} bytes of {name}, got {nbytes}")
-            written += nbytes
-            if progress is not None:
-                progress(name, nbytes)
-        missing = next(names, None)
-        if missing is not None:  # never rename a short file into place
-            raise AssertionError(f"writer expected {missing} {shapes[missing]}, the tensors ran out")
+        f.flush()
+        fd, data_start = f.fileno(), 8 + len(header)
+        os.ftruncate(fd, data_start + offset)
+        with _Writers(threads) as writers:
+            names = iter(shapes)
+            for name, tensor in tensors:
+                expected = next(names, None)
+                if expected is None:
+                    raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
+                if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
+                    raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
+                start, end = table[name]["data_offsets"]
+                for done, nbytes in writers.put(name, _write_tensor, fd, tensor, table[name]["dtype"], data_start + start):
+                    written += _check_written(done, nbytes, table, progress)
+            missing = next(names, None)
+            if missing is not None:  # never rename a short file into place
+                raise AssertionError(f"writer expected {missing} {shapes[missing]}, the tensors ran out")
+            for done, nbytes in writers.drain():
+                written += _check_written(done, nbytes, table, progress)
     return written
+
+
+def _write_tensor(fd: int, tensor, dtype: str, at: int) -> int:
+    if hasattr(tensor, "write_at"):  # writes itself (a copy by the kernel, rows laid out)
+        return tensor.write_at(fd, at)
+    data = tensor_bytes(tensor, dtype)
+    write_all(fd, data, at)
+    wrote(fd, data.nbytes)
+    return data.nbytes
+
+
+def _check_written(name: str, nbytes: int, table: dict, progress) -> int:
+    start, end = table[name]["data_offsets"]
+    if nbytes != end - start:
+        raise AssertionError(f"writer expected {end - start} bytes of {name}, got {nbytes}")
+    if progress is not None:
+        progress(name, nbytes)
+    return nbytes
+
+
+class _Writers:
+    """Tensors written `threads` at a time, in threads (in this one when 1),
+    finished in the order they were put: put() and drain() yield (name, bytes
+    written) of those done. On an error the others are waited for (no thread
+    writes to the file once it is closed and removed)."""
+
+    def __init__(self, threads: int):
+        self.threads, self.pool, self.running = threads, None, []
+
+    def __enter__(self) -> "_Writers":
+        if self.threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.threads)
+        return self
+
+    def put(self, name: str, fn, *args) -> Iterator[tuple[str, int]]:
+        if self.pool is None:
+            yield name, fn(*args)
+            return
+        while len(self.running) >= self.threads:  # at most one tensor per thread in memory
+            done, future = self.running.pop(0)
+            yield done, future.result()
+        self.running.append((name, self.pool.submit(fn, *args)))
+
+    def drain(self) -> Iterator[tuple[str, int]]:
+        while self.running:
+            done, future = self.running.pop(0)
+            yield done, future.result()
+
+    def __exit__(self, *error) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _TorchDtypes(dict):

@@ -378,7 +378,8 @@ def _surgery_parsers(add) -> None:
     p.add_argument("--max-shard-size", metavar="SIZE", help="write OUT as a sharded folder (Hugging Face layout) "
                    "of shards up to SIZE (bytes, or 2GB, 400MiB; default for a sharded input: its largest shard)")
     p.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
-                   help="worker processes writing shards or checkpoints (default: one per core)")
+                   help="worker processes writing shards or checkpoints; for one file, threads writing its "
+                        "tensors (default: one per core)")
     p.add_argument("--no-fsync", dest="fsync", action="store_false",
                    help="do not fsync the files written (by default each is fsynced before its rename, so it "
                         "survives a power cut); each file is still written beside its place and renamed, so a "

@@ -267,6 +267,43 @@ def test_one_file_apply_reads_a_sharded_checkpoint(old_checkpoints, one_file_res
     assert all(torch.equal(got[n], t) for n, t in expected.items())
 
 
+
+def test_one_file_apply_in_threads_writes_the_same_bytes_in_the_same_order(old_checkpoints, one_file_result, tmp_path):
+    tmp, spec, weights, single, folder = old_checkpoints
+    plan, new_spec, _ = one_file_result
+    files, seen = {}, {}
+    for threads in (1, 3):
+        out = tmp_path / f"threads-{threads}.safetensors"
+        seen[threads] = []
+        apply_plan(plan, single, new_spec, str(out), threads=threads, durable=False,
+                   progress=lambda name, nbytes, got=seen[threads]: got.append((name, nbytes)))
+        files[threads] = out.read_bytes()
+    assert files[1] == files[3]
+    assert seen[1] == seen[3] and [name for name, _ in seen[1]] == [p.name for p in plan.params]
+
+
+def test_a_full_disk_in_a_writing_thread_leaves_nothing(old_checkpoints, one_file_result, tmp_path, monkeypatch):
+    import errno
+
+    import specsurgery.checkpoint
+
+    tmp, spec, weights, single, folder = old_checkpoints
+    plan, new_spec, _ = one_file_result
+    calls = []
+
+    def full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    real = specsurgery.checkpoint.copy_range
+    monkeypatch.setattr(specsurgery.checkpoint, "copy_range", full)
+    out = tmp_path / "new.safetensors"
+    with pytest.raises(UserError, match="cannot write: No space left on device; nothing was changed"):
+        apply_plan(plan, single, new_spec, str(out), threads=2)
+    assert os.listdir(tmp_path) == []
+
 def test_sharded_apply_refuses_another_checkpoint_and_its_own_folder(old_checkpoints, one_file_result, tmp_path):
     tmp, spec, weights, single, folder = old_checkpoints
     plan, new_spec, _ = one_file_result

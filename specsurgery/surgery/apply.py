@@ -217,18 +217,25 @@ class StreamedTensor:
         return rows, cols, old_cols, sorted(row_runs), col_runs, regions
 
     def copy_to(self, out) -> int:
-        """Write the tensor at the file's position (its end: anything past it is
-        cut off). The file is first extended over the tensor (ftruncate), so
-        what stays zero is never written: a hole reads as zeros. Runs of old
-        bytes are copied by the kernel, the rest is laid out and written in place."""
+        """Write the tensor at the file's position, its end (anything past it is
+        cut off), and move the position past it."""
+        fd, nbytes = out.fileno(), int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.dtype]
+        at = os.lseek(fd, 0, os.SEEK_CUR)
+        os.ftruncate(fd, at)  # nothing was written from here on: all of it reads as zero
+        os.ftruncate(fd, at + nbytes)
+        self.write_at(fd, at)
+        os.lseek(fd, at + nbytes, os.SEEK_SET)
+        return nbytes
+
+    def write_at(self, dst: int, base: int) -> int:
+        """Write the tensor at offset `base` of `dst`, where the file reads as
+        zeros (extended by ftruncate, never written): what stays zero is never
+        written. Runs of old bytes are copied by the kernel, the rest is laid
+        out and written in place."""
         rows, cols, old_cols, row_runs, col_runs, regions = self._grid()
         size = _DTYPES[self.dtype]
         bits = _UINT[size]
-        dst = out.fileno()
-        base = os.lseek(dst, 0, os.SEEK_CUR)
         row_bytes, nbytes = cols * size, rows * cols * size
-        os.ftruncate(dst, base)  # nothing was written from here on: all of it reads as zero
-        os.ftruncate(dst, base + nbytes)
         whole_rows = old_cols == cols and col_runs == [(0, 0, cols)]  # an old row's bytes are the new row's
         spans = []  # (first row, end, old first row or None: laid out in the buffer)
         at = 0
@@ -278,7 +285,6 @@ class StreamedTensor:
         finally:
             if src is not None:
                 src.close()
-        os.lseek(dst, base + nbytes, os.SEEK_SET)
         return nbytes
 
     # An old row's column runs at least this long on average are copied by the
@@ -460,11 +466,12 @@ def carried_dtypes(plan: Plan, header, stored: dict[str, str]) -> dict[str, str]
 
 def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
                progress: Optional[Callable[[str, int], None]] = None, durable: bool = True,
-               checked: bool = False) -> dict:
+               checked: bool = False, threads: int = 1) -> dict:
     """Write the surgered checkpoint to `out`; the old spec comes from `checkpoint` itself.
 
     `new_spec` is a ModelSpec or its Graph. The plan is checked against both
-    specs first (`checked=True`: the caller made it from them just now)."""
+    specs first (`checked=True`: the caller made it from them just now).
+    `threads` tensors are written at once (write_checkpoint)."""
     header = read_header(checkpoint)
     # Both texts are canonical: equal text means the same spec.
     if header.spec_text != plan.old_spec:
@@ -506,5 +513,6 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
                                          dtype=dtypes[p.name])
 
     written = write_checkpoint(out, plan.new_spec, new_graph.model.name, shapes, produce(), progress=progress,
-                               durable=durable, dtypes=dtypes, extra_metadata=user_metadata(header))
+                               durable=durable, dtypes=dtypes, extra_metadata=user_metadata(header),
+                               threads=threads)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes)}
