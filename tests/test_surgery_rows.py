@@ -131,6 +131,37 @@ def test_insert_layer_read_through_a_join_starts_as_identity(surgery):
     assert torch.equal(o.new["o.linear.weight"], o.old["o.linear.weight"])
 
 
+def test_insert_layer_over_a_group_that_gained_a_feature_starts_as_identity(surgery):
+    """The layer reads a group that also gained a feature (b.w): it still starts as
+    the identity, which passes the new feature on too; o's column for it starts at
+    zero (found by the random sequences: the inserted layer started fresh)."""
+    old_text = edit(SMALL, ("linear(h, 2)", "linear(concat(h, obs.b), 2)"))
+    new = edit(old_text, ("    z: float\n", "    z: float\n    w: float\n"),
+               ("  out o = linear(concat(h, obs.b), 2)", "  d = linear(obs.b, 2)\n  out o = linear(concat(h, d), 2)"))
+    o = surgery(old_text, new)
+    # h.linear 12 + o.linear [2, 5] + [2] = 24; new: d.linear.weight [2, 2] = 4 identity, bias 2 zero,
+    # o.linear.weight [2, 6]: 10 copied, w's column 2 zero; 24 + 6 + 2 = 32
+    check(o, old_params=24, new_params=32, transferred=24, zeroed=4, fresh=0, dropped=0, preserving=True)
+    assert o.plan.summary.identity == 4
+    assert torch.equal(o.new["d.linear.weight"], torch.eye(2))
+    assert torch.equal(o.new["o.linear.weight"][:, :5], o.old["o.linear.weight"])
+    assert torch.equal(o.new["o.linear.weight"][:, 5], torch.zeros(2))
+
+
+def test_head_that_computed_a_value_twice_and_now_once_changes(surgery):
+    """concat(h, h) -> concat(linear(h, 5), h): h is still in the head, at one of the
+    two places it was; the other four outputs are now fresh units. Counted output by
+    output, the plan says so (it once said the function was preserved, and verify
+    compared fresh units with h: found by the random sequences)."""
+    old_text = edit(SMALL, ("  out o = linear(h, 2)", "  out o = concat(h, h)"))
+    new = edit(old_text, ("  out o = concat(h, h)", "  out o = concat(linear(h, 5), h)"))
+    o = surgery(old_text, new)
+    # h.linear 12 copied; o.linear [5, 4] + [5] = 25 fresh
+    check(o, old_params=12, new_params=37, transferred=12, zeroed=0, fresh=25, dropped=0, preserving=False,
+          reasons=[("output head o no longer computes h.linear (and 3 more outputs)", NEW_FILE,
+                    line_of(new, "out o ="))])
+
+
 def test_insert_layer_whose_activation_does_not_give_back_its_input(surgery):
     """tanh(tanh(x)) is not tanh(x): the layer starts as the identity, and the plan
     says the function changes."""

@@ -563,9 +563,16 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         old_value = old.values[old_graph.outputs[old_head]]
         new_value = new.values[index]
         new_keys = renames.keys(new_value.keys)
-        new_key_set = set(new_keys)
         stmt = next(s for s in new_graph.model.statements if s.name == head)
-        gone = [k for k in old_value.keys if k not in new_key_set]
+        # Output by output: a head that computed one value at two outputs
+        # (concat(x, x)) and computes it at one now has lost an output.
+        unclaimed = collections.Counter(new_keys)
+        gone = []
+        for k in old_value.keys:
+            if unclaimed[k]:
+                unclaimed[k] -= 1
+            else:
+                gone.append(k)
         if gone and len(new_value) >= len(old_value):
             reasons.add(check.add(f"output head {head} no longer computes {K.source(gone[0])}"
                                   + (f" (and {len(gone) - 1} more outputs)" if len(gone) > 1 else ""), stmt.span))
@@ -594,7 +601,8 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
     * A join whose neutral value is 0 (add) of an old value and a new one: the
       new side starts at zero when every path back from it reaches a new op
       that can start at zero through ops that map 0 to 0.
-    * A new op that can be the identity, square over an old value, read by an
+    * A new op that can be the identity, square over an old value (or one that
+      gained indices too: the identity passes new ones on as well), read by an
       old op or an old head (directly, or through index-by-index ops, concats and
       joins, whose index i carries its input's index i): it starts as the identity."""
     starts: dict[str, str] = {}
@@ -663,7 +671,7 @@ def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames:
                         renames.zero_joins[k] = kept
         elif (meaning.identity and node.scope in renames.new_ops and len(node.inputs) == 1
               and len(new.values[node.index]) == len(new.values[node.inputs[0]])
-              and is_old(node.inputs[0]) and read_by_an_old_op(node)):
+              and is_old(node.inputs[0]) is not False and read_by_an_old_op(node)):
             starts[node.scope] = "identity"
             renames.identity_inputs[node.scope] = new.values[node.inputs[0]].keys
     return starts
