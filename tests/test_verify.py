@@ -11,7 +11,7 @@ import specsurgery as ss
 from specsurgery.features import random_record
 from specsurgery.spec.load import load_text
 from specsurgery.surgery.diff import find_renames
-from specsurgery.surgery.verify import _carry, verify_models
+from specsurgery.surgery.verify import _carry, carry_plan, verify_models
 
 from test_api_surgery import trained
 
@@ -51,7 +51,7 @@ def test_states_are_carried_column_for_column():
     os_, ns = old._ss_graph.spec, new._ss_graph.spec
     records = old_records(40)
     inputs = old.featurise(records)
-    carried = new.inputs(_carry(inputs, os_.schema, ns.schema, find_renames(os_, ns),
+    carried = new.inputs(_carry(inputs, carry_plan(os_.schema, ns.schema, find_renames(os_, ns)),
                                 torch.Generator().manual_seed(0), torch.float32))
     assert torch.equal(carried["g"], inputs["g"])  # speed (was x), n: the same columns
     new_items = {"a": 1, "b": 2, "c": 3}
@@ -64,6 +64,20 @@ def test_states_are_carried_column_for_column():
     kinds = [[new_items[u["kind"]] for u in r["units"]] + [0] * (6 - len(r["units"])) for r in records]
     assert carried["units.kind"].tolist() == kinds
 
+
+
+def test_groups_the_new_version_keeps_as_they_are_are_carried_whole():
+    extra = OLD.replace("  group units[4] {", "  group extra {\n    y: float\n    on: bool\n  }\n  group units[4] {")
+    old, new = ss.compile(OLD), ss.compile(extra)
+    os_, ns = old._ss_graph.spec, new._ss_graph.spec
+    plan = carry_plan(os_.schema, ns.schema, find_renames(os_, ns))
+    assert [c.as_is for c in plan.groups] == [True, False, True]  # g, extra (new), units
+    records = old_records(8)
+    inputs = old.featurise(records)
+    carried = new.inputs(_carry(inputs, plan, torch.Generator().manual_seed(0), torch.float32))
+    for key in ("g", "g.k", "units", "units.kind", "units#mask"):
+        assert torch.equal(carried[key], inputs[key]), key
+    assert carried["extra"].shape == (8, 2) and set(carried["extra"][:, 1].tolist()) <= {0.0, 1.0}
 
 def test_a_preserving_surgery_verifies_on_random_states_and_on_records():
     old = trained(OLD)

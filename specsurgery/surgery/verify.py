@@ -34,15 +34,18 @@ BATCH_BYTES = 160 << 20
 MAX_BATCH = 1024
 
 
-def _shared_items(old: m.Schema, new: m.Schema, renames: Renames) -> m.Schema:
-    """The old schema with each category's vocab cut to items the new version keeps."""
+def _shared_items(old: m.Schema, new: m.Schema, renames: Renames) -> dict[str, torch.Tensor]:
+    """Per category input of the old schema ("<group>.<feature>"), the indices
+    of the items random states draw from: those the new version keeps (all of
+    them where it keeps none)."""
     kept = set(renames.features.values())
-    vocabs = []
+    allowed = {}
     for vocab in old.vocabs:
         readers = [f"{g.name}.{f.name}" for g in old.groups for f in g.category_features if f.vocab == vocab.name]
-        items = [item for item in vocab.items if all(f"{r}={item.name}" in kept for r in readers)]
-        vocabs.append(vocab.model_copy(update={"items": tuple(items) or vocab.items}))
-    return old.model_copy(update={"vocabs": tuple(vocabs)})
+        items = [k for k, item in enumerate(vocab.items) if all(f"{r}={item.name}" in kept for r in readers)]
+        indices = torch.tensor(items or range(len(vocab.items)), dtype=torch.long)
+        allowed.update((r, indices) for r in readers)
+    return allowed
 
 
 def _random_values(group: m.Group, shape: tuple, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -77,11 +80,11 @@ def _pad_entities(t: torch.Tensor, entities: int, axis: int) -> torch.Tensor:
     return full
 
 
-def _random_states(old: m.Schema, draw: m.Schema, lead: tuple, gen: torch.Generator, max_entities: int,
+def _random_states(old: m.Schema, allowed: dict, lead: tuple, gen: torch.Generator, max_entities: int,
                    dtype: torch.dtype) -> dict:
-    """Random inputs of the old schema (the featurised layout, numbers in `dtype`), lead axes `lead`.
-    An entity set holds 0 to max_entities entities at its front; padding is zero
-    (and never drawn)."""
+    """Random inputs of the old schema (the featurised layout, numbers in `dtype`), lead axes `lead`,
+    category items drawn from `allowed` (_shared_items). An entity set holds 0
+    to max_entities entities at its front; padding is zero (and never drawn)."""
     out: dict = {}
     for group in old.groups:
         slots = min(group.entities, max_entities) if group.is_entity_set else None
@@ -89,9 +92,8 @@ def _random_states(old: m.Schema, draw: m.Schema, lead: tuple, gen: torch.Genera
         values = _random_values(group, shape, gen, dtype)
         items = {}
         for f in group.category_features:
-            names = old.vocab(f.vocab).item_names
-            allowed = torch.tensor([names.index(i) for i in draw.vocab(f.vocab).item_names])
-            items[f"{group.name}.{f.name}"] = _random_items(len(names), shape, gen, allowed)
+            key = f"{group.name}.{f.name}"
+            items[key] = _random_items(len(old.vocab(f.vocab).items), shape, gen, allowed[key])
         if slots is not None:
             count = torch.randint(0, slots + 1, lead, generator=gen)
             mask = torch.arange(slots) < count.unsqueeze(-1)
@@ -111,55 +113,62 @@ def _entities(entities: int, values: torch.Tensor, items: dict, mask: torch.Tens
 _CASTS = {"float": lambda v: v, "int": torch.trunc, "bool": lambda v: (v != 0).to(v.dtype)}
 
 
-def _carry(inputs: dict, old: m.Schema, new: m.Schema, renames: Renames, gen: torch.Generator,
-           dtype: torch.dtype) -> dict:
-    """The same states as inputs of the new schema, from the old one's inputs:
-    each feature the renames pair is taken from its old column (cast to its new
-    type, category items mapped; an item the new version lacks is random), the
-    rest is random. An entity set keeps its first entities (as many as the new
-    one holds) and an entity set new to the version is empty."""
-    first = old.groups[0]
-    lead = tuple(inputs[first.name].shape[: inputs[first.name].dim() - 1 - first.is_entity_set])
-    out: dict = {}
-    for group in new.groups:
-        before = old.group(renames.groups.get(group.name, ""))
-        same = before is not None and before.is_entity_set == group.is_entity_set
-        slots = None
-        if group.is_entity_set:  # the slots any state fills; the rest is padding
-            used = inputs[f"{before.name}#mask"].reshape(-1, before.entities).any(0).nonzero() if same else None
-            slots = min(group.entities, int(used.max()) + 1) if used is not None and len(used) else 0
-        shape = lead + ((slots,) if slots is not None else ())
-        values = _random_values(group, shape, gen, dtype)
-        if same:
-            old_values = inputs[before.name]
-            if slots is not None:
-                old_values = old_values[..., :slots, :]
-            column = {f.name: k for k, f in enumerate(before.numeric_features)}
-            for kind, cast in _CASTS.items():
-                pairs = [(j, column[was.split(".", 1)[1]]) for j, f in enumerate(group.numeric_features)
-                         if f.type == kind and (was := renames.features.get(f"{group.name}.{f.name}"))]
-                if pairs:
-                    js, ks = zip(*pairs)
-                    values[..., list(js)] = cast(old_values[..., list(ks)].to(dtype))
-        items = {}
-        for f in group.category_features:
-            names = new.vocab(f.vocab).item_names
-            ids = _random_items(len(names), shape, gen)
-            if same:
-                ids = _carry_items(inputs, old, renames, before, group, f, names, ids, slots)
-            items[f"{group.name}.{f.name}"] = ids
-        if slots is not None:
-            mask = inputs[f"{before.name}#mask"][..., :slots] != 0 if same else torch.zeros(shape, dtype=torch.bool)
-            values, items, out[f"{group.name}#mask"] = _entities(group.entities, values, items, mask)
-        out[group.name] = values
-        out.update(items)
-    return out
+@dataclass(frozen=True)
+class _GroupCarry:
+    """How one group of the new schema is made from the old inputs."""
+
+    group: m.Group
+    before: Optional[m.Group]  # its old group, if that is of the same kind (entity set or not)
+    columns: tuple  # (cast, new columns, old columns) per type that has carried numeric features
+    items: dict  # new category key -> (vocab size, old category key, old index -> new index (-1: none)) or None
+    as_is: bool  # every column, item and slot is the old one's: the old tensors are taken as they are
 
 
-def _carry_items(inputs: dict, old: m.Schema, renames: Renames, before: m.Group, group: m.Group,
-                 feature: m.Feature, names: tuple, drawn: torch.Tensor, slots: Optional[int]) -> torch.Tensor:
-    """A new category feature's indices: its old feature's, mapped item to item
-    through the renames; `drawn` where the old item has no new one."""
+@dataclass(frozen=True)
+class CarryPlan:
+    """How states of the old schema become inputs of the new one (_carry),
+    worked out once per call, not once per batch."""
+
+    lead_group: m.Group  # the old group whose values give the lead axes ([B, T] or [B])
+    groups: tuple[_GroupCarry, ...]
+
+
+def carry_plan(old: m.Schema, new: m.Schema, renames: Renames) -> CarryPlan:
+    return CarryPlan(old.groups[0], tuple(_group_carry(old, new, renames, group) for group in new.groups))
+
+
+def _group_carry(old: m.Schema, new: m.Schema, renames: Renames, group: m.Group) -> _GroupCarry:
+    before = old.group(renames.groups.get(group.name, ""))
+    sizes = {f"{group.name}.{f.name}": len(new.vocab(f.vocab).items) for f in group.category_features}
+    if before is None or before.is_entity_set != group.is_entity_set:
+        return _GroupCarry(group, None, (), {key: (size, None, None) for key, size in sizes.items()}, False)
+    column = {f.name: k for k, f in enumerate(before.numeric_features)}
+    columns, carried = [], []
+    for kind, cast in _CASTS.items():
+        pairs = [(j, column[was.split(".", 1)[1]]) for j, f in enumerate(group.numeric_features)
+                 if f.type == kind and (was := renames.features.get(f"{group.name}.{f.name}"))]
+        if pairs:
+            js, ks = zip(*pairs)
+            columns.append((cast, list(js), list(ks)))
+            carried += [(j, k, kind) for j, k in pairs]
+    items = {}
+    for f in group.category_features:
+        key = f"{group.name}.{f.name}"
+        items[key] = (sizes[key], *_item_table(old, renames, before, group, f, new.vocab(f.vocab).item_names))
+    numbers_as_is = len(carried) == len(before.numeric_features) == len(group.numeric_features) and all(
+        j == k and before.numeric_features[k].type == kind for j, k, kind in carried)
+    items_as_is = len(items) == len(before.category_features) and all(
+        was == f"{before.name}.{b.name}" and torch.equal(table, torch.arange(len(table)))
+        for (_, was, table), b in zip(items.values(), before.category_features))
+    return _GroupCarry(group, before, tuple(columns), items,
+                       numbers_as_is and items_as_is and before.entities == group.entities)
+
+
+def _item_table(old: m.Schema, renames: Renames, before: m.Group, group: m.Group, feature: m.Feature,
+                names: tuple) -> tuple:
+    """A new category feature's old feature ("<group>.<feature>") and its item
+    table (old index -> new index, -1 where the new version lacks the item),
+    through the renames; (None, None) if no item of it has an old one."""
     table, old_feature, index = None, None, {}
     for j, item in enumerate(names):
         was = renames.features.get(f"{group.name}.{feature.name}={item}")
@@ -172,13 +181,55 @@ def _carry_items(inputs: dict, old: m.Schema, renames: Renames, before: m.Group,
             table = torch.full((len(index),), -1, dtype=torch.long)
         if old_item in index:
             table[index[old_item]] = j
-    if table is None:
-        return drawn
-    old_ids = inputs[f"{before.name}.{old_feature.name}"]
-    if slots is not None:
-        old_ids = old_ids[..., :slots]
-    mapped = table[old_ids]
-    return torch.where(mapped >= 0, mapped, drawn)
+    return (None, None) if table is None else (f"{before.name}.{old_feature.name}", table)
+
+
+def _carry(inputs: dict, plan: CarryPlan, gen: torch.Generator, dtype: torch.dtype) -> dict:
+    """The same states as inputs of the new schema, from the old one's inputs:
+    each feature the renames pair is taken from its old column (cast to its
+    new type, category items mapped; an item the new version lacks is
+    random), the rest is random. An entity set keeps its first entities (as
+    many as the new one holds) and an entity set new to the version is empty.
+    A group that is its old one column for column, item for item, is the old
+    tensors themselves: nothing copied, nothing drawn."""
+    first = inputs[plan.lead_group.name]
+    lead = tuple(first.shape[: first.dim() - 1 - plan.lead_group.is_entity_set])
+    out: dict = {}
+    for carry in plan.groups:
+        group, before = carry.group, carry.before
+        if carry.as_is and inputs[before.name].dtype == dtype:
+            out[group.name] = inputs[before.name]
+            out.update((key, inputs[was]) for key, (_, was, _) in carry.items.items())
+            if group.is_entity_set:
+                out[f"{group.name}#mask"] = inputs[f"{before.name}#mask"]
+            continue
+        slots = None
+        if group.is_entity_set:  # the slots any state fills; the rest is padding
+            used = inputs[f"{before.name}#mask"].reshape(-1, before.entities).any(0).nonzero() if before else None
+            slots = min(group.entities, int(used.max()) + 1) if used is not None and len(used) else 0
+        shape = lead + ((slots,) if slots is not None else ())
+        values = _random_values(group, shape, gen, dtype)
+        if before is not None:
+            old_values = inputs[before.name]
+            if slots is not None:
+                old_values = old_values[..., :slots, :]
+            for cast, js, ks in carry.columns:
+                values[..., js] = cast(old_values[..., ks].to(dtype))
+        items = {}
+        for key, (size, was, table) in carry.items.items():
+            ids = _random_items(size, shape, gen)
+            if was is not None:  # its old feature's, mapped item to item; drawn where the old item has no new one
+                old_ids = inputs[was] if slots is None else inputs[was][..., :slots]
+                mapped = table[old_ids]
+                ids = torch.where(mapped >= 0, mapped, ids)
+            items[key] = ids
+        if slots is not None:
+            mask = (inputs[f"{before.name}#mask"][..., :slots] != 0 if before is not None
+                    else torch.zeros(shape, dtype=torch.bool))
+            values, items, out[f"{group.name}#mask"] = _entities(group.entities, values, items, mask)
+        out[group.name] = values
+        out.update(items)
+    return out
 
 
 @dataclass
@@ -257,7 +308,8 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
     columns = {h: (old_h, torch.tensor(new_cols), torch.tensor(old_cols))
                for h, (old_h, new_cols, old_cols) in head_columns(plan).items() if new_cols}
     gen = torch.Generator().manual_seed(seed)
-    draw = _shared_items(old_spec.schema, new_spec.schema, renames)
+    allowed = _shared_items(old_spec.schema, new_spec.schema, renames)
+    carrying = carry_plan(old_spec.schema, new_spec.schema, renames)
     worst = {h: 0.0 for h in columns}
     modes = (old_model.training, new_model.training)
     old_model.eval()
@@ -271,15 +323,14 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
                                                  [obs for seq in records[start:start + n] for obs in seq])
                 else:
                     lead = (n, steps) if old_graph.has_time else (n * steps,)
-                    old_in = old_model.inputs(_random_states(old_spec.schema, draw, lead, gen, max_entities,
+                    old_in = old_model.inputs(_random_states(old_spec.schema, allowed, lead, gen, max_entities,
                                                              _drawn_dtype(old_model)))
                 out_old = _run(old_model, old_in, n, has_time)
                 # the new model's lead axes: [B, T] if it is recurrent, else [B * T]
                 lead = (n, steps) if new_graph.has_time else (n * steps,)
                 as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_in.items()}
                 del old_in
-                new_in = new_model.inputs(_carry(as_new, old_spec.schema, new_spec.schema, renames, gen,
-                                                 _drawn_dtype(new_model)))
+                new_in = new_model.inputs(_carry(as_new, carrying, gen, _drawn_dtype(new_model)))
                 del as_new
                 out_new = _run(new_model, new_in, n, has_time)
                 del new_in
