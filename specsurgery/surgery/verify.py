@@ -16,6 +16,7 @@ the running maximum per head.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -108,6 +109,20 @@ def _entities(entities: int, values: torch.Tensor, items: dict, mask: torch.Tens
     values = _pad_entities(values.mul_(mask.unsqueeze(-1)), entities, -2)
     items = {k: _pad_entities(v.mul_(mask), entities, -1) for k, v in items.items()}
     return values, items, _pad_entities(mask.to(values.dtype), entities, -1)
+
+
+@contextmanager
+def _one_thread():
+    """Drawing and carrying states is many small ops: they run on one thread.
+    Spread over threads, each op waits for all of them at its end, and on a
+    busy machine for a core: drawing Five's states took 5 to 10 times as long
+    on 2 threads as on 1 with other work running."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 _CASTS = {"float": lambda v: v, "int": torch.trunc, "bool": lambda v: (v != 0).to(v.dtype)}
@@ -323,14 +338,20 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
                                                  [obs for seq in records[start:start + n] for obs in seq])
                 else:
                     lead = (n, steps) if old_graph.has_time else (n * steps,)
-                    old_in = old_model.inputs(_random_states(old_spec.schema, allowed, lead, gen, max_entities,
-                                                             _drawn_dtype(old_model)))
+                    with _one_thread():
+                        drawn = _random_states(old_spec.schema, allowed, lead, gen, max_entities,
+                                               _drawn_dtype(old_model))
+                    old_in = old_model.inputs(drawn)
+                    del drawn
                 out_old = _run(old_model, old_in, n, has_time)
                 # the new model's lead axes: [B, T] if it is recurrent, else [B * T]
                 lead = (n, steps) if new_graph.has_time else (n * steps,)
                 as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_in.items()}
                 del old_in
-                new_in = new_model.inputs(_carry(as_new, carrying, gen, _drawn_dtype(new_model)))
+                with _one_thread():
+                    carried = _carry(as_new, carrying, gen, _drawn_dtype(new_model))
+                new_in = new_model.inputs(carried)
+                del carried
                 del as_new
                 out_new = _run(new_model, new_in, n, has_time)
                 del new_in
