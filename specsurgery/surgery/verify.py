@@ -28,10 +28,15 @@ from .diff import Renames, find_renames
 
 # What one batch may hold beyond the two models: both versions' inputs and the
 # larger forward pass's live values (model.forward_bytes). For Five (3 steps a
-# state) that is 126 states, and the process peaks at 1.63 GB: within its two
-# checkpoints plus 512 MB, of which torch itself takes 220 MB. Batches of 120
-# and 180 states ran at the same speed per state; smaller ones slow the LSTM.
-BATCH_BYTES = 160 << 20
+# state) that is 100 states. The process's resident memory runs to about twice
+# what is live: glibc keeps the freed tensors of one batch in its heap, and the
+# next batch's (of the other model, a little larger or smaller) do not fit the
+# holes. At 160 MB (126 states) that took 10,000 states of Five 49 MB over its
+# limit (its two checkpoints plus 512 MB, of which torch itself takes 250 MB).
+# Fixing malloc's mmap threshold keeps the heap small but costs 15% more time
+# in page faults; trimming the heap between batches does not lower the peak
+# (it is reached within a batch).
+BATCH_BYTES = 128 << 20
 MAX_BATCH = 1024
 
 
