@@ -107,3 +107,32 @@ def test_batches_change_nothing_but_memory():
     for other in found[1:]:  # the same maximum (a float32 matmul rounds a batch of 1 its own way)
         assert other.keys() == found[0].keys()
         assert all(math.isclose(other[h], found[0][h], rel_tol=1e-6) for h in other)
+
+
+# A recurrence added beside a head that never meets it (h): the new model runs one
+# step at a time, the old one ran all steps at once, and float32 matmuls of other
+# shapes round otherwise (h came 3.7e-5 apart: verify said the function changed).
+NO_TIME = """schema s {
+  group t {
+    n: int
+    b: bool
+  }
+  group u[4] {
+    f: bool
+  }
+}
+
+model m(obs: s) {
+  m = linear(obs.t, 3)
+  out o = linear(m, 1)
+  e = linear(obs.u.f, 11)
+  out h = add(sumpool(linear(e, 9)), linear(layernorm(gelu(obs.t)), 9))
+}
+"""
+
+
+def test_a_model_without_a_time_axis_runs_step_by_step_beside_a_recurrent_one():
+    old = trained(NO_TIME, seed=0)
+    new = ss.surgery(old, NO_TIME.replace("  out o = linear(m, 1)", "  r = add(m, lstm(m, 3))\n  out o = linear(r, 1)")).model
+    v = ss.verify(old, new, states=300)
+    assert v.steps == 3 and v.max_diff == {"o": 0.0, "h": 0.0}, v
