@@ -14,8 +14,6 @@ Nothing here needs torch.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import re
@@ -227,6 +225,9 @@ def _fsync_dir(path: str) -> None:
 
 def _exchange(a: str, b: str) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes  # here: only replacing a folder needs it, not every reader of one
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         renameat2 = libc.renameat2
