@@ -140,7 +140,8 @@ class _GroupCarry:
     group: m.Group
     before: Optional[m.Group]  # its old group, if that is of the same kind (entity set or not)
     columns: tuple  # (cast, new columns, old columns) per type that has carried numeric features
-    items: dict  # new category key -> (vocab size, old category key, old index -> new index (-1: none)) or None
+    items: dict  # new category key -> (its vocab's size, old category key, old index -> new index or -1);
+    # the last two None where no item has an old one
     as_is: bool  # every column, item and slot is the old one's: the old tensors are taken as they are
 
 
@@ -154,6 +155,7 @@ class CarryPlan:
 
 
 def carry_plan(old: m.Schema, new: m.Schema, renames: Renames) -> CarryPlan:
+    """Per group of the new schema, where its columns and items come from."""
     return CarryPlan(old.groups[0], tuple(_group_carry(old, new, renames, group) for group in new.groups))
 
 
