@@ -136,3 +136,10 @@ def test_a_model_without_a_time_axis_runs_step_by_step_beside_a_recurrent_one():
     new = ss.surgery(old, NO_TIME.replace("  out o = linear(m, 1)", "  r = add(m, lstm(m, 3))\n  out o = linear(r, 1)")).model
     v = ss.verify(old, new, states=300)
     assert v.steps == 3 and v.max_diff == {"o": 0.0, "h": 0.0}, v
+    # a group of categories only: its numbers are a tensor of 0 elements (found by the random sequences)
+    with_kinds = NO_TIME.replace("  group u[4] {", "  vocab kinds = [p, q]\n  group c {\n    k: category(kinds)\n  }\n  group u[4] {")
+    with_kinds = with_kinds.replace("  out o = linear(m, 1)", "  out o = linear(concat(m, onehot(obs.c.k)), 1)")
+    old = trained(with_kinds, seed=0)
+    new = ss.surgery(old, with_kinds.replace("linear(concat(m, onehot(obs.c.k)), 1)",
+                                             "linear(concat(add(m, lstm(m, 3)), onehot(obs.c.k)), 1)")).model
+    assert ss.verify(old, new, states=30).max_diff == {"o": 0.0, "h": 0.0}

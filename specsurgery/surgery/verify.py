@@ -428,7 +428,7 @@ def _run(model, inputs: dict, states: int, has_time: bool) -> dict:
     # Beside a recurrent model, which runs one step at a time: one step's
     # observations at a time too, so both multiply matrices of the same shapes
     # and round alike (all steps at once, outputs near 15 came 4e-5 apart).
-    stepped = {k: v.reshape(states, -1, *v.shape[1:]) for k, v in inputs.items()}
+    stepped = {k: v.reshape(states, v.shape[0] // states, *v.shape[1:]) for k, v in inputs.items()}  # -1: not for 0 features
     steps = next(iter(stepped.values())).shape[1]
     outputs = [model({k: v[:, t] for k, v in stepped.items()}) for t in range(steps)]
     return {h: torch.stack([o[h] for o in outputs], dim=1) for h in outputs[0]}
