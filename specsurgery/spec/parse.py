@@ -26,7 +26,7 @@ _KEYWORDS = {"schema", "model", "vocab", "group", "use", "was", "as", "out"}
 
 # What lark calls a terminal, in words a user knows.
 _TERMINAL_WORDS = {
-    "NAME": "a name", "INT": "a whole number", "STRING": "a quoted path",
+    "NAME": "a name", "NAME_RUN": "a name", "INT": "a whole number", "STRING": "a quoted path",
     "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'",
     "LSQB": "'['", "RSQB": "']'", "COMMA": "','", "COLON": "':'", "EQUAL": "'='",
     "DOT": "'.'", "FLOAT": "'float'", "INT_TYPE": "'int'", "BOOL": "'bool'",
@@ -139,7 +139,7 @@ def _syntax_diagnostic(error: lark.UnexpectedInput, text: str, path: str) -> Dia
     if isinstance(error, lark.UnexpectedCharacters):
         char = text[error.pos_in_stream] if error.pos_in_stream < len(text) else ""
         allowed = set(error.allowed or ())
-        history = error.token_history or []
+        history = [_one_name(t, last=True) for t in error.token_history or []]
         if char == '"' and allowed == {"STRING"}:
             return Diagnostic("unterminated path: a quoted path must end with '\"' on the same line", span)
         message = f"unexpected character {char!r}"
@@ -170,7 +170,7 @@ def _token_diagnostic(error: lark.UnexpectedToken, span: m.Span, text: str, path
     of a finished rule; any opening bracket on it is still open, and the tokens
     before that bracket say what it belongs to (a group, a call, ...).
     """
-    token = error.token
+    token = _one_name(error.token, last=False)
     at_end = token.type == "$END"
     got = "the end of the file" if at_end else repr(str(token))
     if not at_end:
@@ -178,14 +178,15 @@ def _token_diagnostic(error: lark.UnexpectedToken, span: m.Span, text: str, path
     state = error.interactive_parser.parser_state if error.interactive_parser else None
     tokens = [v for v in (state.value_stack if state else ()) if isinstance(v, Token)]
     if error.token_history:
-        prev = error.token_history[-1]
+        prev = _one_name(error.token_history[-1], last=True)
     else:
-        prev = _previous_token(text, len(text) if at_end else token.start_pos)
+        prev = _one_name(_previous_token(text, len(text) if at_end else token.start_pos), last=True)
     opened = _open_brackets(tokens)
     bracket = opened[-1] if opened else None
     kind, owner = _owner(tokens, bracket) if bracket is not None else (None, None)
     expected_types = {t for t in error.expected if not t.startswith("__")}
-    expected = _or_list(sorted(_TERMINAL_WORDS.get(t, repr(t)) for t in expected_types)) or "something else"
+    expected_words = {_TERMINAL_WORDS.get(t, repr(t)) for t in expected_types}  # NAME_RUN is a name too
+    expected = _or_list(sorted(expected_words)) or "something else"
 
     def at(tok: Token, width: Optional[int] = None) -> m.Span:
         return m.Span(file=path, line=tok.line, column=tok.column, end_line=tok.line,
@@ -239,7 +240,7 @@ def _token_diagnostic(error: lark.UnexpectedToken, span: m.Span, text: str, path
             return Diagnostic(f"the '(' of {owner} is not closed: expected {expected} after {str(prev)!r}, {found}", end)
         return Diagnostic(f"expected {expected} after {str(prev)!r} in {owner}, {found}", end)
     after = f" after {str(prev)!r}" if prev is not None else ""
-    if len(expected_types) > 6:
+    if len(expected_words) > 6:
         return Diagnostic(f"unexpected {got}{after}", span)
     return Diagnostic(f"expected {expected}{after}, found {got}", span)
 
@@ -290,6 +291,36 @@ def _or_list(words: list[str]) -> str:
     if not words:
         return ""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _run_names(run: Token) -> list[Token]:
+    """The NAME tokens of a NAME_RUN (`a, b, c`), each where it stands in the file."""
+    text, names = str(run), []
+    line, line_start = run.line, -(run.column - 1)  # the run's offset of its line's first column
+    at = 0
+    for match in _NAME.finditer(text):
+        start = match.start()
+        newlines = text.count("\n", at, start)
+        if newlines:
+            line += newlines
+            line_start = text.rfind("\n", at, start) + 1
+        at = match.end()
+        column = start - line_start + 1
+        names.append(Token("NAME", match.group(), run.start_pos + start, line, column, line, column + at - start,
+                           run.start_pos + at))
+    return names
+
+
+def _one_name(token: Optional[Token], last: bool) -> Optional[Token]:
+    """A NAME_RUN as what a user wrote there: its last name (the one before what
+    follows), or its first (where it starts); any other token as it is."""
+    if token is None or token.type != "NAME_RUN":
+        return token
+    names = _run_names(token)
+    return names[-1] if last else names[0]
 
 
 def _span(path: str, token: Token, end: Optional[Token] = None) -> m.Span:
@@ -348,12 +379,27 @@ class _ToSpec:
         )
 
     def vocab(self, children):
-        name, *items = children
-        return m.Vocab(name=str(name), items=tuple(i for i in items if i is not None), span=_span(_STATE.file, name))
+        name, *entries = children
+        items = []
+        for entry in entries:
+            if isinstance(entry, list):  # a run of names
+                items.extend(entry)
+            elif entry is not None:
+                items.append(entry)
+        return m.Vocab(name=str(name), items=tuple(items), span=_span(_STATE.file, name))
 
     def vocab_item(self, children):
         name, was = children  # as many as a vocabulary has items: made without pydantic's checks
         return m.built(m.VocabItem, name=str(name), was=was, span=_span(_STATE.file, name))
+
+    def vocab_run(self, children):
+        run, was = children
+        names = _run_names(run)
+        file = _STATE.file
+        items = [m.built(m.VocabItem, name=str(n), was=None, span=_span(file, n)) for n in names]
+        if was is not None:  # `a, b, c was old`: the last one was renamed
+            items[-1] = m.built(m.VocabItem, name=items[-1].name, was=was, span=items[-1].span)
+        return items
 
     def was(self, children):
         return str(children[0])
