@@ -82,15 +82,12 @@ class Axis:
     def __len__(self) -> int:
         return len(self.keys)
 
-    @cached_property
-    def distinct(self) -> frozenset:
-        # One object stands for many indices (a linear's units): drop those by
-        # identity first, as hashing a set of thousands of features costs.
-        return frozenset(dict(zip(map(id, self.sets), self.sets)).values())
-
     def union(self) -> int:
+        # One object stands for many indices (a linear's units): each is
+        # or-ed in once, found by identity (hashing a set of thousands of
+        # features costs; or-ing a set in twice changes nothing).
         total = 0
-        for s in self.distinct:
+        for s in dict(zip(map(id, self.sets), self.sets)).values():
             total |= s
         return total
 

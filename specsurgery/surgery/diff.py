@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import collections
-import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -903,18 +902,15 @@ def _unproven(indices, axis_new, axis_old, shared) -> int:
     """Matched indices whose features, among those both versions have, differ."""
     mask, translate = shared
     old_sets, new_sets = axis_old.sets, axis_new.sets
-    # Few distinct (new set, old set) pairs stand behind many indices, mostly
-    # in runs of one object (a linear's units): count the runs (in C, by
-    # identity: hashing a set of thousands of features costs), then test each
-    # distinct pair once.
-    if len(indices) == len(old_sets) and indices == list(range(len(indices))):
-        pairs = zip(new_sets, old_sets)
-    else:
-        pairs = ((new_sets[i], old_sets[j]) for i, j in enumerate(indices) if j >= 0)
-    counts: collections.Counter = collections.Counter()
-    for pair, run in itertools.groupby(pairs):
-        counts[pair] += len(list(run))
-    return sum(n for (s_new, s_old), n in counts.items() if translate_bits(s_new, translate) != s_old & mask)
+    # Few distinct (new set, old set) pairs stand behind many indices (a
+    # linear's units share one object): count the pairs by identity, in C
+    # (hashing a set of thousands of features costs), then test each once.
+    new_by_id = dict(zip(map(id, new_sets), new_sets))
+    old_by_id = dict(zip(map(id, old_sets), old_sets))
+    old_ids = list(map(id, old_sets)) + [None]  # index -1 (no old index) reads None
+    counts = collections.Counter(zip(map(id, new_sets), map(old_ids.__getitem__, indices)))
+    return sum(n for (new_id, old_id), n in counts.items()
+               if old_id is not None and translate_bits(new_by_id[new_id], translate) != old_by_id[old_id] & mask)
 
 
 # ---------------------------------------------------------------------------
