@@ -76,19 +76,23 @@ def in_workers(task: Callable, tasks: list, jobs: int, start: Callable, start_ar
 _WORKER: dict = {}
 
 
-def _start_worker(plan_json: str, checkpoint: str, seed: int, durable: bool, graph=None) -> None:
+def _start_worker(plan_json: str, checkpoint: str, seed: int, durable: bool, graph=None, plan=None,
+                  header=None) -> None:
     """Set this process up to write shards: the plan, the old checkpoint's header
-    and the new graph (built from the plan's spec in a worker process)."""
-    from .ir import build_graph
-    from .spec.load import load_text
-    from .surgery.plan import Plan
-
+    and the new graph (in a worker process read from the plan's JSON and spec;
+    in the process that has them, given)."""
     from .surgery.apply import carried_dtypes
 
-    plan = Plan.model_validate_json(plan_json)
+    if plan is None:
+        from .surgery.plan import Plan
+
+        plan = Plan.model_validate_json(plan_json)
     if graph is None:
+        from .ir import build_graph
+        from .spec.load import load_text
+
         graph = build_graph(load_text(plan.new_spec, "<plan new spec>").model(plan.new_model))
-    header = read_header(checkpoint)
+    header = header or read_header(checkpoint)
     _WORKER.update(plan=plan, params={p.name: p for p in plan.params}, header=header, checkpoint=checkpoint,
                    seed=seed, durable=durable, graph=graph, graph_params=graph.parameters(), opened=[],
                    dtypes=carried_dtypes(plan, header, {p.source: p.source for p in plan.params}))
@@ -185,8 +189,9 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     if max_shard_size is None:
         max_shard_size = header.largest_shard() if hasattr(header, "largest_shard") else DEFAULT_SHARD
     shapes = {p.name: tuple(p.shape) for p in plan.params}
-    init = (plan.model_dump_json(), checkpoint, seed, durable)
-    _start_worker(*init, graph=new_graph)  # this process writes the shards that need no torch
+    # This process writes the shards that need no torch (from the plan at hand);
+    # worker processes, if any, read the plan from its JSON.
+    _start_worker(None, checkpoint, seed, durable, graph=new_graph, plan=plan, header=header)
     dtypes = _WORKER["dtypes"]
     shards = plan_shards({n: tensor_bytes(s, dtypes[n]) for n, s in shapes.items()}, parse_size(max_shard_size))
     jobs = max(1, min(jobs or default_jobs(), len(shards)))
@@ -195,6 +200,7 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
         tasks = [(os.path.join(tmp, shard_file(k, len(shards))), names) for k, names in enumerate(shards, 1)]
         built = [t for t in tasks if any(_needs_torch(name) for name in t[1])]
         moved = [t for t in tasks if t not in built]
+        init = (plan.model_dump_json() if built and jobs > 1 else None, checkpoint, seed, durable)
         for path, count, nbytes in _run(built, moved, jobs, init):
             written += nbytes
             if progress is not None:
