@@ -131,6 +131,29 @@ def test_insert_layer_read_through_a_join_starts_as_identity(surgery):
     assert torch.equal(o.new["o.linear.weight"], o.old["o.linear.weight"])
 
 
+def test_two_ops_that_do_the_same_thing_keep_their_places(surgery):
+    """Two layernorms read one value (p is a feature group by another name); a layer
+    joined at zero goes in before the first. Matched by what they do, the second new
+    layernorm could take either old one: it keeps its own, so the head still adds
+    the same two terms in the same order (found by the random sequences: they were
+    swapped, and the function reported lost)."""
+    old_text = SCHEMA + """
+model m(obs: s) {
+  p = obs.b
+  out t = add(layernorm(p), layernorm(obs.b))
+}
+"""
+    new = edit(old_text, ("  out t = add(layernorm(p), layernorm(obs.b))",
+                          "  j = add(p, linear(relu(linear(p, 2)), 1))\n  out t = add(layernorm(j), layernorm(obs.b))"))
+    o = surgery(old_text, new)
+    # layernorms 2 + 2; new: j.linear_2 [2, 1] + [2] fresh, j.linear [1, 2] + [1] zero
+    check(o, old_params=4, new_params=11, transferred=4, zeroed=3, fresh=4, dropped=0, preserving=True)
+    moved = {p.name: p.source for p in o.plan.params if p.source is not None}
+    assert moved == {"t.layernorm.weight": "t.layernorm.weight", "t.layernorm.bias": "t.layernorm.bias",
+                     "t.layernorm_2.weight": "t.layernorm_2.weight", "t.layernorm_2.bias": "t.layernorm_2.bias"}
+    assert torch.equal(o.new["j.linear.weight"], torch.zeros(1, 2))
+
+
 def test_insert_layer_over_a_group_that_gained_a_feature_starts_as_identity(surgery):
     """The layer reads a group that also gained a feature (b.w): it still starts as
     the identity, which passes the new feature on too; o's column for it starts at

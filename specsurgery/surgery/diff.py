@@ -292,7 +292,9 @@ def match_ops(old_graph: Graph, new_graph: Graph, renames: Renames) -> None:
     Levels, each over what is still unmatched, unnamed ops first: the same
     `as` name; the same kind, arguments and inputs; the same kind and inputs
     (a widened op); the same kind and arguments (an op whose inputs changed);
-    then unnamed ops of one kind in order of appearance."""
+    then unnamed ops of one kind in order of appearance. Where two old ops
+    do the same thing (two layernorms of one value), the one at the new op's
+    place keeps it: its number is all that tells them apart."""
     table: dict = {}
     old_what = _descriptions(old_graph, None, table)
     new_what = _descriptions(new_graph, renames, table)
@@ -322,7 +324,9 @@ def match_ops(old_graph: Graph, new_graph: Graph, renames: Renames) -> None:
                 want = level(node, new_what)
                 if want is None:
                     continue
-                found = next((o for o in free if o.op == node.op and level(o, old_what) == want), None)
+                alike = [o for o in free if o.op == node.op and level(o, old_what) == want]
+                same_place = old_stmt + node.scope[len(stmt):]
+                found = next((o for o in alike if o.scope == same_place), alike[0] if alike else None)
                 if found is not None:
                     renames.ops[node.scope] = found.scope
                     free.remove(found)
