@@ -2,15 +2,18 @@
 
 Built once per schema (`reader_for`), it holds per group an itemgetter of the
 group's features and a struct of its numeric ones, so the loops over objects
-and values run in C. Records are read 512 at a time: the objects of a chunk
-are still in cache for the second look at them, and the rows of a chunk are
-then scattered into the padded layout. The outputs of a batch live in one
-buffer that the next batch of its size reuses once nothing refers to it
-(`_Outputs`).
+and values run in C. Reading is memory-bound (the records' dicts and floats
+are far bigger than the caches), so records are read a few at a time (64;
+512 validated): the objects of a chunk are still in cache for the second
+look at them. A plain group's rows go straight to its output; an entity set's
+rows are kept chunk by chunk and scattered into the padded layout once per
+batch, with its mask. The outputs of a batch live in one buffer that the next
+batch of its size reuses once nothing refers to it (`_Outputs`).
 
   * validate=False: per object, struct packs the numeric values straight from
-    the itemgetter's tuple (each value touched once); each category is a
-    second, cached look at the objects.
+    the itemgetter's tuple (each value touched once); then the categories, a
+    second look at the objects while they are in cache, looked up in the
+    vocabulary by one itemgetter over it.
   * validate=True: the values of all objects go to one flat list first, so the
     types can be checked column by column; category items become vocabulary
     indices in that list; struct packs it with one call.
@@ -43,7 +46,8 @@ from typing import Callable, Optional
 
 from .spec import model as m
 
-CHUNK = 512  # records read at a time: their objects stay in cache between the looks at them
+CHUNK = 64  # records read at a time: their objects stay in cache between the looks at them
+CHUNK_CHECKED = 512  # validated: more numpy calls per chunk, so more records to spread them over
 
 
 class Refused(Exception):
@@ -100,7 +104,6 @@ class RecordReader:
         self.schema = schema
         self.groups = tuple(_plan(schema, g) for g in schema.groups)
         self._group_values = itemgetter(*(g.name for g in self.groups))  # record -> its groups' values
-        self._slots: dict = {}  # N -> 0..N-1, for the masks of entity sets
         self._outputs: Optional[_Outputs] = None  # the last batch's buffer, reused once free
         self._lock = threading.Lock()
         self._as_they_are, self._by_value = _type_sets()
@@ -113,14 +116,18 @@ class RecordReader:
         wide = np.float64 if dtype == torch.float64 else np.float32
         count = len(flat)
         arrays, dirty = self._claim_outputs(count, wide)
-        for start in range(0, count, CHUNK):
-            self._read_chunk(flat[start:start + CHUNK], start, validate, arrays, wide, dirty)
+        sets = {g.name: _SetPieces(g) for g in self.groups if g.entities is not None}
+        chunk = CHUNK_CHECKED if validate else CHUNK
+        for start in range(0, count, chunk):
+            self._read_chunk(flat[start:start + chunk], start, validate, arrays, wide, sets)
+        for pieces in sets.values():
+            pieces.scatter(arrays, dirty)
         out: dict[str, torch.Tensor] = {}
         for g in self.groups:
             lead = (count,) if g.entities is None else (count, g.entities)
             out[g.name] = _tensor(arrays[g.name].reshape(*lead, len(g.kinds)), dtype)
             if g.entities is not None:
-                out[g.mask_key] = _tensor(arrays[g.mask_key], dtype)
+                out[g.mask_key] = _tensor(arrays[g.mask_key].reshape(lead), dtype)
             for key, _, _ in g.categories:
                 out[key] = torch.from_numpy(arrays[key].reshape(lead))
         return out
@@ -140,18 +147,16 @@ class RecordReader:
                     slots = count if g.entities is None else count * g.entities
                     layout[g.name] = ((slots, len(g.kinds)), wide)
                     if g.entities is not None:
-                        layout[g.mask_key] = ((count, g.entities), wide)
+                        layout[g.mask_key] = ((slots,), wide)
                     for cat, _, _ in g.categories:
                         layout[cat] = ((slots,), np.int64)
                 outputs = self._outputs = _Outputs(key, layout)
             return outputs.arrays(), outputs.dirty
 
-    def _read_chunk(self, part: list, start: int, validate: bool, arrays: dict, wide, dirty: list) -> None:
-        """Records `part` (the batch's from `start` on) into their rows of `arrays`
-        (a plain group's rows and the masks written whole; an entity set's
-        entities scattered into the padding, their rows noted in `dirty`)."""
-        import numpy as np
-
+    def _read_chunk(self, part: list, start: int, validate: bool, arrays: dict, wide, sets: dict) -> None:
+        """Records `part` (the batch's from `start` on): a plain group's rows
+        into `arrays`, an entity set's objects into its `sets` pieces (scattered
+        into the padding once all chunks are read)."""
         count = len(part)
         if validate and (set(map(type, part)) != {dict} or set(map(len, part)) != {len(self.groups)}):
             raise Refused
@@ -166,31 +171,11 @@ class RecordReader:
                 continue
             if validate and (set(map(type, objs)) != {list} or max(map(len, objs)) > g.entities):
                 raise Refused
-            counts = np.fromiter(map(len, objs), dtype=np.int64, count=count)
-            # mask: 1 for the entities a record holds, written whole (no zeroing first)
-            np.less(self._slot_numbers(g.entities), counts[:, None], out=arrays[g.mask_key][start:start + count],
-                    casting="unsafe")
+            pieces = sets[g.name]
+            pieces.counts.extend(map(len, objs))
             objects = list(chain.from_iterable(objs))
-            if not objects:
-                continue
-            numeric, ids = self._objects(g, objects, validate, wide)
-            # the slot of each entity in the padded layout [records * N]
-            size = g.entities
-            first_slots = np.arange(start * size, (start + count) * size, size) - (np.cumsum(counts) - counts)
-            rows = np.repeat(first_slots, counts) + np.arange(len(objects))
-            dirty.append((g.name, rows))  # before writing: a refusal halfway leaves none unnoted
-            arrays[g.name][rows] = numeric
-            for (key, _, _), column in zip(g.categories, ids):
-                dirty.append((key, rows))
-                arrays[key][rows] = column
-
-    def _slot_numbers(self, entities: int):
-        import numpy as np
-
-        hit = self._slots.get(entities)
-        if hit is None:
-            hit = self._slots[entities] = np.arange(entities)
-        return hit
+            if objects:
+                pieces.add(*self._objects(g, objects, validate, wide))
 
     def _objects(self, g: _GroupPlan, objects: list, validate: bool, wide) -> tuple:
         """The objects' numeric values ([objects, n], float64 or `wide`) and category indices (per feature)."""
@@ -201,18 +186,20 @@ class RecordReader:
                 raise Refused
             return self._checked(g, objects)
         count, n = len(objects), len(g.kinds)
-        ids = [np.fromiter(map(index.__getitem__, map(get, objects)), dtype=np.int64, count=count)
-               for _, get, index in g.categories]  # KeyError: not an item, TypeError: not a string
-        if not n:
-            return np.zeros((count, 0)), ids
-        # straight to float32 for a float32 model (rounded as numpy casts; beyond a float32, inf)
-        pack = g.pack_numeric32 if wide == np.float32 else g.pack_numeric
-        rows = map(g.read_numeric, objects)
-        try:  # struct refuses what is not a number (a string, None, a list)
-            packed = b"".join(map(pack, rows) if n == 1 else starmap(pack, rows))
-        except (struct.error, OverflowError, TypeError):
-            raise Refused from None
-        return np.frombuffer(packed, dtype=wide).reshape(count, n), ids
+        if n:
+            # straight to float32 for a float32 model (rounded as numpy casts; beyond a float32, inf)
+            pack = g.pack_numeric32 if wide == np.float32 else g.pack_numeric
+            rows = map(g.read_numeric, objects)
+            try:  # struct refuses what is not a number (a string, None, a list)
+                packed = b"".join(map(pack, rows) if n == 1 else starmap(pack, rows))
+            except (struct.error, OverflowError, TypeError):
+                raise Refused from None
+            numeric = np.frombuffer(packed, dtype=wide).reshape(count, n)
+        else:
+            numeric = np.zeros((count, 0))
+        # the categories after the numbers: the objects are still in cache
+        ids = [_indices(index, map(get, objects), count) for _, get, index in g.categories]
+        return numeric, ids
 
     def _checked(self, g: _GroupPlan, objects: list) -> tuple:
         """_objects with every value checked (see the module's docstring)."""
@@ -254,6 +241,61 @@ class RecordReader:
                 raise Refused
             by_value.append(i)
         return by_value
+
+
+def _indices(index: dict, items, count: int):
+    """The vocabulary indices of `count` items (KeyError: not an item, TypeError:
+    not hashable): one itemgetter over the vocabulary does all the lookups in C."""
+    import numpy as np
+
+    if count < 2:  # an itemgetter of one key gives a value, not a tuple
+        return np.array([index[item] for item in items], dtype=np.int64)
+    return np.fromiter(itemgetter(*items)(index), dtype=np.int64, count=count)
+
+
+class _SetPieces:
+    """An entity set's objects as the chunks read them: the number per record,
+    and their numeric rows and category indices, chunk by chunk. Scattered into
+    the padded layout once per batch (a few numpy calls for the whole batch,
+    not per chunk)."""
+
+    def __init__(self, group: _GroupPlan):
+        self.group = group
+        self.counts: list[int] = []  # objects per record, in record order
+        self.numeric: list = []  # [objects, n] per chunk
+        self.ids: list[list] = [[] for _ in group.categories]  # per category: [objects] per chunk
+
+    def add(self, numeric, ids: list) -> None:
+        self.numeric.append(numeric)
+        for column, part in zip(self.ids, ids):
+            column.append(part)
+
+    def scatter(self, arrays: dict, dirty: list) -> None:
+        """The objects into their slots of `arrays`, and 1 into the same slots of the mask (rows noted in `dirty`)."""
+        import numpy as np
+
+        g, size = self.group, self.group.entities
+        counts = np.array(self.counts, dtype=np.int64)
+        if len(counts) and counts.max() > size:  # more than N: would spill into the next record's slots
+            raise Refused
+        if not self.numeric:
+            return
+        # the slot of each entity in the padded layout [records * N]
+        first_slots = np.arange(0, len(counts) * size, size) - (np.cumsum(counts) - counts)
+        rows = np.repeat(first_slots, counts) + np.arange(int(counts.sum()))
+        dirty.append((g.mask_key, rows))  # before writing: a refusal halfway leaves none unnoted
+        arrays[g.mask_key][rows] = 1
+        dirty.append((g.name, rows))
+        arrays[g.name][rows] = _joined(self.numeric)
+        for (key, _, _), column in zip(g.categories, self.ids):
+            dirty.append((key, rows))
+            arrays[key][rows] = _joined(column)
+
+
+def _joined(parts: list):
+    import numpy as np
+
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class _Outputs:
