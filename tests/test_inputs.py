@@ -321,6 +321,33 @@ def test_a_batch_refused_halfway_leaves_nothing_behind(model):
     assert_same(model.featurise(recs, validate=False), expected_of(model, recs))
 
 
+def test_a_batch_read_in_many_chunks_is_the_same_batch(model, monkeypatch):
+    """Records are read a few at a time and each entity set scattered once per
+    batch: chunks of 3 give the tensors of the arrays, validated or not, and a
+    second batch in the same buffer keeps none of the first's entities."""
+    from specsurgery import record_reader
+
+    monkeypatch.setattr(record_reader, "CHUNK", 3)
+    monkeypatch.setattr(record_reader, "CHUNK_CHECKED", 3)
+    schema = schema_of(model)
+    rng = random.Random(7)
+    first = [FULL, {**GOOD, "items": []}] + [random_record(schema, rng) for _ in range(8)] + [FULL]
+    second = [{**GOOD, "items": []}] * 5 + [random_record(schema, rng) for _ in range(5)] + [GOOD]
+    for validate in (False, True):
+        assert_same(model.featurise(first, validate=validate), expected_of(model, first))
+        held = buffer_of(model)
+        assert_same(model.featurise(second, validate=validate), expected_of(model, second))
+        assert buffer_of(model)() is held()  # the second batch was read into the first's buffer
+
+
+def test_more_entities_than_a_set_holds_are_refused_without_validation(model):
+    """No entity spills into the next record's slots: the set's limit is checked anyway."""
+    five = {**GOOD, "items": [{"w": 1.0, "kind": "a"}] * 5}
+    with pytest.raises(ss.UserError) as e:
+        model.featurise([five, GOOD], validate=False)
+    assert str(e.value) == "record 0: items: 5 entities, at most 4 allowed"
+
+
 def test_inputs_land_in_the_model_dtype():
     model = ss.compile(SPEC).to(torch.float64)
     cols = columns_of(schema_of(model), [GOOD])
