@@ -2,9 +2,11 @@
 a self-play league, every checkpoint of a run), in worker processes.
 
 The plan is made once, by the caller; each worker builds the new graph once and
-then applies the plan to whole checkpoints, one task each, through
-surgery/apply.apply_plan, with the optimizer file beside each carried too
-(optimizer_state.carry_optimizer_file). The pool is shard_apply's. Each output
+then applies the plan to whole checkpoints, one task each, each into what it
+was: a file through surgery/apply.apply_plan, with the optimizer file beside
+it carried too (optimizer_state.carry_optimizer_file); a sharded folder into
+a sharded folder (shard_apply), a DCP folder into a DCP folder with its
+optimizer state (dcp.apply_dcp). The pool is shard_apply's. Each output
 is written atomically by apply's writer; a checkpoint that fails (corrupt, of
 another spec, a full disk) is reported by name and the others are written whole.
 """
@@ -70,15 +72,29 @@ def _apply_one(task: tuple[str, str]) -> Outcome:
     from .checkpoint import optimizer_path
     from .surgery.apply import apply_plan
 
-    checkpoint, out = task
-    plan = _WORKER["plan"]
-    try:
-        apply_plan(plan, checkpoint, _WORKER["graph"], out, seed=_WORKER["seed"], durable=_WORKER["durable"])
-        optimizer = None
-        if os.path.exists(optimizer_path(checkpoint)):  # optimizer_state imports torch: only for a file to carry
-            from .optimizer_state import carry_optimizer_file
+    from .shards import is_folder_checkpoint
 
-            optimizer = carry_optimizer_file(plan, checkpoint, out, durable=_WORKER["durable"])
+    checkpoint, out = task
+    plan, graph, seed, durable = _WORKER["plan"], _WORKER["graph"], _WORKER["seed"], _WORKER["durable"]
+    # The caller checked the plan against the first checkpoint's spec; every
+    # writer refuses a checkpoint whose spec is another (checked=True: not planned again).
+    try:
+        optimizer = None
+        if is_folder_checkpoint(checkpoint):  # into a folder of its kind, one worker per folder
+            from .dcp import apply_dcp, is_dcp
+            from .shard_apply import apply_sharded
+
+            if is_dcp(checkpoint):
+                optimizer = apply_dcp(plan, checkpoint, graph, out, jobs=1, seed=seed, checked=True,
+                                      durable=durable)["optimizer"]
+            else:
+                apply_sharded(plan, checkpoint, graph, out, jobs=1, seed=seed, checked=True, durable=durable)
+        else:
+            apply_plan(plan, checkpoint, graph, out, seed=seed, durable=durable, checked=True)
+            if os.path.exists(optimizer_path(checkpoint)):  # optimizer_state imports torch: only for a file to carry
+                from .optimizer_state import carry_optimizer_file
+
+                optimizer = carry_optimizer_file(plan, checkpoint, out, durable=durable)
     except UserError as e:
         return Outcome(checkpoint, out, error=str(e))
     except OSError as e:  # a full disk, a folder that cannot be written

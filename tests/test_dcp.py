@@ -475,3 +475,30 @@ def test_two_ranks_train_save_surgery_load_train_equal_one_process(tmp_path):
 def equal_states_close(a, b) -> bool:
     a, b = a.state_dict(), b.state_dict()
     return list(a) == list(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_many_folders_are_each_carried_into_a_folder_of_their_kind(tmp_path):
+    """ss.apply of a list: a DCP folder comes out a DCP folder with its optimizer
+    state, a sharded folder a sharded folder, file for file what a separate apply
+    writes (they came out as one-file checkpoints named like the folder, the
+    optimizer state left behind)."""
+    model, optimizer = trained_with_optimizer(tmp_path)
+    save_dcp(model, str(tmp_path / "run_a"), optimizer=optimizer)
+    model.save(str(tmp_path / "run_b"), max_shard_size=300)  # h, h2 and q in shards of their own
+    new = str(tmp_path / "new.spec")
+    ss.apply([str(tmp_path / "run_a"), str(tmp_path / "run_b")], new, str(tmp_path / "many"), jobs=1)
+    for name in ("run_a", "run_b"):
+        ss.apply(str(tmp_path / name), new, str(tmp_path / "one" / name), jobs=1)
+        one, many = tmp_path / "one" / name, tmp_path / "many" / name
+        files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+        assert files == sorted(str(p.relative_to(many)) for p in many.rglob("*") if p.is_file())
+        for f in files:
+            assert (one / f).read_bytes() == (many / f).read_bytes(), f"{name}/{f} differs from its separate apply"
+    assert os.path.isdir(tmp_path / "many" / "run_a" / OPTIMIZER_DIR)
+    assert len([f for f in os.listdir(tmp_path / "many" / "run_b") if f.endswith(".safetensors")]) == 3
+    loaded = ss.compile(new, seed=9)
+    carried = adam_in_two_groups(loaded, lr=1.0)
+    load_dcp(str(tmp_path / "many" / "run_a"), loaded, optimizer=carried)
+    ref = ss.surgery(model, new, optimizer=optimizer)
+    assert equal_states(loaded, ref.model)
+    same_optimizer_state(ref.optimizer, ref.model, carried, loaded)
