@@ -321,10 +321,10 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
     if records is not None:
         records = _old_records(records, old_model, has_time)
         states = len(records)
-        steps = len(records[0]) if has_time and records else steps
+        steps = len(records[0])  # each a sequence of steps (of one step without a time axis)
     else:
         states = _count(states, "states")
-    batch = _count(batch, "batch") if batch is not None else batch_size(old_model, new_model, steps)
+    batch = _count(batch, "batch") if batch is not None else batch_size(old_model, new_model, steps, records is not None)
     plan = make_plan(old_graph, new_graph)
     renames = find_renames(old_spec, new_spec)
     columns = {h: (old_h, torch.tensor(new_cols), torch.tensor(old_cols))
@@ -338,39 +338,44 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
     new_model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, states, batch):
-                n = min(batch, states - start)
-                if records is not None:  # checked and featurised under the old schema
-                    old_in = old_model.featurise(records[start:start + n] if old_graph.has_time else
-                                                 [obs for seq in records[start:start + n] for obs in seq])
-                else:
-                    lead = (n, steps) if old_graph.has_time else (n * steps,)
+            start = 0
+            for n in _batches(states, batch):
+                # checked and featurised under the old schema, all steps of the batch at once
+                recorded = _featurised(old_model, records[start:start + n], steps) if records is not None else None
+                old_state = new_state = None
+                for t in range(steps):
+                    # One step of every state of the batch at a time: a recurrent model
+                    # runs one step at a time anyway, and carries its state over.
+                    if recorded is not None:
+                        old_in = {k: v[:, t:t + 1] if old_graph.has_time else v[:, t] for k, v in recorded.items()}
+                    else:
+                        with _one_thread():
+                            drawn = _random_states(old_spec.schema, allowed, _lead(old_graph, n), gen, max_entities,
+                                                   _drawn_dtype(old_model))
+                        old_in = old_model.inputs(drawn)
+                        del drawn
+                    out_old, old_state = _step(old_model, old_in, old_state)
+                    lead = _lead(new_graph, n)
+                    as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_in.items()}
+                    del old_in
                     with _one_thread():
-                        drawn = _random_states(old_spec.schema, allowed, lead, gen, max_entities,
-                                               _drawn_dtype(old_model))
-                    old_in = old_model.inputs(drawn)
-                    del drawn
-                out_old = _run(old_model, old_in, n, has_time)
-                # the new model's lead axes: [B, T] if it is recurrent, else [B * T]
-                lead = (n, steps) if new_graph.has_time else (n * steps,)
-                as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_in.items()}
-                del old_in
-                with _one_thread():
-                    carried = _carry(as_new, carrying, gen, _drawn_dtype(new_model))
-                new_in = new_model.inputs(carried)
-                del carried
-                del as_new
-                out_new = _run(new_model, new_in, n, has_time)
-                del new_in
-                for h, (old_h, new_cols, old_cols) in columns.items():
-                    # Upcast one batch's compared outputs only: float64 copies of nothing else.
-                    a = out_old[old_h].index_select(-1, old_cols.to(out_old[old_h].device)).double()
-                    b = out_new[h].index_select(-1, new_cols.to(out_new[h].device)).double().to(a.device)
-                    # Two equal infinities (a pointer's padding scores, -inf) are equal: inf - inf is nan.
-                    d = torch.where(a == b, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
-                    if not math.isnan(worst[h]) and (math.isnan(d) or d > worst[h]):
-                        worst[h] = d  # once NaN, it stays NaN
-                del out_old, out_new
+                        carried = _carry(as_new, carrying, gen, _drawn_dtype(new_model))
+                    del as_new
+                    new_in = new_model.inputs(carried)
+                    del carried
+                    out_new, new_state = _step(new_model, new_in, new_state)
+                    del new_in
+                    for h, (old_h, new_cols, old_cols) in columns.items():
+                        # Upcast one step's compared outputs only: float64 copies of nothing else.
+                        a = out_old[old_h].index_select(-1, old_cols.to(out_old[old_h].device)).double()
+                        b = out_new[h].index_select(-1, new_cols.to(out_new[h].device)).double().to(a.device)
+                        # Two equal infinities (a pointer's padding scores, -inf) are equal: inf - inf is nan.
+                        d = torch.where(a == b, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
+                        if not math.isnan(worst[h]) and (math.isnan(d) or d > worst[h]):
+                            worst[h] = d  # once NaN, it stays NaN
+                    del out_old, out_new
+                del recorded, old_state, new_state
+                start += n
     finally:
         old_model.train(modes[0])
         new_model.train(modes[1])
@@ -378,19 +383,29 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
                         "records" if records is not None else "random states")
 
 
-def batch_size(old_model, new_model, steps: int) -> int:
-    """States per batch: as many as BATCH_BYTES holds (both versions' inputs for
-    every step, and the larger forward pass: a recurrent model runs one step at a
-    time, another all steps at once), at least 1, at most MAX_BATCH."""
+def batch_size(old_model, new_model, steps: int, records: bool = False) -> int:
+    """States per batch: as many as BATCH_BYTES holds (one step's inputs of both
+    versions, their recurrent states and the larger forward pass of one step; the
+    caller's records featurised, every step of the batch, if there are), at least
+    1, at most MAX_BATCH."""
     from ..model import forward_bytes, model_dtype
 
     per_state = forward = 0
     for model in (old_model, new_model):
         itemsize = model_dtype(model).itemsize
-        per_state += steps * _input_bytes(model._ss_graph.schema, itemsize)
-        at_once = 1 if model._ss_graph.has_time else steps
-        forward = max(forward, at_once * forward_bytes(model._ss_graph, itemsize))
+        per_state += _input_bytes(model._ss_graph.schema, itemsize) + 2 * _state_bytes(model._ss_graph, itemsize)
+        forward = max(forward, forward_bytes(model._ss_graph, itemsize))
+    if records:
+        per_state += steps * _input_bytes(old_model._ss_graph.schema, model_dtype(old_model).itemsize)
     return max(1, min(MAX_BATCH, BATCH_BYTES // (per_state + forward)))
+
+
+def _state_bytes(graph, itemsize: int) -> int:
+    """One state's recurrent state (h, and c for an lstm, per recurrent op)."""
+    from ..ops import OPS
+
+    return sum(len(OPS[n.op].recurrent_state) * n.value.width * itemsize
+               for n in graph.nodes if OPS[n.op].recurrent_state)
 
 
 def _input_bytes(schema: m.Schema, itemsize: int) -> int:
@@ -420,18 +435,40 @@ def _old_records(records, old_model, has_time: bool) -> list:
     return [[r] for r in records]  # one observation: a sequence of one step
 
 
-def _run(model, inputs: dict, states: int, has_time: bool) -> dict:
-    """Heads of `model` on `inputs` (lead axes [B, T] for a recurrent model,
-    [B * T] for another), as [B, T, ...] when either model is recurrent."""
-    if model._ss_graph.has_time or not has_time:
-        return model(inputs)
-    # Beside a recurrent model, which runs one step at a time: one step's
-    # observations at a time too, so both multiply matrices of the same shapes
-    # and round alike (all steps at once, outputs near 15 came 4e-5 apart).
-    stepped = {k: v.reshape(states, v.shape[0] // states, *v.shape[1:]) for k, v in inputs.items()}  # -1: not for 0 features
-    steps = next(iter(stepped.values())).shape[1]
-    outputs = [model({k: v[:, t] for k, v in stepped.items()}) for t in range(steps)]
-    return {h: torch.stack([o[h] for o in outputs], dim=1) for h in outputs[0]}
+def _batches(states: int, most: int) -> list[int]:
+    """`states` split into batches of at most `most`, as even as can be: batches of
+    one size make the same allocations, which the heap can then reuse."""
+    count = -(-states // most)
+    return [states // count + (k < states % count) for k in range(count)]
+
+
+def _lead(graph, states: int) -> tuple:
+    """The lead axes of one step's inputs of `states` states: [B, 1] for a recurrent model, else [B]."""
+    return (states, 1) if graph.has_time else (states,)
+
+
+def _step(model, inputs: dict, state: Optional[dict]) -> tuple[dict, Optional[dict]]:
+    """Heads of `model` on one step's `inputs` ([B, ...] each), and a recurrent
+    model's state after it (None: the zero state). A model without a time axis
+    beside a recurrent one thus runs on one step's observations at a time too, so
+    both multiply matrices of the same shapes and round alike (all steps at once,
+    outputs near 15 came 4e-5 apart)."""
+    if not model._ss_graph.has_time:
+        return model(inputs), None
+    if state is None:
+        state = model.initial_state(len(next(iter(inputs.values()))))
+    heads, state = model(inputs, state=state)
+    return {h: v[:, 0] for h, v in heads.items()}, state
+
+
+def _featurised(old_model, records: list, steps: int) -> dict:
+    """A batch of the caller's records (sequences of `steps` observations) featurised
+    under the old schema, lead axes [B, T]."""
+    graph = old_model._ss_graph
+    if graph.has_time:
+        return old_model.featurise(records)
+    inputs = old_model.featurise([obs for seq in records for obs in seq])
+    return {k: v.reshape(len(records), steps, *v.shape[1:]) for k, v in inputs.items()}
 
 
 def verify(old_path: str, new_path: str, states: int = 1000, steps: Optional[int] = None, seed: int = 0) -> dict:
