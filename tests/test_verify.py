@@ -2,6 +2,7 @@
 for column, streamed in batches that change nothing but memory."""
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -143,3 +144,35 @@ def test_a_model_without_a_time_axis_runs_step_by_step_beside_a_recurrent_one():
     new = ss.surgery(old, with_kinds.replace("linear(concat(m, onehot(obs.c.k)), 1)",
                                              "linear(concat(add(m, lstm(m, 3)), onehot(obs.c.k)), 1)")).model
     assert ss.verify(old, new, states=30).max_diff == {"o": 0.0, "h": 0.0}
+
+
+RECURRENT = """schema s {
+  group g {
+    x: float
+    n: int
+  }
+}
+
+model m(obs: s) {
+  core = lstm(obs.g, 4)
+  out o = linear(core, 2)
+}
+"""
+
+
+def test_the_recurrent_state_goes_from_step_to_step():
+    """States go through one step at a time: what the recurrence reads only from the
+    second step on (weight_hh: the state starts at zero) is found, by as much as the
+    models differ run over whole sequences."""
+    old = ss.compile(RECURRENT, seed=0)
+    new = copy.deepcopy(old)
+    with torch.no_grad():
+        new.core.lstm.weight_hh += 0.5
+    assert verify_models(old, new, states=8, steps=1).max_diff == {"o": 0.0}
+    assert not verify_models(old, new, states=8, steps=3).ok
+    rng = random.Random(0)
+    records = [[random_record(load_text(RECURRENT).model().schema, rng) for _ in range(3)] for _ in range(7)]
+    found = verify_models(old, new, records=records, batch=3).max_diff["o"]
+    with torch.inference_mode():
+        whole = (old(old.featurise(records))["o"].double() - new(new.featurise(records))["o"].double()).abs().max()
+    assert found > 0.01 and math.isclose(found, whole.item(), rel_tol=1e-6)

@@ -9,9 +9,10 @@ of features the new version added are random), and each model runs on its
 version. The result is the largest absolute difference per output head the
 two models share, in float64.
 
-States go through in batches sized by bytes (BATCH_BYTES), so memory holds
-one batch whatever the number of states, and nothing per state is kept but
-the running maximum per head.
+States go through in batches sized by bytes (BATCH_BYTES), one step of every
+state of a batch at a time (a recurrent model carries its state from step to
+step), so memory holds one step of one batch whatever the number of states,
+and nothing per state is kept but the running maximum per head.
 """
 from __future__ import annotations
 
@@ -26,16 +27,16 @@ from ..errors import UserError
 from ..spec import model as m
 from .diff import Renames, find_renames
 
-# What one batch may hold beyond the two models: both versions' inputs and the
-# larger forward pass's live values (model.forward_bytes). For Five (3 steps a
-# state) that is 100 states. The process's resident memory runs to about twice
-# what is live: glibc keeps the freed tensors of one batch in its heap, and the
-# next batch's (of the other model, a little larger or smaller) do not fit the
-# holes. At 160 MB (126 states) that took 10,000 states of Five 49 MB over its
-# limit (its two checkpoints plus 512 MB, of which torch itself takes 250 MB).
-# Fixing malloc's mmap threshold keeps the heap small but costs 15% more time
-# in page faults; trimming the heap between batches does not lower the peak
-# (it is reached within a batch).
+# What one batch may hold beyond the two models: one step's inputs of both
+# versions, their recurrent states and the larger forward pass's live values
+# (model.forward_bytes). For Five that is 140 states (125 a batch for 1,000). The
+# process's resident memory runs to two or three times what is live: glibc keeps
+# the freed tensors in its heap, and the next ones of other sizes do not fit the
+# holes. The limit is the two checkpoints plus 512 MB, of which torch itself
+# takes 250 MB; measured on Five, 500 states in batches of 167 peaked 50 to
+# 110 MB over it. Fixing malloc's mmap threshold keeps the heap small but costs
+# 15% more time in page faults; trimming the heap between batches does not lower
+# the peak (it is reached within a batch).
 BATCH_BYTES = 128 << 20
 MAX_BATCH = 1024
 
@@ -338,6 +339,7 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
     new_model.eval()
     try:
         with torch.inference_mode():
+            _settle_malloc()
             start = 0
             for n in _batches(states, batch):
                 # checked and featurised under the old schema, all steps of the batch at once
@@ -365,14 +367,7 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
                     del carried
                     out_new, new_state = _step(new_model, new_in, new_state)
                     del new_in
-                    for h, (old_h, new_cols, old_cols) in columns.items():
-                        # Upcast one step's compared outputs only: float64 copies of nothing else.
-                        a = out_old[old_h].index_select(-1, old_cols.to(out_old[old_h].device)).double()
-                        b = out_new[h].index_select(-1, new_cols.to(out_new[h].device)).double().to(a.device)
-                        # Two equal infinities (a pointer's padding scores, -inf) are equal: inf - inf is nan.
-                        d = torch.where(a == b, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
-                        if not math.isnan(worst[h]) and (math.isnan(d) or d > worst[h]):
-                            worst[h] = d  # once NaN, it stays NaN
+                    _compare(out_old, out_new, columns, worst)
                     del out_old, out_new
                 del recorded, old_state, new_state
                 start += n
@@ -433,6 +428,29 @@ def _old_records(records, old_model, has_time: bool) -> list:
     if old_model._ss_graph.has_time:
         return records  # each already a sequence (featurise says so if not)
     return [[r] for r in records]  # one observation: a sequence of one step
+
+
+def _compare(out_old: dict, out_new: dict, columns: dict, worst: dict) -> None:
+    """Raise `worst` (head -> largest difference so far) to one step's differences
+    of the columns the plan pairs, in float64; once NaN, a head stays NaN."""
+    for h, (old_h, new_cols, old_cols) in columns.items():
+        # Upcast one step's compared outputs only: float64 copies of nothing else.
+        a = out_old[old_h].index_select(-1, old_cols.to(out_old[old_h].device)).double()
+        b = out_new[h].index_select(-1, new_cols.to(out_new[h].device)).double().to(a.device)
+        # Two equal infinities (a pointer's padding scores, -inf) are equal: inf - inf is nan.
+        d = torch.where(a == b, 0.0, (a - b).abs()).max().item() if a.numel() else 0.0
+        if not math.isnan(worst[h]) and (math.isnan(d) or d > worst[h]):
+            worst[h] = d
+
+
+def _settle_malloc() -> None:
+    """glibc's malloc gives a block above its mmap threshold a mapping of its own
+    and, once such a block is freed, raises the threshold to that block's size (up
+    to 32 MB). In the first batch the threshold then climbs tensor by tensor, and
+    the heap keeps the layout of that climb: Five's peak ran from 1,621 to 1,716 MB
+    over four runs of 500 states. One block of 31 MB, made and freed first, puts the
+    threshold there at once: 1,620 to 1,635 MB. (Elsewhere: 31 MB asked and given back.)"""
+    torch.empty(31 << 20, dtype=torch.uint8)
 
 
 def _batches(states: int, most: int) -> list[int]:
