@@ -50,6 +50,9 @@ CHUNK = 64  # records read at a time: their objects stay in cache between the lo
 CHUNK_CHECKED = 512  # validated: more numpy calls per chunk, so more records to spread them over
 
 
+_PLAIN_TYPE = {"float": float, "int": int, "bool": bool}  # per kind, the Python type a JSON value of it has
+
+
 class Refused(Exception):
     """A record does not satisfy the schema; jsonschema words why."""
 
@@ -232,9 +235,14 @@ class RecordReader:
         need a look at by value: floats in an int feature (whole numbers only),
         numbers in a bool feature (0 or 1 only)."""
         w = g.width
+        count = len(values) // w
+        types = list(map(type, values))
         by_value = []
         for i, kind in enumerate(g.kinds):
-            seen = set(map(type, values[i::w]))
+            column = types[i::w]
+            if column.count(_PLAIN_TYPE[kind]) == count:  # the common case, counted by identity (no set to build)
+                continue
+            seen = set(column)
             if seen <= self._as_they_are[kind]:
                 continue
             if not seen <= self._as_they_are[kind] | self._by_value[kind]:
