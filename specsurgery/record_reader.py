@@ -3,11 +3,11 @@
 Built once per schema (`reader_for`), it holds per group an itemgetter of the
 group's features and a struct of its numeric ones, so the loops over objects
 and values run in C. Reading is memory-bound (the records' dicts and floats
-are far bigger than the caches), so records are read a few at a time (64;
-512 validated): the objects of a chunk are still in cache for the second
-look at them. A plain group's rows go straight to its output; an entity set's
-rows are kept chunk by chunk and scattered into the padded layout once per
-batch, with its mask. The outputs of a batch live in one buffer that the next
+are far bigger than the caches), so records are read 64 at a time: the
+objects of a chunk, and the lists made of their values, are still in cache
+for the second look at them. A plain group's rows go straight to its
+output; an entity set's rows are kept chunk by chunk and scattered into the
+padded layout once per batch, with its mask. The outputs of a batch live in one buffer that the next
 batch of its size reuses once nothing refers to it (`_Outputs`).
 
   * validate=False: per object, struct packs the numeric values straight from
@@ -47,7 +47,6 @@ from typing import Callable, Optional
 from .spec import model as m
 
 CHUNK = 64  # records read at a time: their objects stay in cache between the looks at them
-CHUNK_CHECKED = 512  # validated: more numpy calls per chunk, so more records to spread them over
 
 
 _PLAIN_TYPE = {"float": float, "int": int, "bool": bool}  # per kind, the Python type a JSON value of it has
@@ -120,9 +119,8 @@ class RecordReader:
         count = len(flat)
         arrays, dirty = self._claim_outputs(count, wide)
         sets = {g.name: _SetPieces(g) for g in self.groups if g.entities is not None}
-        chunk = CHUNK_CHECKED if validate else CHUNK
-        for start in range(0, count, chunk):
-            self._read_chunk(flat[start:start + chunk], start, validate, arrays, wide, sets)
+        for start in range(0, count, CHUNK):
+            self._read_chunk(flat[start:start + CHUNK], start, validate, arrays, wide, sets)
         for pieces in sets.values():
             pieces.scatter(arrays, dirty)
         out: dict[str, torch.Tensor] = {}

@@ -328,7 +328,6 @@ def test_a_batch_read_in_many_chunks_is_the_same_batch(model, monkeypatch):
     from specsurgery import record_reader
 
     monkeypatch.setattr(record_reader, "CHUNK", 3)
-    monkeypatch.setattr(record_reader, "CHUNK_CHECKED", 3)
     schema = schema_of(model)
     rng = random.Random(7)
     first = [FULL, {**GOOD, "items": []}] + [random_record(schema, rng) for _ in range(8)] + [FULL]
