@@ -4,6 +4,7 @@ numpy scalars and 0/1 bools are taken; every mistake names its group and feature
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 import weakref
@@ -48,6 +49,12 @@ model ff(obs: s) {
 
 def schema_of(model):
     return load_text(model.spec).model().schema
+
+
+@functools.lru_cache(maxsize=None)
+def spec_schema():
+    """SPEC's schema, made once (the random records of many examples are read against it)."""
+    return load_text(SPEC).model().schema
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +179,7 @@ def _places(value, path=()):
 @st.composite
 def mutated_records(draw):
     rng = random.Random(draw(st.integers(0, 2 ** 16)))
-    schema = schema_of(ss.compile(SPEC))
+    schema = spec_schema()
     record = random_record(schema, rng)
     for _ in range(draw(st.integers(0, 2))):
         places = list(_places(record))
@@ -210,6 +217,21 @@ def test_reader_accepts_and_refuses_what_the_json_schema_does(case):
     assert accepted == definition.is_valid(record), record
 
 
+@settings(max_examples=100, deadline=None)
+@given(mutated_records())
+def test_featurise_without_validation_takes_a_valid_record_alike_and_refuses_cleanly(case):
+    """validate=False on any record: the validated tensors for a valid one,
+    else a tensor batch or a UserError, never another exception."""
+    schema, record = case
+    try:
+        unchecked = featurise(schema, [record, record], validate=False)
+    except ss.UserError:
+        unchecked = None
+    if jsonschema.Draft202012Validator(record_schema(schema)).is_valid(record):
+        assert unchecked is not None
+        assert_same(unchecked, featurise(schema, [record, record]))
+
+
 NUMPY_VALUES = st.sampled_from([
     np.float16(1.0), np.float32(0.5), np.float64(-2.0), np.longdouble(1.0), np.float32(np.inf), np.float64(np.nan),
     np.int8(1), np.uint8(0), np.int32(-3), np.int64(4), np.longlong(2), np.uint64(2 ** 64 - 1),
@@ -220,7 +242,7 @@ NUMPY_VALUES = st.sampled_from([
 def records_with_numpy_scalars(draw):
     """A random record with some values replaced by numpy scalars (of every width)."""
     rng = random.Random(draw(st.integers(0, 2 ** 16)))
-    schema = schema_of(ss.compile(SPEC))
+    schema = spec_schema()
     record = random_record(schema, rng)
     objects = [record["g"], *record["items"]]
     for _ in range(draw(st.integers(1, 3))):
