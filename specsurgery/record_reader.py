@@ -7,8 +7,9 @@ are far bigger than the caches), so records are read 64 at a time: the
 objects of a chunk, and the lists made of their values, are still in cache
 for the second look at them. A plain group's rows go straight to its
 output; an entity set's rows are kept chunk by chunk and scattered into the
-padded layout once per batch, with its mask. The outputs of a batch live in one buffer that the next
-batch of its size reuses once nothing refers to it (`_Outputs`).
+padded layout once per batch, with its mask. The outputs of a batch live in
+one buffer that the next batch of its size reuses once nothing refers to it
+(`_Outputs`).
 
   * validate=False: per object, struct packs the numeric values straight from
     the itemgetter's tuple (each value touched once); then the categories, a
@@ -23,8 +24,9 @@ definition), written out so that they run over whole columns:
 
   * exact keys per object: its length, and the lookup of each feature;
   * at most N entities in a set; category items by dict lookup;
-  * a type per value: the set of types met in each column, within the types
-    its kind takes;
+  * a type per value: in each column, a count of its kind's plain Python
+    type (by identity, the common case) or else the set of types met, within
+    the types its kind takes;
   * the few value rules, on the doubles at once: no value beyond a float
     (inf), a float in an int feature is a whole number, a number in a bool
     feature is 0 or 1.
@@ -47,8 +49,6 @@ from typing import Callable, Optional
 from .spec import model as m
 
 CHUNK = 64  # records read at a time: their objects stay in cache between the looks at them
-
-
 _PLAIN_TYPE = {"float": float, "int": int, "bool": bool}  # per kind, the Python type a JSON value of it has
 
 
@@ -277,7 +277,8 @@ class _SetPieces:
             column.append(part)
 
     def scatter(self, arrays: dict, dirty: list) -> None:
-        """The objects into their slots of `arrays`, and 1 into the same slots of the mask (rows noted in `dirty`)."""
+        """The objects into their slots of `arrays`, and 1 into the same slots
+        of the mask (the rows noted in `dirty`)."""
         import numpy as np
 
         g, size = self.group, self.group.entities
@@ -299,6 +300,7 @@ class _SetPieces:
 
 
 def _joined(parts: list):
+    """The chunks' arrays as one."""
     import numpy as np
 
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
