@@ -33,10 +33,13 @@ from .diff import Renames, find_renames
 # process's resident memory runs to two or three times what is live: glibc keeps
 # the freed tensors in its heap, and the next ones of other sizes do not fit the
 # holes. The limit is the two checkpoints plus 512 MB, of which torch itself
-# takes 250 MB; measured on Five, 500 states in batches of 167 peaked 50 to
-# 110 MB over it. Fixing malloc's mmap threshold keeps the heap small but costs
-# 15% more time in page faults; trimming the heap between batches does not lower
-# the peak (it is reached within a batch).
+# takes 250 MB. Measured on Five, 3,000 states: in batches of 137 the peak stays
+# at 1,633 MB from the first batch to the last; in batches of 200 or 250 it is
+# 1,729 to 1,763 MB, over the limit of 1,725, and no faster. With the two models
+# taking turns step by step (each one's recurrent state kept across the other's
+# forward pass) the peak climbed from batch to batch: 1,765 MB at 10,000 states.
+# Fixing malloc's mmap threshold keeps the heap small but costs 15% more time in
+# page faults.
 BATCH_BYTES = 128 << 20
 MAX_BATCH = 1024
 
@@ -330,7 +333,8 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
     renames = find_renames(old_spec, new_spec)
     columns = {h: (old_h, torch.tensor(new_cols), torch.tensor(old_cols))
                for h, (old_h, new_cols, old_cols) in head_columns(plan).items() if new_cols}
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the states
+    carry_gen = torch.Generator().manual_seed(seed + 1)  # what the new version adds to them
     allowed = _shared_items(old_spec.schema, new_spec.schema, renames)
     carrying = carry_plan(old_spec.schema, new_spec.schema, renames)
     worst = {h: 0.0 for h in columns}
@@ -344,32 +348,38 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
             for n in _batches(states, batch):
                 # checked and featurised under the old schema, all steps of the batch at once
                 recorded = _featurised(old_model, records[start:start + n], steps) if records is not None else None
-                old_state = new_state = None
-                for t in range(steps):
-                    # One step of every state of the batch at a time: a recurrent model
-                    # runs one step at a time anyway, and carries its state over.
+
+                def old_inputs(t: int) -> dict:
+                    """Step t of every state of the batch, as the old model's inputs."""
                     if recorded is not None:
-                        old_in = {k: v[:, t:t + 1] if old_graph.has_time else v[:, t] for k, v in recorded.items()}
-                    else:
-                        with _one_thread():
-                            drawn = _random_states(old_spec.schema, allowed, _lead(old_graph, n), gen, max_entities,
-                                                   _drawn_dtype(old_model))
-                        old_in = old_model.inputs(drawn)
-                        del drawn
-                    out_old, old_state = _step(old_model, old_in, old_state)
-                    lead = _lead(new_graph, n)
-                    as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_in.items()}
-                    del old_in
+                        return {k: v[:, t:t + 1] if old_graph.has_time else v[:, t] for k, v in recorded.items()}
                     with _one_thread():
-                        carried = _carry(as_new, carrying, gen, _drawn_dtype(new_model))
+                        drawn = _random_states(old_spec.schema, allowed, _lead(old_graph, n), gen, max_entities,
+                                               _drawn_dtype(old_model))
+                    return old_model.inputs(drawn)
+
+                # One step of every state at a time (a recurrent model runs one step at a
+                # time anyway, carrying its state), the old model over all steps, then the
+                # new one on the same states drawn again: each model's state lives within
+                # its own steps, and a step's inputs are all that is held.
+                drawing = gen.get_state()
+                out_old, state = [], None
+                for t in range(steps):
+                    heads, state = _step(old_model, old_inputs(t), state)
+                    out_old.append(heads)
+                gen.set_state(drawing)
+                state = None
+                for t in range(steps):
+                    lead = _lead(new_graph, n)
+                    as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_inputs(t).items()}
+                    with _one_thread():
+                        carried = _carry(as_new, carrying, carry_gen, _drawn_dtype(new_model))
                     del as_new
-                    new_in = new_model.inputs(carried)
+                    heads, state = _step(new_model, new_model.inputs(carried), state)
                     del carried
-                    out_new, new_state = _step(new_model, new_in, new_state)
-                    del new_in
-                    _compare(out_old, out_new, columns, worst)
-                    del out_old, out_new
-                del recorded, old_state, new_state
+                    _compare(out_old[t], heads, columns, worst)
+                    del heads
+                del recorded, out_old, state
                 start += n
     finally:
         old_model.train(modes[0])
