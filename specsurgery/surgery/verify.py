@@ -457,9 +457,10 @@ def _settle_malloc() -> None:
     """glibc's malloc gives a block above its mmap threshold a mapping of its own
     and, once such a block is freed, raises the threshold to that block's size (up
     to 32 MB). In the first batch the threshold then climbs tensor by tensor, and
-    the heap keeps the layout of that climb: Five's peak ran from 1,621 to 1,716 MB
-    over four runs of 500 states. One block of 31 MB, made and freed first, puts the
-    threshold there at once: 1,620 to 1,635 MB. (Elsewhere: 31 MB asked and given back.)"""
+    the heap keeps the layout of that climb. Measured on Five with the models taking
+    turns step by step, four runs of 500 states: a peak of 1,621 to 1,716 MB; with
+    one block of 31 MB made and freed first, which puts the threshold there at once,
+    1,620 to 1,635 MB. (Elsewhere: 31 MB asked and given back.)"""
     torch.empty(31 << 20, dtype=torch.uint8)
 
 
