@@ -29,18 +29,20 @@ from .diff import Renames, find_renames
 
 # What one batch may hold beyond the two models: one step's inputs of both
 # versions, their recurrent states and the larger forward pass's live values
-# (model.forward_bytes). For Five that is 140 states (125 a batch for 1,000). The
+# (model.forward_bytes). For Five that is 113 states (111 a batch for 1,000). The
 # process's resident memory runs to two or three times what is live: glibc keeps
 # the freed tensors in its heap, and the next ones of other sizes do not fit the
 # holes. The limit is the two checkpoints plus 512 MB, of which torch itself
 # takes 250 MB. Measured on Five, 3,000 states: in batches of 137 the peak stays
 # at 1,633 MB from the first batch to the last; in batches of 200 or 250 it is
-# 1,729 to 1,763 MB, over the limit of 1,725, and no faster. With the two models
+# 1,729 to 1,763 MB, over the limit of 1,725, and no faster. At 1,000 states,
+# three runs each: batches of 125 peaked at 1,642, 1,642 and 1,721 MB, of 111 at
+# 1,607, 1,609 and 1,609 MB, and took no longer (18 to 23 s against 20 to 26 s). With the two models
 # taking turns step by step (each one's recurrent state kept across the other's
 # forward pass) the peak climbed from batch to batch: 1,765 MB at 10,000 states.
 # Fixing malloc's mmap threshold keeps the heap small but costs 15% more time in
 # page faults.
-BATCH_BYTES = 128 << 20
+BATCH_BYTES = 104 << 20
 MAX_BATCH = 1024
 
 
