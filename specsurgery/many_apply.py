@@ -70,9 +70,8 @@ def _start_worker(plan_json: str, seed: int, durable: bool, threads: Optional[in
 
 def _apply_one(task: tuple[str, str]) -> Outcome:
     from .checkpoint import optimizer_path
-    from .surgery.apply import apply_plan
-
     from .shards import is_folder_checkpoint
+    from .surgery.apply import apply_plan
 
     checkpoint, out = task
     plan, graph, seed, durable = _WORKER["plan"], _WORKER["graph"], _WORKER["seed"], _WORKER["durable"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import math
 import operator
-from functools import cached_property
 from itertools import chain
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field

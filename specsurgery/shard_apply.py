@@ -76,7 +76,7 @@ def in_workers(task: Callable, tasks: list, jobs: int, start: Callable, start_ar
 _WORKER: dict = {}
 
 
-def _start_worker(plan_json: str, checkpoint: str, seed: int, durable: bool, graph=None, plan=None,
+def _start_worker(plan_json: Optional[str], checkpoint: str, seed: int, durable: bool, graph=None, plan=None,
                   header=None) -> None:
     """Set this process up to write shards: the plan, the old checkpoint's header
     and the new graph (in a worker process read from the plan's JSON and spec;

@@ -394,12 +394,10 @@ class _ToSpec:
 
     def vocab_run(self, children):
         run, was = children
-        names = _run_names(run)
-        file = _STATE.file
-        items = [m.built(m.VocabItem, name=str(n), was=None, span=_span(file, n)) for n in names]
-        if was is not None:  # `a, b, c was old`: the last one was renamed
-            items[-1] = m.built(m.VocabItem, name=items[-1].name, was=was, span=items[-1].span)
-        return items
+        names, file = _run_names(run), _STATE.file
+        # `a, b, c was old`: only the last one can be renamed
+        return [m.built(m.VocabItem, name=str(n), was=was if k == len(names) - 1 else None, span=_span(file, n))
+                for k, n in enumerate(names)]
 
     def was(self, children):
         return str(children[0])

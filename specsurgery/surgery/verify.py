@@ -370,9 +370,8 @@ def verify_models(old_model, new_model, states: int = 1000, records=None, tolera
                     heads, state = _step(old_model, old_inputs(t), state)
                     out_old.append(heads)
                 gen.set_state(drawing)
-                state = None
+                state, lead = None, _lead(new_graph, n)
                 for t in range(steps):
-                    lead = _lead(new_graph, n)
                     as_new = {k: v.reshape(*lead, *v.shape[1 + old_graph.has_time:]) for k, v in old_inputs(t).items()}
                     with _one_thread():
                         carried = _carry(as_new, carrying, carry_gen, _drawn_dtype(new_model))
