@@ -3,6 +3,7 @@ checkpoints (compile, load). Every mistake a user can make raises ss.SpecError
 or ss.UserError, whose str() is what the command prints."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -311,37 +312,43 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
     With a `policy` (the command's), the plan must pass it as build's must."""
     from .checkpoint import load_spec, read_header
     from .dcp import is_dcp
+    from .early_copy import early_output
     from .ir import build_graph
     from .shards import is_folder_checkpoint
 
     checkpoint, out = os.fspath(checkpoint), os.fspath(out)
-    old_graph = build_graph(load_spec(read_header(checkpoint)))
+    header = read_header(checkpoint)
     new_graph = build_graph(_spec_of(new))
-    carried = _checked_plan(plan, old_graph, new_graph)
-    if policy is None:
-        refuse_lossy(carried, allow_lossy)
-    else:
-        refuse_by_policy(carried, policy, checkpoint)
     sharded = max_shard_size is not None or (is_folder_checkpoint(checkpoint) and not out.endswith(".safetensors"))
     if sharded and out.endswith(".safetensors"):
         raise UserError(f"{out}: error: a sharded checkpoint is a folder; name it without .safetensors")
-    if sharded and is_dcp(checkpoint):  # a DCP folder stays one, its optimizer state inside it
-        from .dcp import apply_dcp
+    if is_dcp(checkpoint) or os.path.abspath(out) == os.path.abspath(header.path):
+        early = contextlib.nullcontext()
+    else:  # the new files laid out and old tensors copied into them while this thread plans
+        early = early_output(header, new_graph, out, sharded, max_shard_size, durable=fsync)
+    with early as started:
+        carried = _checked_plan(plan, build_graph(load_spec(header)), new_graph)
+        if policy is None:
+            refuse_lossy(carried, allow_lossy)
+        else:
+            refuse_by_policy(carried, policy, checkpoint)
+        if sharded and is_dcp(checkpoint):  # a DCP folder stays one, its optimizer state inside it
+            from .dcp import apply_dcp
 
-        return carried, apply_dcp(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size,
-                                  jobs=jobs, seed=seed, checked=True, durable=fsync)
-    new_optimizer = _carried_optimizer(carried._plan, checkpoint)  # before anything is written
-    if sharded:
-        from .shard_apply import apply_sharded
+            return carried, apply_dcp(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size,
+                                      jobs=jobs, seed=seed, checked=True, durable=fsync)
+        new_optimizer = _carried_optimizer(carried._plan, checkpoint)  # before anything is written
+        if sharded:
+            from .shard_apply import apply_sharded
 
-        written = apply_sharded(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size, jobs=jobs,
-                                seed=seed, checked=True, durable=fsync)
-    else:
-        from .shard_apply import default_jobs
-        from .surgery.apply import apply_plan
+            written = apply_sharded(carried._plan, checkpoint, new_graph, out, max_shard_size=max_shard_size,
+                                    jobs=jobs, seed=seed, checked=True, durable=fsync, early=started)
+        else:
+            from .shard_apply import default_jobs
+            from .surgery.apply import apply_plan
 
-        written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress, checked=True,
-                             durable=fsync, threads=jobs or default_jobs())
+            written = apply_plan(carried._plan, checkpoint, new_graph, out, seed=seed, progress=progress,
+                                 checked=True, durable=fsync, threads=jobs or default_jobs(), early=started)
     if new_optimizer is not None:  # beside the new checkpoint
         from .checkpoint import optimizer_path
         from .optimizer_state import write_optimizer

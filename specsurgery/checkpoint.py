@@ -241,6 +241,72 @@ class StoredTensor:
         return self.nbytes
 
 
+class Layout:
+    """Where every tensor of a checkpoint file goes: the header's bytes, and
+    each tensor's dtype, shape and byte range, in the order of `shapes`. A file
+    is started (header written, extended to its full size: what no tensor
+    writes reads as zeros) and then filled tensor by tensor, at their own
+    offsets, by any thread or process, in any order."""
+
+    def __init__(self, spec_text: Optional[str], model_name: Optional[str], shapes: dict[str, tuple[int, ...]],
+                 dtypes: Optional[dict[str, str]] = None, extra_metadata: Optional[dict[str, str]] = None):
+        self.table: dict = {}
+        offset = 0
+        dtypes = dtypes or {}
+        for name, shape in shapes.items():
+            count = 1
+            for d in shape:
+                count *= d
+            dtype = dtypes.get(name, "F32")
+            size = count * _DTYPES[dtype]
+            self.table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        metadata = {META_SPEC: spec_text, META_MODEL: model_name, META_VERSION: package_version(), "format": "pt"}
+        if spec_text is None:  # not a model (an optimizer's state): no spec, only the caller's metadata
+            metadata = {"format": "pt"}
+        metadata.update(extra_metadata or {})
+        header = json.dumps({"__metadata__": metadata, **self.table}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        self.header = struct.pack("<Q", len(header)) + header
+        self.data_bytes = offset
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Layout) and self.header == other.header
+
+    def start(self, fd: int) -> None:
+        """Write the header at the start of `fd` and extend it to its full size."""
+        write_all(fd, memoryview(self.header), 0)
+        os.ftruncate(fd, len(self.header) + self.data_bytes)
+
+    def at(self, name: str) -> int:
+        """The offset of tensor `name` from the start of the file."""
+        return len(self.header) + self.table[name]["data_offsets"][0]
+
+    def nbytes(self, name: str) -> int:
+        start, end = self.table[name]["data_offsets"]
+        return end - start
+
+    def put(self, fd: int, name: str, tensor) -> int:
+        """Write `tensor` (see write_checkpoint) as tensor `name`; returns its bytes."""
+        entry = self.table.get(name)
+        if entry is None or tuple(tensor.shape) != tuple(entry["shape"]):
+            raise AssertionError(f"writer expected {name} {entry and entry['shape']}, got {tuple(tensor.shape)}")
+        nbytes = _write_tensor(fd, tensor, entry["dtype"], self.at(name))
+        if nbytes != self.nbytes(name):
+            raise AssertionError(f"writer expected {self.nbytes(name)} bytes of {name}, got {nbytes}")
+        return nbytes
+
+    def clear(self, fd: int, name: str) -> None:
+        """Make tensor `name`'s bytes read as zeros again (it was written by
+        mistake, before what it should hold was known)."""
+        zeros = memoryview(bytes(min(self.nbytes(name), 8 << 20)))
+        at, left = self.at(name), self.nbytes(name)
+        while left:
+            n = min(left, len(zeros))
+            write_all(fd, zeros[:n], at)
+            at, left = at + n, left - n
+
+
 def write_checkpoint(path: str, spec_text: str, model_name: str,
                      shapes: dict[str, tuple[int, ...]], tensors: Iterable, progress=None,
                      extra_metadata: Optional[dict[str, str]] = None, durable: bool = True,
@@ -255,51 +321,36 @@ def write_checkpoint(path: str, spec_text: str, model_name: str,
     dtype in the file: a tensor is written in it, an object copying itself must
     already be in it.
 
-    The header is laid out from `shapes` first, so tensors can be produced and
-    written one at a time and dropped: memory holds one tensor (one per
-    thread), not the model. The file is extended to its full size first: what a
-    tensor leaves unwritten reads as zeros (a hole).
+    The header is laid out from `shapes` first (Layout), so tensors can be
+    produced and written one at a time and dropped: memory holds one tensor
+    (one per thread), not the model.
     """
-    table: dict = {}
-    offset = 0
-    dtypes = dtypes or {}
-    for name, shape in shapes.items():
-        count = 1
-        for d in shape:
-            count *= d
-        dtype = dtypes.get(name, "F32")
-        size = count * _DTYPES[dtype]
-        table[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    metadata = {META_SPEC: spec_text, META_MODEL: model_name, META_VERSION: package_version(), "format": "pt"}
-    if spec_text is None:  # not a model (an optimizer's state): no spec, only the caller's metadata
-        metadata = {"format": "pt"}
-    metadata.update(extra_metadata or {})
-    header = json.dumps({"__metadata__": metadata, **table}, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    written = 0
+    layout = Layout(spec_text, model_name, shapes, dtypes, extra_metadata)
     with atomic_file(path, durable=durable) as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        f.flush()
-        fd, data_start = f.fileno(), 8 + len(header)
-        os.ftruncate(fd, data_start + offset)
-        with _Writers(threads) as writers:
-            names = iter(shapes)
-            for name, tensor in tensors:
-                expected = next(names, None)
-                if expected is None:
-                    raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
-                if name != expected or tuple(tensor.shape) != tuple(shapes[name]):
-                    raise AssertionError(f"writer expected {expected} {shapes[expected]}, got {name} {tuple(tensor.shape)}")
-                start, end = table[name]["data_offsets"]
-                for done, nbytes in writers.put(name, _write_tensor, fd, tensor, table[name]["dtype"], data_start + start):
-                    written += _check_written(done, nbytes, table, progress)
-            missing = next(names, None)
-            if missing is not None:  # never rename a short file into place
-                raise AssertionError(f"writer expected {missing} {shapes[missing]}, the tensors ran out")
-            for done, nbytes in writers.drain():
-                written += _check_written(done, nbytes, table, progress)
+        layout.start(f.fileno())
+        return fill_checkpoint(f.fileno(), layout, shapes, tensors, progress=progress, threads=threads)
+
+
+def fill_checkpoint(fd: int, layout: Layout, names: Iterable[str], tensors: Iterable, progress=None,
+                    threads: int = 1) -> int:
+    """Write `tensors` (as write_checkpoint takes them) into the started file
+    `fd`, one for each of `names` in that order; returns bytes written."""
+    written = 0
+    with _Writers(threads) as writers:
+        names = iter(names)
+        for name, tensor in tensors:
+            expected = next(names, None)
+            if expected is None:
+                raise AssertionError(f"writer expected no more tensors, got {name} {tuple(tensor.shape)}")
+            if name != expected:
+                raise AssertionError(f"writer expected {expected}, got {name} {tuple(tensor.shape)}")
+            for done, nbytes in writers.put(name, layout.put, fd, name, tensor):
+                written += _reported(done, nbytes, progress)
+        missing = next(names, None)
+        if missing is not None:  # never rename a short file into place
+            raise AssertionError(f"writer expected {missing} {layout.table[missing]['shape']}, the tensors ran out")
+        for done, nbytes in writers.drain():
+            written += _reported(done, nbytes, progress)
     return written
 
 
@@ -312,10 +363,7 @@ def _write_tensor(fd: int, tensor, dtype: str, at: int) -> int:
     return data.nbytes
 
 
-def _check_written(name: str, nbytes: int, table: dict, progress) -> int:
-    start, end = table[name]["data_offsets"]
-    if nbytes != end - start:
-        raise AssertionError(f"writer expected {end - start} bytes of {name}, got {nbytes}")
+def _reported(name: str, nbytes: int, progress) -> int:
     if progress is not None:
         progress(name, nbytes)
     return nbytes

@@ -56,9 +56,31 @@ def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:  # the disk, not a bug
-            raise UserError(f"{path}: error: cannot write: {e.strerror}; nothing was changed") from None
+        raise_write_error(e, path)
         raise
+
+
+def raise_write_error(e: BaseException, path: str) -> None:
+    """A full disk, a quota, a read-only file system met writing `path`, as the
+    user's message (it is the disk, not a bug); anything else is left as it is."""
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRORS:
+        raise UserError(f"{path}: error: cannot write: {e.strerror}; nothing was changed") from None
+
+
+@contextlib.contextmanager
+def tracked_writes(fds: list[int], durable: bool) -> Iterator[None]:
+    """Files being written in place (in a staging folder, renamed as a whole
+    later): `durable`, their pages go to disk as they are written (wrote) and
+    they are fsynced at the end, as atomic_file's are."""
+    if durable:
+        _WRITING.update((fd, 0) for fd in fds)
+    try:
+        yield
+        for fd in fds if durable else ():
+            os.fsync(fd)
+    finally:
+        for fd in fds:
+            _WRITING.pop(fd, None)
 
 
 # What writing a file can meet that is no bug: a full disk or quota, a file too

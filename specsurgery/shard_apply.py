@@ -18,8 +18,9 @@ import multiprocessing
 import os
 from typing import Callable, Iterator, Optional, Union
 
-from .checkpoint import StoredTensor, check_shapes, read_header, write_checkpoint
+from .checkpoint import Layout, StoredTensor, check_shapes, fill_checkpoint, read_header
 from .errors import UserError
+from .files import raise_write_error, tracked_writes
 from .shards import parse_size, plan_shards, shard_file, staged_folder, tensor_bytes, write_index
 
 DEFAULT_SHARD = "5GB"  # Hugging Face's default max_shard_size, for a one-file input
@@ -129,14 +130,20 @@ def _dtype(p) -> str:
     return _WORKER["dtypes"][p.name]
 
 
-def _write_shard(task: tuple[str, list[str]]) -> tuple[str, int, int]:
-    """Write one output shard; returns (file, tensors, bytes)."""
-    path, names = task
+def _write_shard(task: tuple[str, list[str], list[str]]) -> tuple[str, int, int]:
+    """Fill one output shard, laid out already (shard_layouts), with the tensors
+    `names` (the others were copied early); returns (file, tensors, bytes)."""
+    path, shard, names = task
     plan = _WORKER["plan"]
-    shapes = {name: tuple(_WORKER["params"][name].shape) for name in names}
-    written = write_checkpoint(path, plan.new_spec, plan.new_model, shapes, _tensors_of(names),
-                               durable=_WORKER["durable"], dtypes={name: _WORKER["dtypes"][name] for name in names})
-    return path, len(names), written
+    layout = Layout(plan.new_spec, plan.new_model, {name: tuple(_WORKER["params"][name].shape) for name in shard},
+                    {name: _WORKER["dtypes"][name] for name in shard})
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with tracked_writes([fd], _WORKER["durable"]):
+            written = fill_checkpoint(fd, layout, names, _tensors_of(names))
+    finally:
+        os.close(fd)
+    return path, len(shard), written
 
 
 def _needs_torch(name: str) -> bool:
@@ -168,46 +175,102 @@ def _run(built: list, moved: list, jobs: int, init: tuple):
 # ---------------------------------------------------------------------------
 
 
+def shard_layouts(spec_text: str, model_name: str, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
+                  max_shard_size: Union[int, str, None], header) -> list[tuple[str, Layout]]:
+    """Each output shard's file name and layout. `max_shard_size` defaults to
+    the old checkpoint's largest shard (5GB for a one-file input)."""
+    if max_shard_size is None:
+        max_shard_size = header.largest_shard() if hasattr(header, "largest_shard") else DEFAULT_SHARD
+    shards = plan_shards({n: tensor_bytes(s, dtypes[n]) for n, s in shapes.items()}, parse_size(max_shard_size))
+    return [(shard_file(k, len(shards)), Layout(spec_text, model_name, {n: shapes[n] for n in names},
+                                                 {n: dtypes[n] for n in names}))
+            for k, names in enumerate(shards, 1)]
+
+
 def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Union[int, str, None] = None,
                   jobs: Optional[int] = None, seed: int = 0, durable: bool = True,
                   progress: Optional[Callable[[str, int], None]] = None, checked: bool = False,
-                  finish: Optional[Callable[[str], None]] = None) -> dict:
+                  finish: Optional[Callable[[str], None]] = None, early=None) -> dict:
     """Write the surgered checkpoint to the folder `out`, in the Hugging Face
     sharded layout. `max_shard_size` defaults to the old checkpoint's largest
     shard (or 5GB for a one-file input); `jobs` to one per core. `checked`:
     the caller made the plan from both specs just now (else it is made again to compare).
-    `durable` False: no fsync anywhere (each file still written beside and renamed).
+    `durable` False: no fsync anywhere (the folder still staged and renamed).
     `finish(staging folder)`, when given, writes what describes the shards in
-    place of the index (dcp.apply_dcp: a DCP folder's spec file)."""
+    place of the index (dcp.apply_dcp: a DCP folder's spec file). `early`: the
+    shards laid out before the plan was known, old tensors being copied into
+    them (early_copy.early_output); used if their layout is the plan's."""
     from .ir import Graph, build_graph
+    from .surgery.apply import streams
 
     header = read_header(checkpoint)
     check_plan_fits(plan, header, new_spec, checked)
     new_graph = new_spec if isinstance(new_spec, Graph) else build_graph(new_spec)
     if os.path.abspath(out) == os.path.abspath(header.path):
         raise UserError(f"{out}: error: the output would replace the checkpoint being read; write elsewhere")
-    if max_shard_size is None:
-        max_shard_size = header.largest_shard() if hasattr(header, "largest_shard") else DEFAULT_SHARD
     shapes = {p.name: tuple(p.shape) for p in plan.params}
     # This process writes the shards that need no torch (from the plan at hand);
     # worker processes, if any, read the plan from its JSON.
     _start_worker(None, checkpoint, seed, durable, graph=new_graph, plan=plan, header=header)
     dtypes = _WORKER["dtypes"]
-    shards = plan_shards({n: tensor_bytes(s, dtypes[n]) for n, s in shapes.items()}, parse_size(max_shard_size))
-    jobs = max(1, min(jobs or default_jobs(), len(shards)))
-    written = 0
-    with staged_folder(out, durable) as tmp:
-        tasks = [(os.path.join(tmp, shard_file(k, len(shards))), names) for k, names in enumerate(shards, 1)]
-        built = [t for t in tasks if any(_needs_torch(name) for name in t[1])]
-        moved = [t for t in tasks if t not in built]
-        init = (plan.model_dump_json() if built and jobs > 1 else None, checkpoint, seed, durable)
+    layouts = shard_layouts(plan.new_spec, plan.new_model, shapes, dtypes, max_shard_size, header)
+    kept = {p.name for p in plan.params if p.action == "copied" and p.source == p.name and streams(p, header, p.name)}
+    copied = early.adopt([layout for _, layout in layouts], kept) if early is not None else None
+    jobs = max(1, min(jobs or default_jobs(), len(layouts)))
+    fill = (plan, layouts, jobs, progress, checkpoint, seed, durable, out)
+    if copied is None:
+        with staged_folder(out, durable) as tmp:
+            _start_files(tmp, layouts, out)
+            written, built = _fill_shards(tmp, set(), *fill)
+            _describe(tmp, plan, layouts, shapes, dtypes, durable, finish)
+    else:
+        written, built = _fill_shards(early.folder, copied, *fill)
+        _describe(early.folder, plan, layouts, shapes, dtypes, durable, finish)
+    return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(layouts), "jobs": jobs,
+            "built_shards": built}
+
+
+def _fill_shards(folder: str, copied: set[str], plan, layouts: list[tuple[str, Layout]], jobs: int, progress,
+                 checkpoint: str, seed: int, durable: bool, out: str) -> tuple[int, int]:
+    """Write every tensor of every shard but those `copied` (early), `jobs` shards
+    at a time; returns (bytes of all the tensors, shards written by workers with torch)."""
+    tasks = [(os.path.join(folder, name), list(layout.table), [n for n in layout.table if n not in copied])
+             for name, layout in layouts]
+    built = [t for t in tasks if any(_needs_torch(name) for name in t[2])]
+    moved = [t for t in tasks if t not in built]
+    init = (plan.model_dump_json() if built and jobs > 1 else None, checkpoint, seed, durable)
+    written = sum(layout.nbytes(name) for _, layout in layouts for name in copied & layout.table.keys())
+    try:
         for path, count, nbytes in _run(built, moved, jobs, init):
             written += nbytes
             if progress is not None:
                 progress(os.path.basename(path), count)
-        if finish is None:
-            write_index(tmp, plan.new_spec, plan.new_model, shards, shapes, dtypes=dtypes, durable=durable)
-        else:
-            finish(tmp)
-    return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(shards), "jobs": jobs,
-            "built_shards": len(built)}
+    except OSError as e:
+        raise_write_error(e, out)
+        raise
+    return written, len(built)
+
+
+def _describe(folder: str, plan, layouts: list[tuple[str, Layout]], shapes: dict, dtypes: dict, durable: bool,
+              finish: Optional[Callable[[str], None]]) -> None:
+    """The index of the shards (or what `finish` writes in its place)."""
+    if finish is None:
+        write_index(folder, plan.new_spec, plan.new_model, [list(layout.table) for _, layout in layouts], shapes,
+                    dtypes=dtypes, durable=durable)
+    else:
+        finish(folder)
+
+
+def _start_files(folder: str, layouts: list[tuple[str, Layout]], out: str) -> None:
+    """Each shard's file, its header written and extended to its size."""
+    for name, layout in layouts:
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                layout.start(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise_write_error(e, out)
+            raise

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 
-from ..checkpoint import (_DTYPES, TORCH_DTYPES, StoredTensor, check_shapes, load_spec, open_tensors, read_header,
-                          user_metadata, write_checkpoint)
+from ..checkpoint import (_DTYPES, TORCH_DTYPES, Layout, StoredTensor, check_shapes, fill_checkpoint, load_spec,
+                          open_tensors, read_header, user_metadata, write_checkpoint)
 from ..errors import UserError
 from ..files import copy_range, write_all, wrote
 from ..ir import Graph, build_graph
@@ -466,12 +466,14 @@ def carried_dtypes(plan: Plan, header, stored: dict[str, str]) -> dict[str, str]
 
 def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
                progress: Optional[Callable[[str, int], None]] = None, durable: bool = True,
-               checked: bool = False, threads: int = 1) -> dict:
+               checked: bool = False, threads: int = 1, early=None) -> dict:
     """Write the surgered checkpoint to `out`; the old spec comes from `checkpoint` itself.
 
     `new_spec` is a ModelSpec or its Graph. The plan is checked against both
     specs first (`checked=True`: the caller made it from them just now).
-    `threads` tensors are written at once (write_checkpoint)."""
+    `threads` tensors are written at once (write_checkpoint). `early`: `out`
+    laid out before the plan was known, old tensors being copied into it
+    (early_copy.early_output); used if its layout is the plan's."""
     header = read_header(checkpoint)
     # Both texts are canonical: equal text means the same spec.
     if header.spec_text != plan.old_spec:
@@ -503,8 +505,10 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
     dtypes = carried_dtypes(plan, header, stored)
     params = new_graph.parameters()
 
-    def produce():
+    def produce(names):
         for p in plan.params:
+            if p.name not in names:
+                continue
             source = stored.get(p.source)
             if p.action == "copied" and streams(p, header, source):  # unchanged: its bytes go file to file
                 yield p.name, StoredTensor.of(header, source)
@@ -512,7 +516,19 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
             yield p.name, carried_tensor(p, op_init(new_graph, p.name, params), header, source, read_old, seed,
                                          dtype=dtypes[p.name])
 
-    written = write_checkpoint(out, plan.new_spec, new_graph.model.name, shapes, produce(), progress=progress,
-                               durable=durable, dtypes=dtypes, extra_metadata=user_metadata(header),
-                               threads=threads)
+    layout = Layout(plan.new_spec, new_graph.model.name, shapes, dtypes, user_metadata(header))
+    kept = {p.name for p in plan.params
+            if p.action == "copied" and stored.get(p.source) == p.name and streams(p, header, p.name)}
+    copied = early.adopt([layout], kept) if early is not None else None
+    if copied is None:
+        written = write_checkpoint(out, plan.new_spec, new_graph.model.name, shapes, produce(shapes),
+                                   progress=progress, durable=durable, dtypes=dtypes,
+                                   extra_metadata=user_metadata(header), threads=threads)
+    else:
+        for name in copied if progress is not None else ():
+            progress(name, layout.nbytes(name))
+        rest = [name for name in shapes if name not in copied]
+        written = fill_checkpoint(early.fd_of(out), layout, rest, produce(set(rest)), progress=progress,
+                                  threads=threads)
+        written += sum(layout.nbytes(name) for name in copied)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes)}

@@ -1,0 +1,191 @@
+"""Copying old tensors into the new checkpoint while the plan is still being made.
+
+Reading the old spec and planning take a core for a good part of a second on
+a large model; copying the tensors a change leaves alone takes about as long
+again, in the kernel. The new checkpoint's layout needs only the new spec
+(names and shapes) and each tensor's dtype, so apply lays its files out as
+soon as the new spec is read, and a thread starts copying every tensor whose
+name, shape and dtype the old checkpoint also has: on the other core, while
+this one plans. Once the plan is known:
+  * the copies it confirms (the tensor carried over unchanged, from the old
+    tensor of its own name) go on;
+  * the others stop, and one already copied in vain reads as zeros again
+    before it is written as the plan says (the writers leave zeros unwritten);
+  * if the layout was not the one the plan gives (a dtype guessed wrong), the
+    files are dropped and apply writes as it would have.
+The files are renamed into place only at the end, as apply's are: a failure
+or a refused plan leaves nothing, whatever was copied.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator, Optional
+
+from .checkpoint import Layout, StoredTensor, user_metadata
+from .files import atomic_file, raise_write_error, tracked_writes
+
+
+class _Dropped(Exception):
+    """The early files were not used: leave nothing of them."""
+
+
+class EarlyCopies:
+    """One thread copying (name, StoredTensor, fd, offset) in order, until told
+    which of them the plan keeps."""
+
+    def __init__(self, copies: list[tuple[str, StoredTensor, int, int]]):
+        self._copies = copies
+        self._changed = threading.Condition()
+        self._keep: Optional[set[str]] = None  # None: every copy is wanted (the plan is not known yet)
+        self._busy: Optional[str] = None
+        self._done: set[str] = set()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="specsurgery-early-copies", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for name, source, fd, at in self._copies:
+            with self._changed:
+                if self._keep is not None and name not in self._keep:
+                    continue
+                self._busy = name
+            try:
+                source.write_at(fd, at)
+            except BaseException as e:  # reported by wait()
+                with self._changed:
+                    self._error, self._busy = e, None
+                    self._changed.notify_all()
+                return
+            with self._changed:
+                self._busy = None
+                self._done.add(name)
+                self._changed.notify_all()
+
+    def settle(self, keep: set[str]) -> tuple[set[str], set[str]]:
+        """Go on with the copies in `keep` only; wait out one in flight that is
+        not. Returns (the names copied or still to be, those copied in vain)."""
+        with self._changed:
+            self._keep = keep
+            while self._busy is not None and self._busy not in keep:
+                self._changed.wait()
+            coming = {name for name, *_ in self._copies} & keep
+            return coming, self._done - keep
+
+    def stop(self) -> None:
+        self.settle(set())
+        self._thread.join()
+
+    def wait(self) -> None:
+        """Until every copy kept is done; the first error of a copy, raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class EarlyOutput:
+    """The new checkpoint's files (one, or the shards of a staging folder),
+    laid out with the guessed dtypes, and the copies into them under way."""
+
+    def __init__(self, files: list[tuple[str, int, Layout]], header, folder: Optional[str] = None):
+        self.files, self.folder, self.used = files, folder, False
+        copies = []
+        for _, fd, layout in files:
+            layout.start(fd)
+            copies += [(name, StoredTensor.of(header, name), fd, layout.at(name)) for name in layout.table
+                       if _unchanged_looking(header, name, layout.table[name])]
+        self.copies = EarlyCopies(copies)
+
+    def adopt(self, layouts: list[Layout], kept: set[str]) -> Optional[set[str]]:
+        """Take the files for the plan's `layouts` (one per file), where tensors
+        `kept` are their old bytes: the names the early copies write (the
+        writer skips them), or None when the layouts differ (the files are
+        dropped; the caller writes its own)."""
+        if [layout for _, _, layout in self.files] != layouts:
+            self.copies.stop()
+            return None
+        self.used = True
+        coming, wasted = self.copies.settle(kept)
+        for _, fd, layout in self.files:
+            for name in wasted & layout.table.keys():
+                layout.clear(fd, name)
+        return coming
+
+    def fd_of(self, path: str) -> int:
+        return next(fd for p, fd, _ in self.files if p == path)
+
+
+def _unchanged_looking(header, name: str, entry: dict) -> bool:
+    info = header.tensors.get(name)
+    return info is not None and list(info.shape) == entry["shape"] and info.dtype == entry["dtype"] \
+        and getattr(header, "whole", lambda _: True)(name)
+
+
+def guessed_dtypes(header, shapes: dict) -> dict[str, str]:
+    """Each new tensor's dtype as apply will most likely choose it: the old
+    tensor's of the same name, else the dtype most of the checkpoint is in
+    (surgery/apply.carried_dtypes, before the plan says which old tensor is whose)."""
+    from collections import Counter
+
+    counts = Counter(info.dtype for info in header.tensors.values())
+    usual = counts.most_common(1)[0][0] if counts else "F32"
+    return {name: header.tensors[name].dtype if name in header.tensors else usual for name in shapes}
+
+
+@contextlib.contextmanager
+def early_output(header, new_graph, out: str, sharded: bool, max_shard_size=None,
+                 durable: bool = True) -> Iterator[Optional[EarlyOutput]]:
+    """Lay out the new checkpoint `out` for `new_graph` and start copying into
+    it; None where nothing would be copied early. On leaving: the files take
+    `out`'s place if the writer used them (EarlyOutput.adopt) and no error
+    was raised; otherwise nothing of them is left."""
+    from .spec.canonical import canonical
+
+    shapes = {name: tuple(node.params[local].shape) for name, (node, local) in new_graph.parameters().items()}
+    dtypes = guessed_dtypes(header, shapes)
+    if not any(_unchanged_looking(header, name, {"shape": list(shape), "dtype": dtypes[name]})
+               for name, shape in shapes.items()):
+        yield None
+        return
+    spec_text, model = canonical(new_graph.spec), new_graph.model.name
+    early = None
+    try:
+        if sharded:
+            from .shard_apply import shard_layouts
+            from .shards import staged_folder
+
+            with staged_folder(out, durable) as folder:
+                files = []
+                try:
+                    for name, layout in shard_layouts(spec_text, model, shapes, dtypes, max_shard_size, header):
+                        path = os.path.join(folder, name)
+                        files.append((path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), layout))
+                    with tracked_writes([fd for _, fd, _ in files], durable):
+                        early = EarlyOutput(files, header, folder)
+                        yield from _using(early)
+                finally:
+                    for _, fd, _ in files:
+                        os.close(fd)
+        else:
+            with atomic_file(out, durable=durable) as f:
+                layout = Layout(spec_text, model, shapes, dtypes, user_metadata(header))
+                early = EarlyOutput([(out, f.fileno(), layout)], header)
+                yield from _using(early)
+    except _Dropped:
+        pass
+    except OSError as e:  # a full disk met by a copy (atomic_file says so itself for one file)
+        raise_write_error(e, out)
+        raise
+
+
+def _using(early: EarlyOutput):
+    try:
+        yield early
+    except BaseException:
+        early.copies.stop()
+        raise
+    if not early.used:
+        early.copies.stop()
+        raise _Dropped
+    early.copies.wait()
