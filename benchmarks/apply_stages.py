@@ -6,10 +6,14 @@
 The two cases of benchmarks/sharded_apply.py (a 1.9 GB sharded checkpoint
 through a change to an 8192-item spec, and Five's one 632 MB file), each run
 in a fresh interpreter that times, wall and CPU, the stages apply goes
-through: the imports, reading and checking the old spec (from the
-checkpoint) and the new one, the graphs, the plan, and writing (with fsync
-unless --no-fsync). The stages run as ss.apply runs them (api.apply_checkpoint);
-with no arguments each case runs once durable, once with --no-fsync. Nothing is asserted.
+through, as ss.apply runs them (api.apply_checkpoint): the imports, reading
+and checking the new spec, its graph (the new files laid out and the early
+copies begun: early_copy.py), reading and checking the old spec (from the
+checkpoint), its graph, the plan, writing the rest (with fsync unless
+--no-fsync), and the wait for the early copies to end. Wall and CPU are this
+thread's stages; the early copies run beside them, in the kernel, on another
+core (the CPU column counts them where they overlap a stage).
+With no arguments each case runs once durable, once with --no-fsync. Nothing is asserted.
 """
 from __future__ import annotations
 
@@ -34,31 +38,39 @@ def stages(checkpoint: str, new_path: str, out: str, durable: bool) -> None:
     import specsurgery.cli  # noqa: F401  (what the command imports first)
     from specsurgery import api
     from specsurgery.checkpoint import load_spec, read_header
+    from specsurgery.early_copy import early_output
     from specsurgery.ir import build_graph
     from specsurgery.shards import is_folder_checkpoint
 
     mark("imports")
-    old_spec = load_spec(read_header(checkpoint))
-    mark("old spec: read, parsed, checked")
+    header = read_header(checkpoint)
     new_spec = api.read_spec(new_path)
     mark("new spec: read, parsed, checked")
-    old_graph, new_graph = build_graph(old_spec), build_graph(new_spec)
-    mark("graphs")
-    plan = api._checked_plan(None, old_graph, new_graph)._plan
-    mark("plan")
-    if is_folder_checkpoint(checkpoint):
-        from specsurgery.shard_apply import apply_sharded
+    new_graph = build_graph(new_spec)
+    sharded = is_folder_checkpoint(checkpoint)
+    with early_output(header, new_graph, out, sharded, durable=durable) as early:
+        mark("new graph, files laid out, copies begun")
+        old_spec = load_spec(header)
+        mark("old spec: read, parsed, checked")
+        old_graph = build_graph(old_spec)
+        mark("old graph")
+        plan = api._checked_plan(None, old_graph, new_graph)._plan
+        mark("plan")
+        if sharded:
+            from specsurgery.shard_apply import apply_sharded
 
-        apply_sharded(plan, checkpoint, new_graph, out, checked=True, durable=durable)
-    else:
-        from specsurgery.shard_apply import default_jobs
-        from specsurgery.surgery.apply import apply_plan
+            apply_sharded(plan, checkpoint, new_graph, out, checked=True, durable=durable, early=early)
+        else:
+            from specsurgery.shard_apply import default_jobs
+            from specsurgery.surgery.apply import apply_plan
 
-        apply_plan(plan, checkpoint, new_graph, out, checked=True, durable=durable, threads=default_jobs())
-    mark("write" + (" and fsync" if durable else " (no fsync)"))
+            apply_plan(plan, checkpoint, new_graph, out, checked=True, durable=durable, threads=default_jobs(),
+                       early=early)
+        mark("the rest written" + (" and fsynced" if durable else " (no fsync)"))
+    mark("early copies finished, renamed")
     for name, wall, cpu in marks:
-        print(f"  {name:34s} wall {wall:6.3f} s  CPU {cpu:6.3f} s")
-    print(f"  {'whole process (CPU)':34s}                CPU {time.process_time():6.3f} s")
+        print(f"  {name:40s} wall {wall:6.3f} s  CPU {cpu:6.3f} s")
+    print(f"  {'whole process (CPU)':40s}                CPU {time.process_time():6.3f} s")
 
 
 def main() -> None:

@@ -80,11 +80,13 @@ def old_tensor(tmp_path, shape, dtype):
     return values, StoredTensor.of(read_header(path, embedded_spec=False), "p.linear.weight")
 
 
-def streamed_bytes(tmp_path, entry, source, dtype, init, seed=3, block_rows=2, by_kernel=False) -> bytes:
+def streamed_bytes(tmp_path, entry, source, dtype, init, seed=3, block_rows=2, by_kernel=False, parts=1) -> bytes:
     """The tensor's bytes as StreamedTensor writes them, after 5 bytes already in
     the file (it writes at the file's position); `by_kernel`: every run of old
-    columns copied by the kernel, however short (else gathered in a buffer)."""
+    columns copied by the kernel, however short (else gathered in a buffer);
+    `parts` threads, each its share of the rows, where no fresh values are drawn."""
     streamed = StreamedTensor(entry, source, dtype, fresh_values(entry, init, seed, dtype))
+    streamed.parts, streamed.parallel_bytes = parts, 0
     streamed.block_bytes = block_rows * max(entry.shape[-1], (entry.old_shape or (1,))[-1]) * 8  # several blocks
     streamed.kernel_piece_bytes = 0 if by_kernel else 1 << 30
     path = tmp_path / "streamed.bin"
@@ -115,6 +117,7 @@ def test_a_streamed_tensor_is_the_built_tensor_to_the_bit(tmp_path, grown, fills
     expected = built_bytes(entry, old, dtype, init)
     assert streamed_bytes(tmp_path, entry, source, dtype, init) == expected
     assert streamed_bytes(tmp_path, entry, source, dtype, init, by_kernel=True) == expected
+    assert streamed_bytes(tmp_path, entry, source, dtype, init, parts=3) == expected
 
 
 @pytest.mark.parametrize("dtype", ["F32", "BF16"])

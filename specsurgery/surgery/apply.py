@@ -231,11 +231,11 @@ class StreamedTensor:
         """Write the tensor at offset `base` of `dst`, where the file reads as
         zeros (extended by ftruncate, never written): what stays zero is never
         written. Runs of old bytes are copied by the kernel, the rest is laid
-        out and written in place."""
-        rows, cols, old_cols, row_runs, col_runs, regions = self._grid()
+        out and written in place; by `parts` threads, each its own rows, where
+        the tensor is large and draws no fresh values (they come in order)."""
+        grid = self._grid()
+        rows, cols, old_cols, row_runs, col_runs, regions = grid
         size = _DTYPES[self.dtype]
-        bits = _UINT[size]
-        row_bytes, nbytes = cols * size, rows * cols * size
         whole_rows = old_cols == cols and col_runs == [(0, 0, cols)]  # an old row's bytes are the new row's
         spans = []  # (first row, end, old first row or None: laid out in the buffer)
         at = 0
@@ -246,10 +246,32 @@ class StreamedTensor:
             at = new + length
         if at < rows:
             spans.append((at, rows, None))
-        step = max(1, self.block_bytes // (size * max(cols, old_cols, 1)))
+        nbytes = rows * cols * size
         pieces = _row_pieces(col_runs, cols, size)
         old_pieces = [k for o, k in pieces if o is not None]
         by_kernel = bool(old_pieces) and sum(old_pieces) >= self.kernel_piece_bytes * len(old_pieces)
+        parts = self.parts if not self.fresh and nbytes >= self.parallel_bytes else 1
+        if parts == 1:
+            self._write_spans(dst, base, spans, grid, pieces, by_kernel)
+            return nbytes
+        # In threads, rows gathered in numpy outrun the kernel's copy of each
+        # run: one write per block of rows, not one per run.
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = [rows * k // parts for k in range(parts + 1)]
+        shares = [[(max(a, lo), min(b, hi), None if old is None else old + max(a, lo) - a)
+                   for a, b, old in spans if max(a, lo) < min(b, hi)] for lo, hi in zip(bounds, bounds[1:])]
+        with ThreadPoolExecutor(parts) as pool:
+            for done in [pool.submit(self._write_spans, dst, base, share, grid, pieces, False) for share in shares]:
+                done.result()
+        return nbytes
+
+    def _write_spans(self, dst: int, base: int, spans, grid, pieces, by_kernel: bool) -> None:
+        rows, cols, old_cols, row_runs, col_runs, regions = grid
+        size = _DTYPES[self.dtype]
+        bits = _UINT[size]
+        row_bytes = cols * size
+        step = max(1, self.block_bytes // (size * max(cols, old_cols, 1)))
         src = open(self.source.path, "rb") if self.source is not None else None
         new_buf = old_buf = None
         try:
@@ -285,7 +307,9 @@ class StreamedTensor:
         finally:
             if src is not None:
                 src.close()
-        return nbytes
+
+    parts = 1  # threads writing one tensor (apply_plan sets it: a one-file checkpoint's large tensors)
+    parallel_bytes = 64 << 20  # a tensor this large is worth the threads
 
     # An old row's column runs at least this long on average are copied by the
     # kernel, run by run, row by row (a widened 8192-unit layer: 32 KB runs);
@@ -513,8 +537,11 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
             if p.action == "copied" and streams(p, header, source):  # unchanged: its bytes go file to file
                 yield p.name, StoredTensor.of(header, source)
                 continue
-            yield p.name, carried_tensor(p, op_init(new_graph, p.name, params), header, source, read_old, seed,
-                                         dtype=dtypes[p.name])
+            tensor = carried_tensor(p, op_init(new_graph, p.name, params), header, source, read_old, seed,
+                                    dtype=dtypes[p.name])
+            if isinstance(tensor, StreamedTensor):  # one file: a large tensor takes every thread (the others are small)
+                tensor.parts = threads
+            yield p.name, tensor
 
     layout = Layout(plan.new_spec, new_graph.model.name, shapes, dtypes, user_metadata(header))
     kept = {p.name for p in plan.params
