@@ -11,13 +11,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from pydantic import BaseModel, ConfigDict
+from .spec.node import Node
 
 
-class Span(BaseModel):
+class Span(Node):
     """Where a spec node stands in its file (1-based line and column)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     file: str = "<string>"
     line: int = 0
