@@ -317,15 +317,10 @@ def test_sharded_apply_refuses_another_checkpoint_and_its_own_folder(old_checkpo
 
 KILL_SCRIPT = """
 import sys
-from specsurgery.shard_apply import apply_sharded
-from specsurgery.spec.load import load_text
-from specsurgery.surgery.diff import make_plan
-from specsurgery.checkpoint import read_header, load_spec
+import specsurgery as ss
 old, new_text, out, seed = sys.argv[1:5]
-new = load_text(new_text, "new.spec").model()
-plan = make_plan(load_spec(read_header(old)), new)
-print("planned", flush=True)
-apply_sharded(plan, old, new, out, max_shard_size="1MB", jobs=2, seed=int(seed))
+# as users apply: the files laid out and copied into before the plan is made (early_copy.py)
+ss.apply(old, new_text, out, max_shard_size="1MB", jobs=2, seed=int(seed))
 """
 
 
