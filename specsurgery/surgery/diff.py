@@ -585,7 +585,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         if len(new_value) < len(old_value):
             reasons.add(check.add(f"output head {head} narrowed from {len(old_value)} to {len(new_value)}", stmt.span))
     new_heads = {renames.scopes.get(h, h) for h in new_graph.outputs}
-    for head in old_heads:
+    for head in old_graph.outputs:  # in the order of the spec, not of a set's hashes
         if head not in new_heads:
             stmt = next(s for s in old_graph.model.statements if s.name == head)
             reasons.add(check.add(f"output head {head} was removed", stmt.span))
