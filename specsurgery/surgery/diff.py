@@ -752,14 +752,13 @@ def head_maps(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: Inte
 
 
 def _param_plans(new_graph: Graph, new: InteractionMap, proof: InteractionMap, old: InteractionMap,
-                 renames: Renames, starts: dict[str, str], shared) -> tuple[list[ParamPlan], tuple, int]:
+                 renames: Renames, starts: dict[str, str], proof_check: "_Proof") -> tuple[list[ParamPlan], tuple, int]:
     """Per new parameter its plan; the old parameters dropped; how many matched
     indices carry, in `proof`, other features than before."""
     params: list[ParamPlan] = []
     used_old: set[str] = set()
     unproven = 0
     matched_keys: dict = {}  # (new keys, old keys) -> (indices, runs): axes of one op share their keys
-    proven_axes: dict = {}
     for name, (node, local) in new_graph.parameters().items():
         p, proven = new.params[name], proof.params[name]
         old_scope = renames.ops.get(node.scope)
@@ -778,10 +777,7 @@ def _param_plans(new_graph: Graph, new: InteractionMap, proof: InteractionMap, o
                 indices = match_axis(axis_new.keys, axis_old.keys, renames)
                 matched_keys[keys_key] = (indices, _runs(indices))
             indices, runs = matched_keys[keys_key]
-            sets_key = (keys_key, id(axis_proven), id(axis_old))
-            if sets_key not in proven_axes:
-                proven_axes[sets_key] = _unproven(indices, axis_proven, axis_old, shared)
-            unproven += proven_axes[sets_key]
+            unproven += proof_check.unproven(runs, axis_proven.sets, axis_old.sets)
             axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=runs))
         axes = tuple(axes)
         params.append(_counted(ParamPlan(name=name, shape=p.shape, source=source, old_shape=q.shape, axes=axes,
@@ -810,11 +806,11 @@ def _make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph, old_map: Optional[I
     for axis in old.values.values():
         old_keys.update(axis.keys)
     starts = choose_starts(new_graph, new, old_keys, renames, {s.name for s in old_graph.model.statements if s.out})
-    shared = shared_features(old, new, renames)
-    params, dropped, unproven = _param_plans(new_graph, new, new, old, renames, starts, shared)
+    proof_check = _Proof(shared_features(old, new, renames))
+    params, dropped, unproven = _param_plans(new_graph, new, new, old, renames, starts, proof_check)
     if unproven:  # new inputs may carry features old units never met: they start at zero, so prove on that
         proof = proof_map(new_graph, new, renames, starts, old_graph, old)
-        params, dropped, unproven = _param_plans(new_graph, new, proof, old, renames, starts, shared)
+        params, dropped, unproven = _param_plans(new_graph, new, proof, old, renames, starts, proof_check)
     reasons = function_check(old_graph, new_graph, old, new, renames, _old_feature_spans(old_graph.spec), old_keys)
     if unproven and not reasons:  # never claim what the maps do not show
         reasons.append(Reason(message=f"{unproven} matched indices carry other input features than before"))
@@ -902,19 +898,43 @@ def translate_bits(bits: int, runs: list[tuple[int, int, int]]) -> int:
     return out
 
 
-def _unproven(indices, axis_new, axis_old, shared) -> int:
-    """Matched indices whose features, among those both versions have, differ."""
-    mask, translate = shared
-    old_sets, new_sets = axis_old.sets, axis_new.sets
-    # Few distinct (new set, old set) pairs stand behind many indices (a
-    # linear's units share one object): count the pairs by identity, in C
-    # (hashing a set of thousands of features costs), then test each once.
-    new_by_id = dict(zip(map(id, new_sets), new_sets))
-    old_by_id = dict(zip(map(id, old_sets), old_sets))
-    old_ids = list(map(id, old_sets)) + [None]  # index -1 (no old index) reads None
-    counts = collections.Counter(zip(map(id, new_sets), map(old_ids.__getitem__, indices)))
-    return sum(n for (new_id, old_id), n in counts.items()
-               if old_id is not None and translate_bits(new_by_id[new_id], translate) != old_by_id[old_id] & mask)
+class _Proof:
+    """Matched indices whose features, among those both versions have, differ.
+
+    Few set objects stand behind many indices (a linear's units share one), in
+    runs: each run of an index map whose new and old sets are one object each
+    is judged once, for its whole length (`tuple.count` finds that in C, by
+    identity first); other runs count their (new set, old set) pairs by
+    identity. A set's translation into old numbering is made once per plan:
+    the axes of many parameters share their sets."""
+
+    def __init__(self, shared: tuple[int, list[tuple[int, int, int]]]):
+        self.mask, self.runs = shared
+        self._translated: dict = {}  # id(new set) -> (it, its bits in old numbering)
+        self._counted: dict = {}  # (ids of runs, new sets, old sets) -> (them, the count)
+
+    def unproven(self, runs: tuple[Run, ...], new_sets: tuple, old_sets: tuple) -> int:
+        key = (id(runs), id(new_sets), id(old_sets))
+        hit = self._counted.get(key)
+        if hit is not None and all(map(operator.is_, hit[0], (runs, new_sets, old_sets))):
+            return hit[1]
+        total = 0
+        for r in runs:
+            new, old = new_sets[r.new:r.new + r.length], old_sets[r.old:r.old + r.length]
+            if new.count(new[0]) == r.length and old.count(old[0]) == r.length:
+                total += r.length if self._differ(new[0], old[0]) else 0
+                continue
+            new_by_id, old_by_id = dict(zip(map(id, new), new)), dict(zip(map(id, old), old))
+            pairs = collections.Counter(zip(map(id, new), map(id, old)))
+            total += sum(n for (a, b), n in pairs.items() if self._differ(new_by_id[a], old_by_id[b]))
+        self._counted[key] = ((runs, new_sets, old_sets), total)
+        return total
+
+    def _differ(self, new_set: int, old_set: int) -> bool:
+        hit = self._translated.get(id(new_set))
+        if hit is None or hit[0] is not new_set:
+            hit = self._translated[id(new_set)] = (new_set, translate_bits(new_set, self.runs))
+        return hit[1] != old_set & self.mask
 
 
 # ---------------------------------------------------------------------------
