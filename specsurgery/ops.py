@@ -82,9 +82,12 @@ class Axis:
         return len(self.keys)
 
     def union(self) -> int:
-        # One object stands for many indices (a linear's units): each is
-        # or-ed in once, found by identity (hashing a set of thousands of
-        # features costs; or-ing a set in twice changes nothing).
+        sets = self.sets
+        if sets and sets.count(sets[0]) == len(sets):  # one set at every index (a linear's units): in C
+            return sets[0]
+        # One object stands for many indices: each is or-ed in once, found by
+        # identity (hashing a set of thousands of features costs; or-ing a
+        # set in twice changes nothing).
         total = 0
         for s in dict(zip(map(id, self.sets), self.sets)).values():
             total |= s
@@ -306,8 +309,7 @@ class GroupInput(Op):
     probe = forward
 
     def shadow(self, node, xs):
-        keys = tuple(K.Feature(name) for name in node.attrs["features"])
-        return Axis(keys, tuple(node.attrs["bits"])), {}
+        return Axis(K.features(node.attrs["features"]), tuple(node.attrs["bits"])), {}
 
     def input_key(self, node: Node) -> str:
         """The featurised input it reads (model.inputs and featurise name them so)."""
@@ -534,34 +536,30 @@ class LSTM(RecurrentCell):
         units = node.value.width
         seen_x = x.union()
         # Run the cell on sets until the hidden state stops changing; weight_hh
-        # meets the hidden state from the second step on.
-        h = [0] * units
-        c = [0] * units
-        hh_seen = [0] * units
+        # meets the hidden state from the second step on. Every unit starts
+        # empty and every gate mixes all of z, so the units stay alike: one
+        # unit's sets stand for all of them.
+        h = c = hh_seen = 0
         while True:
-            z = seen_x
-            for s in set(h):
-                z |= s
-            c_next = [z | c[k] for k in range(units)]  # f*c + i*g: every gate mixes all of z
-            h_next = [z | c_next[k] for k in range(units)]  # o * tanh(c)
-            hh_seen = [hh_seen[k] | h[k] for k in range(units)]
+            z = seen_x | h
+            c_next = z | c  # f*c + i*g: every gate mixes all of z
+            h_next = z | c_next  # o * tanh(c)
+            hh_seen |= h
             if h_next == h and c_next == c:
                 break
             h, c = h_next, c_next
-        z_all = seen_x
-        for s in set(h):
-            z_all |= s
+        z_all = seen_x | h
         rows = K.chained(tuple(K.units(node.scope, units, gate) for gate in LSTM_GATES))
         hidden_keys = K.units(node.scope, units)
         empty_rows = Axis(rows, (0,) * len(rows))
         bias_rows = Axis(rows, (z_all,) * len(rows))
         params = {
             "weight_ih": (empty_rows, x),
-            "weight_hh": (empty_rows, Axis(hidden_keys, tuple(hh_seen))),
+            "weight_hh": (empty_rows, Axis(hidden_keys, (hh_seen,) * units)),
             "bias_ih": (bias_rows,),
             "bias_hh": (bias_rows,),
         }
-        return Axis(hidden_keys, tuple(h)), params
+        return Axis(hidden_keys, (h,) * units), params
 
 
 GRU_GATES = ("r", "z", "n")  # PyTorch's order of the three row blocks

@@ -75,11 +75,14 @@ class Renames:
         old = self.scopes.get(stmt, stmt)
         return f"{old}.{rest}" if rest else old
 
-    def __bool__(self) -> bool:
-        """Whether any key reads differently in the old version's terms."""
+    def _features_renamed(self) -> bool:
         if self._features_moved is None:
             self._features_moved = any(k != v for k, v in self.features.items())
-        return (self._features_moved or bool(self.scopes) or bool(self.new_ops) or bool(self.zero_joins)
+        return self._features_moved
+
+    def __bool__(self) -> bool:
+        """Whether any key reads differently in the old version's terms."""
+        return (self._features_renamed() or bool(self.scopes) or bool(self.new_ops) or bool(self.zero_joins)
                 or any(k != v for k, v in self.ops.items()))
 
     def keys(self, keys):
@@ -134,6 +137,8 @@ class Renames:
     def _made_alike(self, how: tuple, axis) -> bool:
         """Whether the step `how` (of K.origin) reads the same in old names, its inputs unchanged."""
         kind = how[0]
+        if kind == "features":
+            return not self._features_renamed() or all(map(operator.eq, map(self.feature, how[1]), how[1]))
         if kind == "units":
             return how[1] not in self.identity_inputs and self._scope(how[1]) == how[1]
         if kind == "norm":
