@@ -33,14 +33,17 @@ from typing import Callable, Optional, Union
 
 # Interning: signature -> a weak reference to the one key with it. A key inside
 # a signature is named by its id: a live key holds its insides, so their ids are
-# theirs while it lives, and a signature never keeps a key alive. Entries of
-# dead keys are swept when the table has doubled since the last sweep (a plain
-# dict and plain references: no Python layer on the hot path, no callback per
-# death).
+# theirs while it lives, and a signature never keeps a key alive. Each death
+# is counted (a reference's callback), and the entries of dead keys are swept
+# once they are half the table: a process that only makes keys (a command
+# planning one surgery) never walks it.
 _LIVE: dict = {}
-_SWEEP = [1 << 16]  # the table size that triggers the next sweep
+_DEAD = [0]  # keys died since the last sweep
 _NEW = object.__new__
-_REF = weakref.ref
+
+
+def _died(_reference) -> None:
+    _DEAD[0] += 1
 
 
 @contextlib.contextmanager
@@ -68,14 +71,14 @@ def bulk():
 
 
 def _sweep() -> None:
+    _DEAD[0] = 0
     for signature in [s for s, r in _LIVE.items() if r() is None]:
         del _LIVE[signature]
-    _SWEEP[0] = max(1 << 16, 2 * len(_LIVE))
 
 
 def _keep(signature: tuple, key):
-    _LIVE[signature] = _REF(key)
-    if len(_LIVE) > _SWEEP[0]:
+    _LIVE[signature] = weakref.ref(key, _died)
+    if _DEAD[0] > len(_LIVE) >> 1:
         _sweep()
     return key
 
@@ -252,7 +255,7 @@ def _made(cls, signature_fields: tuple, fields: tuple) -> tuple:
     for setter, column in zip(_SETTERS[cls], columns):
         collections.deque(map(setter, keys, column), maxlen=0)
     before = len(_LIVE)
-    _LIVE.update(zip(signatures, map(_REF, keys)))
+    _LIVE.update(zip(signatures, map(weakref.ref, keys, repeat(_died))))
     # A key twice (the table grew by less; with dead entries rewritten, ask a set):
     # the table kept the last one made, so make them one by one.
     if (len(_LIVE) - before != absent) if missing == absent else len(set(signatures)) != len(signatures):
@@ -262,7 +265,7 @@ def _made(cls, signature_fields: tuple, fields: tuple) -> tuple:
     if missing < n:
         made = iter(keys)
         keys = [k if k is not None else next(made) for k in found]
-    if len(_LIVE) > _SWEEP[0]:
+    if _DEAD[0] > len(_LIVE) >> 1:
         _sweep()
     return tuple(keys)
 
