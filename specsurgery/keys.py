@@ -431,14 +431,45 @@ def parts(key: Key) -> list[Key]:
     return out
 
 
-def carried_by(keys, memo: dict) -> set:
+def bases(keys, memo: dict) -> tuple:
+    """`base` of each key of an axis, read from how the axis was made where
+    that is remembered (origin): a relu's or a layernorm's axis has its
+    input's bases, a block of units or features is its own. `memo` (one per
+    walk) keeps each axis's answer. Without recursion, as transform."""
+    stack = [keys]
+    while stack:
+        axis = stack[-1]
+        hit = memo.get(id(axis))
+        if hit is not None and hit[0] is axis:
+            stack.pop()
+            continue
+        made = origin(axis)
+        kind = made[0][0] if made else None
+        if kind in ("wrap", "norm", "chain"):
+            pending = [x for x in made[1] if not (id(x) in memo and memo[id(x)][0] is x)]
+            if pending:
+                stack.extend(pending)
+                continue
+        if kind in ("units", "features"):
+            out = axis
+        elif kind in ("wrap", "norm"):  # index by index, wrappers looked through
+            out = memo[id(made[1][0])][1]
+        elif kind == "chain":
+            out = tuple(itertools.chain.from_iterable(memo[id(x)][1] for x in made[1]))
+        else:  # joins, and axes made elsewhere: key by key
+            out = tuple(map(base, axis))
+        stack.pop()
+        memo[id(axis)] = (axis, out)  # holding `axis` keeps its id from being reused
+    return memo[id(keys)][1]
+
+
+def carried_by(keys, memo: dict, bases_memo: dict) -> set:
     """The union of `carried` over an axis's keys."""
-    out: set = set()
-    for k in keys:
-        if type(k) is Joined:
-            out |= carried(k, memo)
-        else:
-            out.add(base(k))  # carried(k) is {base(k)}
+    out = set(bases(keys, bases_memo))  # carried(k) is {base(k)} but for a join
+    if Joined in set(map(type, keys)):
+        for k in keys:
+            if type(k) is Joined:
+                out |= carried(k, memo)
     return out
 
 

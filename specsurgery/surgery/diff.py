@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -399,18 +400,18 @@ def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
 
     def fill(candidates) -> None:
         """Match still-unmatched new indices to free old ones, by `candidates(key)`."""
-        taken = set(indices)
+        free_indices = list(itertools.filterfalse(set(indices).__contains__, range(len(old_keys))))
+        if not free_indices:  # a widened layer: every old index is matched already
+            return
         free: dict = {}
-        for i, k in enumerate(old_keys):
-            if i not in taken:
-                free.setdefault(K.base(k), []).append(i)
-        for j, key in enumerate(translated):
-            if indices[j] < 0:
-                for candidate in candidates(key):
-                    spare = free.get(K.base(candidate))
-                    if spare:
-                        indices[j] = spare.pop(0)
-                        break
+        for i in free_indices:
+            free.setdefault(K.base(old_keys[i]), []).append(i)
+        for j in [j for j, i in enumerate(indices) if i < 0]:
+            for candidate in candidates(translated[j]):
+                spare = free.get(K.base(candidate))
+                if spare:
+                    indices[j] = spare.pop(0)
+                    break
 
     if -1 in indices:
         fill(lambda key: [key])  # relu -> tanh on the path keeps the weights (the check says it changed)
@@ -461,6 +462,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
     old_ops = {n.scope: n for n in old_graph.nodes if n.params}
     old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
     carried: dict = {}  # key -> the bases it carries (K.carried), shared by every reader
+    axis_bases: dict = {}  # id(axis) -> (axis, the base of each of its keys), shared likewise
     # taint[node][i]: names of the reasons index i no longer computes what it did
     taint: dict[int, list[frozenset]] = {}
     empty = frozenset()
@@ -503,14 +505,15 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             if _same(new_in_keys, old_in.keys):
                 missing = ()  # the input is what it was (the common case): nothing dropped, nothing changed
             else:
-                new_in_base = K.carried_by(new_in_keys, carried)  # what the input still carries, through joins too
-                missing = [k for k in old_in.keys if K.base(k) not in new_in_base]
+                new_in_base = K.carried_by(new_in_keys, carried, axis_bases)  # what it still carries, through joins too
+                missing = [k for k, b in zip(old_in.keys, K.bases(old_in.keys, axis_bases)) if b not in new_in_base]
                 if missing:
                     unit_taint |= missing_reasons(node, missing)
                 if old_input not in old_bases:
-                    old_bases[old_input] = {K.base(o) for o in old_in.keys}
+                    old_bases[old_input] = set(K.bases(old_in.keys, axis_bases))
                 old_in_base = old_bases[old_input]
-                changed = [k for k in new_in_keys if k not in old_keys and K.base(k) in old_in_base]
+                changed = [k for k, b in zip(new_in_keys, K.bases(new_in_keys, axis_bases))
+                           if b in old_in_base and k not in old_keys]
                 if changed:
                     unit_taint |= {check.add(f"{node.scope} reads {K.source(changed[0])} through a changed path "
                                              f"(an op around it changed)", node.span)}
