@@ -24,35 +24,63 @@ import threading
 from typing import Iterator, Optional
 
 from .checkpoint import Layout, StoredTensor, user_metadata
-from .files import atomic_file, raise_write_error, tracked_writes
+from .files import atomic_file, copy_range, raise_write_error, tracked_writes
 
 
 class _Dropped(Exception):
     """The early files were not used: leave nothing of them."""
 
 
+class _Run:
+    """Old tensors that lie end to end in one old file and in one new file:
+    one copy by the kernel (Five's hundred small tensors are a few copies,
+    each a few moments of the GIL, not one each)."""
+
+    def __init__(self, name: str, source: StoredTensor, fd: int, at: int):
+        self.names, self.path, self.offset, self.nbytes, self.fd, self.at = \
+            [name], source.path, source.offset, source.nbytes, fd, at
+
+    def extend(self, name: str, source: StoredTensor, fd: int, at: int) -> bool:
+        if (source.path, source.offset, fd, at) != (self.path, self.offset + self.nbytes, self.fd, self.at + self.nbytes):
+            return False
+        self.names.append(name)
+        self.nbytes += source.nbytes
+        return True
+
+    def copy(self) -> None:
+        with open(self.path, "rb") as src:
+            copy_range(src.fileno(), self.fd, self.offset, self.nbytes, at=self.at)
+
+
 class EarlyCopies:
-    """One thread copying (name, StoredTensor, fd, offset) in order, until told
-    which of them the plan keeps."""
+    """One thread copying runs of old tensors in order (each tensor a
+    (name, StoredTensor, fd, offset)), until told which tensors the plan keeps:
+    a run holding any other is then left alone, or waited out if under way."""
 
     def __init__(self, copies: list[tuple[str, StoredTensor, int, int]]):
-        self._copies = copies
+        self._runs: list[_Run] = []
+        for copy in copies:
+            if not self._runs or not self._runs[-1].extend(*copy):
+                self._runs.append(_Run(*copy))
         self._changed = threading.Condition()
         self._keep: Optional[set[str]] = None  # None: every copy is wanted (the plan is not known yet)
-        self._busy: Optional[str] = None
+        self._busy: Optional[_Run] = None
         self._done: set[str] = set()
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="specsurgery-early-copies", daemon=True)
         self._thread.start()
 
+    def _wanted(self, run: _Run) -> bool:
+        return self._keep is None or self._keep.issuperset(run.names)
+
     def _run(self) -> None:
-        for name, source, fd, at in self._copies:
+        for run in self._runs:
             with self._changed:
-                if self._keep is not None and name not in self._keep:
+                if not self._wanted(run):
                     continue
-                self._busy = name
+                self._busy = run
             try:
-                source.write_at(fd, at)
+                run.copy()
             except BaseException as e:  # reported by wait()
                 with self._changed:
                     self._error, self._busy = e, None
@@ -60,17 +88,18 @@ class EarlyCopies:
                 return
             with self._changed:
                 self._busy = None
-                self._done.add(name)
+                self._done.update(run.names)
                 self._changed.notify_all()
 
     def settle(self, keep: set[str]) -> tuple[set[str], set[str]]:
-        """Go on with the copies in `keep` only; wait out one in flight that is
-        not. Returns (the names copied or still to be, those copied in vain)."""
+        """Go on with the runs of tensors in `keep` only; wait out one under
+        way that holds another. Returns (the names copied or still to be,
+        those copied in vain)."""
         with self._changed:
             self._keep = keep
-            while self._busy is not None and self._busy not in keep:
+            while self._busy is not None and not self._wanted(self._busy):
                 self._changed.wait()
-            coming = {name for name, *_ in self._copies} & keep
+            coming = {name for run in self._runs if self._wanted(run) for name in run.names} | (self._done & keep)
             return coming, self._done - keep
 
     def stop(self) -> None:

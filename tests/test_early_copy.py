@@ -114,19 +114,75 @@ def test_a_refused_plan_leaves_nothing_of_the_early_copies(old_checkpoints, tmp_
 @pytest.mark.parametrize("sharded", [False, True])
 def test_a_full_disk_met_by_an_early_copy_leaves_nothing(old_checkpoints, tmp_path, monkeypatch, sharded):
     tmp, spec, weights, single, folder = old_checkpoints
-    real = StoredTensor.write_at
     calls = []
 
-    def full(self, fd, at):
+    def full(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, fd, at)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(StoredTensor, "write_at", full)
+    monkeypatch.setattr(early_copy, "copy_range", full)
     target = tmp_path / "out"
     target.mkdir()
     out = str(target / ("new" if sharded else "new.safetensors"))
     with pytest.raises(UserError, match=f"{out}: error: cannot write: No space left on device; nothing was changed"):
         ss.apply(folder if sharded else single, NEW, out, max_shard_size="2MB" if sharded else None, jobs=1)
-    assert os.listdir(target) == []
+    assert calls and os.listdir(target) == []
+
+
+# ---------------------------------------------------------------------------
+# the copier itself: runs of tensors end to end, told mid-way what the plan keeps
+
+
+@pytest.fixture
+def gated_copier(tmp_path, monkeypatch):
+    """EarlyCopies over four 100-byte tensors: a, b, c end to end on both sides
+    (one run) and d apart; every copy waits for `gate` to be set."""
+    import threading
+
+    old = tmp_path / "old.bin"
+    old.write_bytes(bytes(range(100)) * 4)
+    fd = os.open(tmp_path / "new.bin", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, 1000)
+    started, gate = threading.Event(), threading.Event()
+    real = early_copy.copy_range
+
+    def gated(*args, **kwargs):
+        started.set()
+        assert gate.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(early_copy, "copy_range", gated)
+    tensor = lambda k: StoredTensor(str(old), 100 * k, 100, (25,))  # noqa: E731
+    copies = [("a", tensor(0), fd, 0), ("b", tensor(1), fd, 100), ("c", tensor(2), fd, 200), ("d", tensor(3), fd, 600)]
+    yield copies, started, gate, fd
+    gate.set()
+    os.close(fd)
+
+
+def test_the_copier_waits_out_a_run_under_way_that_holds_a_tensor_the_plan_changes(gated_copier):
+    import threading
+
+    copies, started, gate, fd = gated_copier
+    copier = early_copy.EarlyCopies(copies)
+    assert started.wait(10)  # a, b, c: one copy, under way
+    settled = []
+    settling = threading.Thread(target=lambda: settled.append(copier.settle({"a", "c", "d"})))
+    settling.start()
+    settling.join(0.2)
+    assert settling.is_alive()  # b is not kept: settle waits for the run to end
+    gate.set()
+    settling.join(10)
+    assert settled == [({"a", "c", "d"}, {"b"})]  # b was copied in vain
+    copier.wait()
+    assert os.pread(fd, 100, 600) == bytes(range(100))  # d copied after
+
+
+def test_the_copier_leaves_alone_a_run_not_begun_that_holds_a_tensor_the_plan_changes(gated_copier):
+    copies, started, gate, fd = gated_copier
+    copier = early_copy.EarlyCopies(copies[3:] + copies[:3])  # d first: a, b, c wait their turn
+    assert started.wait(10)
+    assert copier.settle({"a", "c", "d"}) == ({"d"}, set())  # a and c are the writer's to write
+    gate.set()
+    copier.wait()
+    assert os.pread(fd, 300, 0) == bytes(300)  # a, b, c never copied
+    assert os.pread(fd, 100, 600) == bytes(range(100))
