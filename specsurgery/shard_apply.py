@@ -14,7 +14,6 @@ disk (shards.staged_folder).
 """
 from __future__ import annotations
 
-import multiprocessing
 import os
 from typing import Callable, Iterator, Optional, Union
 
@@ -62,6 +61,8 @@ def in_workers(task: Callable, tasks: list, jobs: int, start: Callable, start_ar
         start(*start_args)
         yield from map(task, tasks)
         return
+    import multiprocessing  # only here: its import is a sixtieth of a second
+
     pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=start, initargs=start_args)
     try:
         yield from pool.imap_unordered(task, tasks)
