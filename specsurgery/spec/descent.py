@@ -26,9 +26,8 @@ from .parse import MAX_INT, MAX_NESTING
 
 # One token after any whitespace and comments: a name, a number (its fraction
 # or exponent apart, so a decimal is told from a whole number), a quoted path,
-# a punctuation mark, the end, or (last, so the first attempt always matches
-# and the whitespace is never tried again) any other character, where this
-# reader gives up.
+# a punctuation mark, the end, or (last, so a match always succeeds at once)
+# any other character, where this reader gives up.
 _TOKEN = re.compile(r"""[ \t\f\r\n]*(?:\#[^\n]*[ \t\f\r\n]*)*
     (?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)
       |(?P<int>-?[0-9]+)(?P<fraction>\.[0-9]+(?:[eE][-+]?[0-9]+)?|[eE][-+]?[0-9]+)?
@@ -40,7 +39,7 @@ _TOKEN = re.compile(r"""[ \t\f\r\n]*(?:\#[^\n]*[ \t\f\r\n]*)*
 # A vocabulary's plain names in a row (`a, b, c`), as the grammar's NAME_RUN.
 _RUN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:[ \t\r\n]*,[ \t\r\n]*[A-Za-z_][A-Za-z0-9_]*)+")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_TYPES = {"float", "int", "bool"}
+_TYPES = {"float": "float", "int": "int", "bool": "bool"}
 _BOOLS = {"true": True, "false": False}
 
 
@@ -57,9 +56,9 @@ def read_well_formed(text: str, path: str) -> Optional[m.SpecFile]:
 
 
 class _Reader:
-    """One text's tokens, read one ahead, and the nodes made of them.
+    """The tokens of one text, read one at a time (kind, text, line, column).
 
-    A token is a tuple (kind, text, line, column); its kind is "name", "int",
+    A token is a tuple: (kind, text, line, column); `kind` is "name", "int",
     "decimal", "string", the punctuation mark itself, or "end"."""
 
     def __init__(self, text: str, path: str):
@@ -87,6 +86,13 @@ class _Reader:
     def take(self, kind: str) -> tuple:
         token = self.token
         if token[0] != kind:
+            raise _GiveUp
+        self.token = self._lex()
+        return token
+
+    def keyword(self, word: str) -> tuple:
+        token = self.token
+        if token[0] != "name" or token[1] != word:
             raise _GiveUp
         self.token = self._lex()
         return token
