@@ -175,31 +175,25 @@ class _Reader:
             self.take("name")
             items.append(m.built(m.VocabItem, name=first[1], was=self.was(), span=self.span(first)))
             return
-        # Line by line (most runs are one), each node made as node.built makes it, inline.
-        text, file, end, append = self.text, self.file, run.end(), items.append
-        new, set_fields, Span, VocabItem, NAME = object.__new__, object.__setattr__, m.Span, m.VocabItem, _NAME
-        line, line_start, at = self.line, self.line_start, start
-        while True:
-            newline = text.find("\n", at, end)
-            for match in NAME.finditer(text, at, end if newline < 0 else newline):
-                begin, finish = match.span()
-                column = begin - line_start + 1
-                span = new(Span)
-                set_fields(span, "__dict__", {"file": file, "line": line, "column": column, "end_line": line,
-                                              "end_column": column + finish - begin})
-                item = new(VocabItem)
-                set_fields(item, "__dict__", {"name": match.group(), "was": None, "span": span})
-                append(item)
-            if newline < 0:
-                break
-            line, line_start = line + 1, newline + 1
-            at = line_start
-        self.pos, self.line, self.line_start = end, line, line_start
+        text, file, built, Span, VocabItem = self.text, self.file, m.built, m.Span, m.VocabItem
+        line, line_start = self.line, self.line_start
+        at = start
+        for match in _NAME.finditer(text, start, run.end()):
+            begin = match.start()
+            newlines = text.count("\n", at, begin)
+            if newlines:
+                line += newlines
+                line_start = text.rfind("\n", at, begin) + 1
+            at = match.end()
+            column = begin - line_start + 1
+            span = built(Span, file=file, line=line, column=column, end_line=line, end_column=column + at - begin)
+            items.append(built(VocabItem, name=match.group(), was=None, span=span))
+        self.pos, self.line, self.line_start = at, line, line_start
         self.token = self._lex()
         was = self.was()
         if was is not None:  # only the last of a run can be renamed
             last = items[-1]
-            items[-1] = m.built(m.VocabItem, name=last.name, was=was, span=last.span)
+            items[-1] = built(VocabItem, name=last.name, was=was, span=last.span)
 
     def group(self) -> m.Group:
         self.take("name")

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import functools
 import gc
-import os
+import hashlib
+import json
 import re
 import threading
+from importlib import resources
+from pathlib import Path as FsPath
 from typing import Optional
 
 from ..errors import Diagnostic, SpecError
@@ -36,9 +39,6 @@ _TERMINAL_WORDS = {
 
 def grammar_text() -> str:
     """The grammar shipped in the wheel, or the checkout's top-level copy."""
-    from importlib import resources
-    from pathlib import Path as FsPath
-
     packaged = resources.files("specsurgery").joinpath("grammar/spec.lark")
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
@@ -49,12 +49,10 @@ def grammar_text() -> str:
 _OPTIONS = dict(parser="lalr", maybe_placeholders=True)
 # The LALR tables of the grammar, built once and shipped as plain JSON (lark's
 # own cache would pickle.load a file in the temp folder that anyone can plant).
-TABLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parser_tables.json")
+TABLES = FsPath(__file__).with_name("parser_tables.json")
 
 
 def _grammar_key(grammar: str) -> dict:
-    import hashlib
-
     import lark
 
     return {"grammar_sha256": hashlib.sha256(grammar.encode()).hexdigest(), "lark": lark.__version__}
@@ -62,8 +60,6 @@ def _grammar_key(grammar: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _parser() -> "lark.Lark":
-    import json
-
     from lark import Lark
 
     grammar = grammar_text()
@@ -82,10 +78,8 @@ def _int_keys(obj: dict) -> dict:
     return {int(k) if k.isdigit() else k: v for k, v in obj.items()}
 
 
-def write_parser_tables(path: str = TABLES) -> None:
+def write_parser_tables(path: FsPath = TABLES) -> None:
     """Rebuild the shipped tables after editing the grammar (`python -m specsurgery.spec.parse`)."""
-    import json
-
     from lark import Lark
     from lark.grammar import Rule
     from lark.lexer import TerminalDef
@@ -95,8 +89,7 @@ def write_parser_tables(path: str = TABLES) -> None:
     text = json.dumps({"key": _grammar_key(grammar), "data": data, "memo": memo}, sort_keys=True)
     if json.loads(text, object_hook=_int_keys)["data"] != json.loads(json.dumps(data), object_hook=_int_keys):
         raise AssertionError("the parser tables do not survive JSON")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 def parse_text(text: str, path: str = "<string>") -> m.SpecFile:
