@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from .spec.node import Node
+from pydantic import BaseModel, ConfigDict
 
 
-class Span(Node):
+class Span(BaseModel):
     """Where a spec node stands in its file (1-based line and column)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     file: str = "<string>"
     line: int = 0

@@ -12,9 +12,9 @@ import re
 from typing import Optional
 
 from ..errors import SpecError, UserError
-from ..spec.load import load
+from ..spec.load import ParseCache, load
 from ..surgery.diff import make_plan
-from .git import NotAtRevision, _git, reader_at, repo_root
+from .git import NotAtRevision, _git, git_dir, reader_at, repo_root
 from .policy import Policy, load_policy
 from .policy import policy_verdict
 
@@ -95,10 +95,11 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
     failed = False
     results = []
     staged, head = reader_at("", root), reader_at("HEAD", root)
+    cache = ParseCache(os.path.join(git_dir(root), "specsurgery", "parsed"))
     moved = head_renames(root)
     for path in targets:
         try:
-            new = load([path], staged)
+            new = load([path], staged, cache)
         except SpecError as e:
             lines.append(e.render())
             failed = True
@@ -106,7 +107,7 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
             continue
         except NotAtRevision:  # not in the index: deleted in this commit, or never there
             if os.path.normpath(path) in deleted:
-                lines.extend(_deleted(path, head, results))
+                lines.extend(_deleted(path, head, cache, results))
             continue
         except UserError as e:  # in the index, but unreadable (not UTF-8)
             lines.append(str(e))
@@ -115,7 +116,7 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
             continue
         try:
             head_path = moved.get(path, path)  # a spec renamed in this commit keeps its history
-            old = load([f"git:HEAD:{head_path}"], head)  # spans name the revision they point into
+            old = load([f"git:HEAD:{head_path}"], head, cache)  # spans name the revision they point into
         except (SpecError, UserError):
             old = None
         for name, spec in new.models.items():
@@ -144,10 +145,10 @@ def check(files: Optional[list[str]] = None, policy: Optional[Policy] = None, cw
     return {"ok": not failed, "results": results, "text": "\n".join(lines), "exit": 1 if failed else 0}
 
 
-def _deleted(path: str, head, results: list) -> list[str]:
+def _deleted(path: str, head, cache, results: list) -> list[str]:
     """What `git rm` of a spec implies: the models it defined are no longer built."""
     try:
-        old = load([f"git:HEAD:{path}"], head)
+        old = load([f"git:HEAD:{path}"], head, cache)
     except (SpecError, UserError):
         results.append({"file": path, "ok": True, "deleted": True})
         return [f"{path}: deleted"]
