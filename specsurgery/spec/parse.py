@@ -1,12 +1,8 @@
 """Text to typed spec: lark (LALR) runs one transformer inline, as each rule
 is reduced, so no parse tree is built; spans come from the tokens.
 
-A well-formed text is read first without lark (descent.py, the same nodes);
-lark is imported only for what that reader is not sure of, so a process that
-reads well-formed specs (a checkpoint's canonical text, above all) never pays
-for it. Syntax errors stop at the first one (the rest of the file cannot be
-trusted); they are converted here, at the boundary, so no lark exception
-reaches a user.
+Syntax errors stop at the first one (the rest of the file cannot be trusted);
+they are converted here, at the boundary, so no lark exception reaches a user.
 """
 from __future__ import annotations
 
@@ -19,6 +15,9 @@ import threading
 from importlib import resources
 from pathlib import Path as FsPath
 from typing import Optional
+
+import lark
+from lark import Lark, Token
 
 from ..errors import Diagnostic, SpecError
 from . import model as m
@@ -53,15 +52,11 @@ TABLES = FsPath(__file__).with_name("parser_tables.json")
 
 
 def _grammar_key(grammar: str) -> dict:
-    import lark
-
     return {"grammar_sha256": hashlib.sha256(grammar.encode()).hexdigest(), "lark": lark.__version__}
 
 
 @functools.lru_cache(maxsize=None)
-def _parser() -> "lark.Lark":
-    from lark import Lark
-
+def _parser() -> Lark:
     grammar = grammar_text()
     try:
         with open(TABLES, encoding="utf-8") as f:
@@ -80,7 +75,6 @@ def _int_keys(obj: dict) -> dict:
 
 def write_parser_tables(path: FsPath = TABLES) -> None:
     """Rebuild the shipped tables after editing the grammar (`python -m specsurgery.spec.parse`)."""
-    from lark import Lark
     from lark.grammar import Rule
     from lark.lexer import TerminalDef
 
@@ -95,15 +89,11 @@ def write_parser_tables(path: FsPath = TABLES) -> None:
 def parse_text(text: str, path: str = "<string>") -> m.SpecFile:
     # Parsing allocates many small objects and frees none: the cyclic garbage
     # collector would only rescan them (a third of the time on a large spec).
-    from .descent import read_well_formed
-
     was_enabled = gc.isenabled()
     gc.disable()
     _STATE.file, _STATE.errors = path, []
     try:
-        spec_file = read_well_formed(text, path)
-        if spec_file is None:  # lark reads it, and says what is wrong
-            spec_file = _lark_parse(text, path)
+        spec_file = _parser().parse(text)
         too_deep = _first_too_deep(spec_file)
         if too_deep is not None:
             raise SpecError(Diagnostic(f"calls nest more than {MAX_NESTING} deep", too_deep.span,
@@ -111,19 +101,12 @@ def parse_text(text: str, path: str = "<string>") -> m.SpecFile:
         if _STATE.errors:
             raise SpecError(_STATE.errors)
         return spec_file
+    except lark.UnexpectedInput as error:
+        raise SpecError(_syntax_diagnostic(error, text, path)) from None
     finally:
         _STATE.errors = []
         if was_enabled:
             gc.enable()
-
-
-def _lark_parse(text: str, path: str) -> m.SpecFile:
-    import lark
-
-    try:
-        return _parser().parse(text)
-    except lark.UnexpectedInput as error:
-        raise SpecError(_syntax_diagnostic(error, text, path)) from None
 
 
 # Limits that keep every later stage (graph, maps, plans, the torch model) in
@@ -147,9 +130,7 @@ def _first_too_deep(spec_file: m.SpecFile) -> Optional[m.Call]:
     return None
 
 
-def _syntax_diagnostic(error: "lark.UnexpectedInput", text: str, path: str) -> Diagnostic:
-    import lark
-
+def _syntax_diagnostic(error: lark.UnexpectedInput, text: str, path: str) -> Diagnostic:
     line, column = error.line, error.column
     if line is None or line < 1:  # unexpected end of input
         lines = text.splitlines() or [""]
@@ -182,7 +163,7 @@ _CLOSERS = {"LPAR": "RPAR", "LBRACE": "RBRACE", "LSQB": "RSQB"}
 _TYPES = {"FLOAT", "INT_TYPE", "BOOL", "CATEGORY"}
 
 
-def _token_diagnostic(error: "lark.UnexpectedToken", span: m.Span, text: str, path: str) -> Diagnostic:
+def _token_diagnostic(error: lark.UnexpectedToken, span: m.Span, text: str, path: str) -> Diagnostic:
     """Turn lark's "unexpected token" into what the user most likely got wrong.
 
     The parser's value stack holds the tokens read so far that are not yet part
@@ -194,8 +175,6 @@ def _token_diagnostic(error: "lark.UnexpectedToken", span: m.Span, text: str, pa
     got = "the end of the file" if at_end else repr(str(token))
     if not at_end:
         span = span.model_copy(update={"end_column": span.column + max(1, len(str(token)))})
-    from lark import Token
-
     state = error.interactive_parser.parser_state if error.interactive_parser else None
     tokens = [v for v in (state.value_stack if state else ()) if isinstance(v, Token)]
     if error.token_history:
@@ -268,8 +247,6 @@ def _token_diagnostic(error: "lark.UnexpectedToken", span: m.Span, text: str, pa
 
 def _previous_token(text: str, pos: int) -> Optional[Token]:
     """The token before `pos` (lark's error only knows it when its lexer failed)."""
-    import lark
-
     try:
         *_, last = _parser().lex(text[:pos])
     except (lark.LarkError, ValueError):
@@ -321,8 +298,6 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def _run_names(run: Token) -> list[Token]:
     """The NAME tokens of a NAME_RUN (`a, b, c`), each where it stands in the file."""
-    from lark import Token
-
     text, names = str(run), []
     line, line_start = run.line, -(run.column - 1)  # the run's offset of its line's first column
     at = 0
@@ -447,10 +422,12 @@ class _ToSpec:
 
     def feature_type(self, children):
         (child,) = children
-        return child if isinstance(child, tuple) else (str(child), None)  # a category, or the type's token
+        if isinstance(child, Token):
+            return (str(child), None)
+        return ("category", child)
 
     def category(self, children):
-        return ("category", str(children[0]))
+        return str(children[0])
 
     def model(self, children):
         name, input_name, schema_name, *statements = children
@@ -470,7 +447,7 @@ class _ToSpec:
     def call(self, children):
         # NAME "(" [argument ("," argument)*] ")" [alias], every token kept (`!call`)
         name, alias = children[0], children[-1]
-        rest = [c for c in children[1:-1] if isinstance(c, m.Node)]  # not the punctuation
+        rest = [c for c in children[1:-1] if c is not None and not isinstance(c, Token)]
         args = tuple(a for a in rest if not isinstance(a, m.Keyword))
         keywords = tuple(a for a in rest if isinstance(a, m.Keyword))
         return m.Call(
