@@ -15,21 +15,25 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from .records import Record, field
+from pydantic import BaseModel, ConfigDict, Field
 
 PLAN_FORMAT = "specsurgery-plan/2"
 
 
-class Run(Record):
-    new: int = field(ge=0)
-    old: int = field(ge=0)
-    length: int = field(ge=1)
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class AxisMap(Record):
-    role: Literal["out", "in"] = field(description="out: units this op makes; in: indices it reads")
-    new_size: int = field(ge=0)
-    old_size: int = field(ge=0)
+class Run(Frozen):
+    new: int = Field(ge=0)
+    old: int = Field(ge=0)
+    length: int = Field(ge=1)
+
+
+class AxisMap(Frozen):
+    role: Literal["out", "in"] = Field(description="out: units this op makes; in: indices it reads")
+    new_size: int = Field(ge=0)
+    old_size: int = Field(ge=0)
     runs: tuple[Run, ...] = ()
 
     def old_indices(self) -> list[int]:
@@ -51,27 +55,27 @@ class AxisMap(Record):
 Region = Literal["all", "new", "old"]
 
 
-class Fill(Record):
+class Fill(Frozen):
     """How the elements of one region of a parameter start. The region takes,
     along each axis, every index ("all"), the indices no run matches ("new"),
     or the matched ones ("old")."""
 
-    value: Literal["zero", "fresh", "identity"] = field(
+    value: Literal["zero", "fresh", "identity"] = Field(
         description="zero; fresh: the op's init; identity: ones where the row equals the column, zero elsewhere")
     where: tuple[Region, ...]
 
 
-class ParamPlan(Record):
+class ParamPlan(Frozen):
     name: str
     shape: tuple[int, ...]
-    source: Optional[str] = field(None, description="the old parameter it is carried from; null: nothing copied")
+    source: Optional[str] = Field(None, description="the old parameter it is carried from; null: nothing copied")
     old_shape: Optional[tuple[int, ...]] = None
     axes: tuple[AxisMap, ...] = ()
-    fills: tuple[Fill, ...] = field((), description="how every element no run copies starts; the regions do not overlap")
-    copied: int = field(0, ge=0, description="elements copied from the old parameter")
-    zeroed: int = field(0, ge=0, description="elements that start at zero (an old unit reading a new input, a join at zero)")
-    fresh: int = field(0, ge=0, description="elements that start at the op's init (a new unit)")
-    identity: int = field(0, ge=0, description="elements of an identity start (an inserted layer)")
+    fills: tuple[Fill, ...] = Field((), description="how every element no run copies starts; the regions do not overlap")
+    copied: int = Field(0, ge=0, description="elements copied from the old parameter")
+    zeroed: int = Field(0, ge=0, description="elements that start at zero (an old unit reading a new input, a join at zero)")
+    fresh: int = Field(0, ge=0, description="elements that start at the op's init (a new unit)")
+    identity: int = Field(0, ge=0, description="elements of an identity start (an inserted layer)")
 
     def region(self, fill: Fill) -> list[list[int]]:
         """Per axis, the indices `fill` covers."""
@@ -111,13 +115,13 @@ class ParamPlan(Record):
         return "grown" if self.copied else "restarted"
 
 
-class DroppedParam(Record):
+class DroppedParam(Frozen):
     name: str
     shape: tuple[int, ...]
     elements: int
 
 
-class Reason(Record):
+class Reason(Frozen):
     """Why the function is not preserved, pointing at the spec line to blame."""
 
     message: str
@@ -130,24 +134,24 @@ class Reason(Record):
         return f"{where}{self.message}"
 
 
-class HeadMap(Record):
+class HeadMap(Frozen):
     """Which output of an old head each output of a new head is compared with."""
 
     name: str
     old_name: str
-    new_size: int = field(ge=0)
-    old_size: int = field(ge=0)
+    new_size: int = Field(ge=0)
+    old_size: int = Field(ge=0)
     runs: tuple[Run, ...] = ()
 
 
-class Summary(Record):
+class Summary(Frozen):
     old_params: int
     new_params: int
-    transferred: int = field(description="old parameter elements copied into the new model")
+    transferred: int = Field(description="old parameter elements copied into the new model")
     zeroed: int
     fresh: int
-    identity: int = field(0, description="elements of parameters that start as the identity (inserted layers)")
-    dropped: int = field(description="old parameter elements with no place in the new model")
+    identity: int = Field(0, description="elements of parameters that start as the identity (inserted layers)")
+    dropped: int = Field(description="old parameter elements with no place in the new model")
     function_preserving: bool
     reasons: tuple[Reason, ...] = ()
 
@@ -156,17 +160,17 @@ class Summary(Record):
         return self.transferred / self.old_params if self.old_params else 1.0
 
 
-class Plan(Record):
+class Plan(Frozen):
     format: Literal["specsurgery-plan/2"] = PLAN_FORMAT
     old_model: str
     new_model: str
-    old_spec: str = field(description="canonical text of the old model and schema")
-    new_spec: str = field(description="canonical text of the new model and schema")
+    old_spec: str = Field(description="canonical text of the old model and schema")
+    new_spec: str = Field(description="canonical text of the new model and schema")
     params: tuple[ParamPlan, ...]
     dropped: tuple[DroppedParam, ...] = ()
-    heads: tuple[HeadMap, ...] = field((), description="the heads both versions have, output by output")
-    old_only_heads: tuple[str, ...] = field((), description="heads of the old version the new one has not")
-    new_only_heads: tuple[str, ...] = field((), description="heads of the new version the old one had not")
+    heads: tuple[HeadMap, ...] = Field((), description="the heads both versions have, output by output")
+    old_only_heads: tuple[str, ...] = Field((), description="heads of the old version the new one has not")
+    new_only_heads: tuple[str, ...] = Field((), description="heads of the new version the old one had not")
     summary: Summary
 
 
