@@ -224,8 +224,8 @@ Key = Union[Feature, Unit, Wrapped, Normed, Joined]
 def units(scope: str, n: int, tag: Optional[str] = None) -> tuple[Unit, ...]:
     """The keys of n units of one op (one block of them): built once, shared by
     every graph that has the op (the old and the new version mostly do)."""
-    return _derived(("units", scope, tag, n), (), lambda: _made(Unit, (repeat(scope, n), repeat(tag, n), range(n)),
-                                                               (repeat(scope, n), repeat(tag, n), range(n))))
+    return _derived(("units", scope, tag, n), (), n, lambda: _made(Unit, (repeat(scope, n), repeat(tag, n), range(n)),
+                                                                  (repeat(scope, n), repeat(tag, n), range(n))))
 
 
 def _made(cls, signature_fields: tuple, fields: tuple) -> tuple:
@@ -272,7 +272,7 @@ def _made(cls, signature_fields: tuple, fields: tuple) -> tuple:
 
 def features(names: tuple[str, ...]) -> tuple[Feature, ...]:
     """The keys of input features, by name (an input op's axis)."""
-    return _derived(("features", names), (), lambda: _made(Feature, (names,), (names,)))
+    return _derived(("features", names), (), len(names), lambda: _made(Feature, (names,), (names,)))
 
 
 def wrap(op: str, key: Key, idempotent: bool) -> Key:
@@ -281,6 +281,72 @@ def wrap(op: str, key: Key, idempotent: bool) -> Key:
     if idempotent and type(key) is Wrapped and key.op == op:
         return key
     return Wrapped(op, key, idempotent)
+
+
+class Lazy:
+    """An axis of keys made when first read; its length is known at once. The
+    maps hold every axis of both versions and planning reads those that
+    changed: of a model of 8192-wide layers, most of the hundreds of
+    thousands of keys are never made. Read like a tuple; made without
+    recursion (a chain of 100,000 statements nests axes 100,000 deep)."""
+
+    __slots__ = ("_n", "_inputs", "_build", "_keys")
+
+    def __init__(self, n: int, inputs: tuple, build: Callable[[], tuple]):
+        self._n, self._inputs, self._build, self._keys = n, inputs, build, None
+
+    def made(self) -> tuple:
+        """The keys, as a tuple."""
+        if self._keys is None:
+            stack = [self]
+            while stack:
+                axis = stack[-1]
+                if axis._keys is not None:
+                    stack.pop()
+                    continue
+                pending = [x for x in axis._inputs if type(x) is Lazy and x._keys is None]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                stack.pop()
+                axis._keys = axis._build()
+                axis._build = None
+        return self._keys
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        return iter(self.made())
+
+    def __getitem__(self, i):
+        return self.made()[i]
+
+    def __contains__(self, key) -> bool:
+        return key in self.made()
+
+    def __eq__(self, other):
+        if isinstance(other, (tuple, list, Lazy)):
+            return len(other) == self._n and self.made() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self.made())
+
+    def __add__(self, other) -> tuple:
+        return self.made() + tuple(other)
+
+    def __radd__(self, other) -> tuple:
+        return tuple(other) + self.made()
+
+    def count(self, key) -> int:
+        return self.made().count(key)
+
+    def index(self, key, *bounds) -> int:
+        return self.made().index(key, *bounds)
+
+    def __repr__(self) -> str:
+        return repr(self.made())
 
 
 # Whole axes of keys derived from others (an op's output from its inputs'),
@@ -297,18 +363,20 @@ _AXES_HELD = [0]
 _AXES_LIMIT = (1 << 13, 1 << 21)
 
 
-def _derived(how: tuple, inputs: tuple, build: Callable[[], tuple]) -> tuple:
+def _derived(how: tuple, inputs: tuple, n: int, build: Callable[[], tuple]):
+    """The axis of `n` keys `build` makes from `inputs` (a Lazy one, made when read)."""
+    if not n:
+        return ()  # the empty tuple is one object: it tells nothing
     signature = (*how, *map(id, inputs))
     hit = _AXES.get(signature)
     if hit is not None and all(map(operator.is_, hit[0], inputs)):
         return hit[1]
-    out = build()
+    out = Lazy(n, inputs, build)
     if hit is not None:
         _forget(signature)
     _AXES[signature] = (inputs, out)
-    if out:  # the empty tuple is one object: it tells nothing
-        _ORIGINS[id(out)] = (out, how, inputs)
-    _AXES_HELD[0] += len(out)
+    _ORIGINS[id(out)] = (out, how, inputs)
+    _AXES_HELD[0] += n
     while len(_AXES) > 1 and (len(_AXES) > _AXES_LIMIT[0] or _AXES_HELD[0] > _AXES_LIMIT[1]):
         _forget(next(iter(_AXES)))
     return out
@@ -342,26 +410,26 @@ def wrapped_axis(op: str, keys: tuple, idempotent: bool) -> tuple:
         return _made(Wrapped, (repeat(op, n), map(id, keys), repeat(idempotent, n)),
                      (repeat(op, n), keys, repeat(idempotent, n)))
 
-    return _derived(("wrap", op, idempotent), (keys,), build)
+    return _derived(("wrap", op, idempotent), (keys,), len(keys), build)
 
 
 def normed_axis(scope: str, keys: tuple) -> tuple:
     """Each key of an axis after the normalisation at `scope`."""
     n = len(keys)
-    return _derived(("norm", scope), (keys,),
+    return _derived(("norm", scope), (keys,), n,
                     lambda: _made(Normed, (repeat(scope, n), map(id, keys)), (repeat(scope, n), keys)))
 
 
 def joined_axis(op: str, left: tuple, right: tuple) -> tuple:
     """Index i of a two-input op over two axes: Joined(op, left[i], right[i])."""
     n = min(len(left), len(right))
-    return _derived(("join", op), (left, right),
+    return _derived(("join", op), (left, right), n,
                     lambda: _made(Joined, (repeat(op, n), map(id, left), map(id, right)), (repeat(op, n), left, right)))
 
 
 def chained(axes: tuple) -> tuple:
     """The keys of several axes, one after another (concat)."""
-    return _derived(("chain",), axes, lambda: tuple(itertools.chain.from_iterable(axes)))
+    return _derived(("chain",), axes, sum(map(len, axes)), lambda: tuple(itertools.chain.from_iterable(axes)))
 
 
 def children(k: Key) -> tuple:

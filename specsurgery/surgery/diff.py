@@ -131,8 +131,6 @@ class Renames:
                 verdict = all(known[id(x)][1] for x in inputs) and self._made_alike(how, axis)
             stack.pop()
             known[id(axis)] = (axis, verdict)
-            if verdict:
-                self._memo.update(zip(axis, axis))  # its keys, asked one by one, read as they are too
         return known[id(keys)][1]
 
     def _made_alike(self, how: tuple, axis) -> bool:
@@ -454,8 +452,40 @@ class _Check:
         return message
 
 
+class OldKeys:
+    """Every key of the old version's values, asked as a set. An axis that is an
+    old value's (one object: the versions share their unchanged axes) is
+    answered at once; the set is made on the first question that needs it, so
+    the keys of the many unchanged axes are never made."""
+
+    def __init__(self, old: InteractionMap):
+        self._values = old.values
+        self._axes = {id(v.keys): v.keys for v in old.values.values()}
+        self._set: Optional[set] = None
+
+    def covers(self, keys) -> bool:
+        """Whether the axis is one an old value has."""
+        return self._axes.get(id(keys)) is keys
+
+    def _all(self) -> set:
+        if self._set is None:
+            self._set = set()
+            for axis in self._values.values():
+                self._set.update(axis.keys)
+        return self._set
+
+    def __contains__(self, key) -> bool:
+        return key in self._all()
+
+    def issuperset(self, keys) -> bool:
+        return self.covers(keys) or self._all().issuperset(keys)
+
+    def isdisjoint(self, keys) -> bool:
+        return (not keys) if self.covers(keys) else self._all().isdisjoint(keys)
+
+
 def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: InteractionMap,
-                   renames: Renames, old_feature_spans: dict[str, m.Span], old_keys: set) -> list[Reason]:
+                   renames: Renames, old_feature_spans: dict[str, m.Span], old_keys: OldKeys) -> list[Reason]:
     """One walk of the new graph; each op says, through its `surgery`, how its
     output indices depend on its inputs' (see the module's docstring, step 4)."""
     check = _Check()
@@ -512,8 +542,9 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
                 if old_input not in old_bases:
                     old_bases[old_input] = set(K.bases(old_in.keys, axis_bases))
                 old_in_base = old_bases[old_input]
+                old_in_keys = set(old_in.keys)  # most are this input's old keys: asked first
                 changed = [k for k, b in zip(new_in_keys, K.bases(new_in_keys, axis_bases))
-                           if b in old_in_base and k not in old_keys]
+                           if b in old_in_base and k not in old_in_keys and k not in old_keys]
                 if changed:
                     unit_taint |= {check.add(f"{node.scope} reads {K.source(changed[0])} through a changed path "
                                              f"(an op around it changed)", node.span)}
@@ -587,9 +618,12 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         if gone and len(new_value) >= len(old_value):
             reasons.add(check.add(f"output head {head} no longer computes {K.source(gone[0])}"
                                   + (f" (and {len(gone) - 1} more outputs)" if len(gone) > 1 else ""), stmt.span))
-        for i, k in enumerate(new_keys):
-            if k in old_keys:
-                reasons |= set(taint[index][i])
+        if old_keys.covers(new_keys):  # the head's axis is an old value's: every output is old
+            reasons.update(*taint[index])
+        else:
+            for i, k in enumerate(new_keys):
+                if k in old_keys:
+                    reasons |= set(taint[index][i])
         if len(new_value) < len(old_value):
             reasons.add(check.add(f"output head {head} narrowed from {len(old_value)} to {len(new_value)}", stmt.span))
     new_heads = {renames.scopes.get(h, h) for h in new_graph.outputs}
@@ -604,7 +638,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
 # 5. how new ops start: fresh, at zero (a join), or as the identity (a new layer)
 
 
-def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: set, renames: Renames,
+def choose_starts(new_graph: Graph, new: InteractionMap, old_keys: "OldKeys", renames: Renames,
                   old_heads: set) -> dict[str, str]:
     """New op scope -> "zero" or "identity" where that keeps the function (else it
     starts fresh), recording in `renames` what each such start makes its keys mean.
@@ -810,9 +844,7 @@ def _make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph, old_map: Optional[I
     old = old_map or shadow_map(old_graph)
     new = new_map or shadow_map(new_graph)
     match_ops(old_graph, new_graph, renames)
-    old_keys = set()
-    for axis in old.values.values():
-        old_keys.update(axis.keys)
+    old_keys = OldKeys(old)
     starts = choose_starts(new_graph, new, old_keys, renames, {s.name for s in old_graph.model.statements if s.out})
     proof_check = _Proof(shared_features(old, new, renames))
     params, dropped, unproven = _param_plans(new_graph, new, new, old, renames, starts, proof_check)
@@ -860,10 +892,13 @@ def proof_map(new_graph: Graph, new: InteractionMap, renames: Renames, starts: d
         old_node = old_nodes[old_scope]
         out = []
         for x, old_input in zip(xs, old_node.inputs):
+            translated = renames.keys(x.keys)
+            if translated is old.values[old_input].keys:  # the input it had: every key known
+                out.append(x)
+                continue
             if old_input not in old_input_keys:
                 old_input_keys[old_input] = set(old.values[old_input].keys)
             known = old_input_keys[old_input]
-            translated = renames.keys(x.keys)
             if all(k in known for k in translated):
                 out.append(x)
             else:  # a new input meets weights that start at zero: it carries nothing yet
