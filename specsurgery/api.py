@@ -24,6 +24,17 @@ def check_seed(seed) -> int:
 
 def read_spec(source: str, model: Optional[str] = None) -> m.ModelSpec:
     """The ModelSpec of `source`: a .spec path, spec text, or git:REV:path."""
+    loaded, name = _read(source, model)
+    return loaded.models[name]
+
+
+def read_graph(source: str, model: Optional[str] = None):
+    """The checked IR graph of `source` (read as read_spec reads it), as loading built it."""
+    loaded, name = _read(source, model)
+    return loaded.graphs[name]
+
+
+def _read(source: str, model: Optional[str]):
     from .spec.load import load, load_text
 
     if not isinstance(source, (str, os.PathLike)):
@@ -49,10 +60,10 @@ def read_spec(source: str, model: Optional[str] = None) -> m.ModelSpec:
         if len(loaded.models) != 1:
             raise UserError(f"{where}: error: {len(loaded.models)} models in this spec; choose one with model= "
                             f"(models: {names})")
-        return next(iter(loaded.models.values()))
+        return loaded, next(iter(loaded.models))
     if model not in loaded.models:
         raise UserError(f"{where}: error: no model {model!r} (models: {names})")
-    return loaded.models[model]
+    return loaded, model
 
 
 def compile(source: str, model: Optional[str] = None, *, seed: int = 0):
@@ -74,20 +85,26 @@ def load(path: str, *, device=None, dtype=None):
 # surgery
 
 
-def _spec_of(source, model: Optional[str] = None) -> m.ModelSpec:
-    """A Model, a checkpoint, a .spec path, spec text or git:REV:path -> its ModelSpec."""
+def _graph_of(source, model: Optional[str] = None):
+    """A Model, a checkpoint, a .spec path, spec text, git:REV:path, a typed
+    spec or its graph -> its IR graph: the one loading built (not built again)."""
     import sys
 
+    from .ir import Graph, build_graph
     from .sources import is_checkpoint
 
+    if isinstance(source, Graph):
+        return source
+    if isinstance(source, m.ModelSpec):
+        return build_graph(source)
     built = sys.modules.get(f"{__package__}.model")  # not imported (it imports torch): no Model exists
     if built is not None and isinstance(source, built.Model):
-        return source._ss_graph.spec
+        return source._ss_graph
     if isinstance(source, (str, os.PathLike)) and is_checkpoint(os.fspath(source)):
-        from .checkpoint import load_spec, read_header
+        from .checkpoint import load_graph, read_header
 
-        return load_spec(read_header(os.fspath(source)))
-    return read_spec(source, model)
+        return load_graph(read_header(os.fspath(source)))
+    return read_graph(source, model)
 
 
 class Plan:
@@ -170,7 +187,7 @@ def plan(old, new, *, model: Optional[str] = None) -> Plan:
     from .ir import build_graph
     from .surgery.diff import make_plan
 
-    return Plan(make_plan(build_graph(_spec_of(old, model)), build_graph(_spec_of(new, model))))
+    return Plan(make_plan(_graph_of(old, model), _graph_of(new, model)))
 
 
 def _checked_plan(given: Optional[Plan], old_graph, new_graph) -> Plan:
@@ -238,7 +255,7 @@ def surgery(model, new, *, optimizer=None, plan: Optional[Plan] = None, allow_lo
 
         named = named_state(optimizer, model)
     old_graph = model._ss_graph
-    new_graph = build_graph(_spec_of(new))
+    new_graph = _graph_of(new)
     carried = _checked_plan(plan, old_graph, new_graph)
     refuse_lossy(carried, allow_lossy)
     old = dict(model.named_parameters())
@@ -288,14 +305,13 @@ def apply(checkpoint: str, new, out: str, *, plan: Optional[Plan] = None, allow_
 
 
 def _apply_many(checkpoints, new, out: str, *, plan, allow_lossy: bool, seed: int, jobs, fsync: bool = True) -> Plan:
-    from .checkpoint import load_spec, read_header
-    from .ir import build_graph
+    from .checkpoint import load_graph, read_header
     from .many_apply import apply_many
 
     checkpoints = [os.fspath(c) for c in checkpoints]
     if not checkpoints:
         raise UserError("error: ss.apply was given an empty list of checkpoints")
-    carried = _checked_plan(plan, build_graph(load_spec(read_header(checkpoints[0]))), build_graph(_spec_of(new)))
+    carried = _checked_plan(plan, load_graph(read_header(checkpoints[0])), _graph_of(new))
     refuse_lossy(carried, allow_lossy)
     failed = [o for o in apply_many(carried._plan, checkpoints, os.fspath(out), jobs=jobs, seed=seed, durable=fsync)
               if o.error]
@@ -310,15 +326,14 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
                      progress=None, policy=None, fsync: bool = True) -> tuple[Plan, dict]:
     """ss.apply, and what the writer reports (bytes, tensors; shards and jobs for a folder).
     With a `policy` (the command's), the plan must pass it as build's must."""
-    from .checkpoint import load_spec, read_header
+    from .checkpoint import load_graph, read_header
     from .dcp import is_dcp
     from .early_copy import early_output
-    from .ir import build_graph
     from .shards import is_folder_checkpoint
 
     checkpoint, out = os.fspath(checkpoint), os.fspath(out)
     header = read_header(checkpoint)
-    new_graph = build_graph(_spec_of(new))
+    new_graph = _graph_of(new)
     sharded = max_shard_size is not None or (is_folder_checkpoint(checkpoint) and not out.endswith(".safetensors"))
     if sharded and out.endswith(".safetensors"):
         raise UserError(f"{out}: error: a sharded checkpoint is a folder; name it without .safetensors")
@@ -327,7 +342,7 @@ def apply_checkpoint(checkpoint: str, new, out: str, *, plan: Optional[Plan] = N
     else:  # the new files laid out and old tensors copied into them while this thread plans
         early = early_output(header, new_graph, out, sharded, max_shard_size, durable=fsync)
     with early as started:
-        carried = _checked_plan(plan, build_graph(load_spec(header)), new_graph)
+        carried = _checked_plan(plan, load_graph(header), new_graph)
         if policy is None:
             refuse_lossy(carried, allow_lossy)
         else:

@@ -177,6 +177,16 @@ def load_spec(header: Header):
 
     The text is self-contained (canonical() inlines the schema); a `use` in it
     would make data from elsewhere read, and print, any local file: refused."""
+    return _load_embedded(header).model(header.model_name)
+
+
+def load_graph(header: Header):
+    """The checked IR graph of the spec embedded in a checkpoint (load_spec's), as loading built it."""
+    loaded = _load_embedded(header)
+    return loaded.graphs[loaded.model(header.model_name).model.name]
+
+
+def _load_embedded(header: Header):
     from .errors import SOURCES
     from .spec.load import load
 
@@ -189,7 +199,9 @@ def load_spec(header: Header):
         return header.spec_text
 
     try:
-        return load([name], reader=read).model(header.model_name)
+        loaded = load([name], reader=read)
+        loaded.model(header.model_name)
+        return loaded
     except (SpecError, UserError) as e:
         raise UserError(f"{header.path}: error: the embedded spec does not load:\n{e}") from None
 

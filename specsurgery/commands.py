@@ -266,10 +266,10 @@ def cmd_apply(args) -> int:
 
 
 def _apply(args) -> int:
-    from .api import apply_checkpoint, plan, read_spec, refuse_by_policy
+    from .api import apply_checkpoint, plan, read_graph, refuse_by_policy
     from .workflow.policy import load_policy
 
-    new = read_spec(args.new_spec, args.model) if args.model else args.new_spec
+    new = read_graph(args.new_spec, args.model) if args.model else args.new_spec
     given = read_plan_file(args.plan) if args.plan else None
     args.checkpoint = args.checkpoints[0]  # the plan is made once, from the first
     policy = load_policy().override(allow_lossy=args.allow_lossy, min_transfer=args.min_transfer)  # build's rule

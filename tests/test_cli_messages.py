@@ -170,6 +170,18 @@ def test_apply_refuses_a_lossy_change_unless_allowed_as_build_does(folder):
     assert (folder / "lossy.safetensors").exists()
 
 
+def test_apply_takes_the_model_of_a_file_with_several(folder):
+    assert specsurgery("build", "old.spec", "--out", "models", cwd=folder).returncode == 0
+    other = WIDER.replace("model agent(", "model other(")
+    (folder / "two.spec").write_text(WIDER + "\n" + other[other.index("model other("):])
+    old = os.path.join("models", "agent.safetensors")
+    unsure = specsurgery("apply", old, "two.spec", "-o", "new.safetensors", cwd=folder)
+    assert unsure.returncode == 1 and "2 models in this spec" in unsure.stderr
+    done = specsurgery("apply", old, "two.spec", "--model", "agent", "-o", "new.safetensors", cwd=folder)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("wrote new.safetensors: 91 of 91 old parameters transferred")
+
+
 def test_apply_keeps_the_policys_min_transfer_as_build_does(folder):
     (folder / "narrow.spec").write_text(OLD.replace("he), 8)", "he), 4)"))
     assert specsurgery("build", "old.spec", "--out", "models", cwd=folder).returncode == 0
