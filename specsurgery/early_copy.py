@@ -209,10 +209,6 @@ def early_output(header, new_graph, out: str, sharded: bool, max_shard_size=None
 
 
 def _using(early: EarlyOutput):
-    # The writers lay rows out in numpy; importing it now, beside the plan
-    # (once the copies are under way), saves most of its ~0.1 s: dlopen and
-    # friends let go of the GIL.
-    threading.Thread(target=__import__, args=("numpy",), name="specsurgery-numpy-import", daemon=True).start()
     try:
         yield early
     except BaseException:
