@@ -96,9 +96,54 @@ class Renames:
         hit = self._axes.get(id(keys))
         if hit is not None and hit[0] is keys:
             return hit[1]
-        out = keys if self._unchanged(keys) else self._each(keys)
+        out = keys if self._unchanged(keys) else self._translated(keys)
         self._axes[id(keys)] = (keys, out)  # holding `keys` keeps its id from being reused
         return out
+
+    def _translated(self, keys):
+        """An axis in old names, remade from how it was made (K.origin) where that
+        is known: the translated inputs through the same step (a relu of a renamed
+        op's units is a relu of the old op's), the keys one by one elsewhere.
+        Without recursion, as _unchanged."""
+        done = self._axes
+        stack = [keys]
+        while stack:
+            axis = stack[-1]
+            hit = done.get(id(axis))
+            if hit is not None and hit[0] is axis:
+                stack.pop()
+                continue
+            made = K.origin(axis)
+            if made is None or self._unchanged(axis):
+                out = self._each(axis) if made is None else axis
+            else:
+                how, inputs = made
+                pending = [x for x in inputs if not (id(x) in done and done[id(x)][0] is x)]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                out = self._remade(how, axis, [done[id(x)][1] for x in inputs])
+            stack.pop()
+            done[id(axis)] = (axis, out)
+        return done[id(keys)][1]
+
+    def _remade(self, how: tuple, axis, inputs: list):
+        """The step `how` (of K.origin) in old names over its inputs in old names:
+        what `key` gives each key of `axis`."""
+        kind = how[0]
+        if kind == "features":
+            return K.features(tuple(map(self.feature, how[1])))
+        if kind == "units" and how[1] not in self.identity_inputs:
+            return K.units(self._scope(how[1]), how[3], how[2])
+        if kind == "wrap":
+            return K.wrapped_axis(how[1], inputs[0], how[2])
+        if kind == "norm":
+            return K.normed_axis(self._scope(how[1]), inputs[0])
+        if kind == "join" and (not self.zero_joins or self.zero_joins.keys().isdisjoint(axis)):
+            return K.joined_axis(how[1], inputs[0], inputs[1])
+        if kind == "chain":
+            return K.chained(tuple(inputs))
+        return self._each(axis)  # a unit of an identity start, a join at zero: key by key
 
     def _each(self, keys) -> list:
         out = list(map(self._memo.get, keys))  # keys translated before, in C
