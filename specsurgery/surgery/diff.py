@@ -1000,6 +1000,7 @@ class _Proof:
         self.mask, self.runs = shared
         self._translated: dict = {}  # id(new set) -> (it, its bits in old numbering)
         self._counted: dict = {}  # (ids of runs, new sets, old sets) -> (them, the count)
+        self._old_bit: Optional[dict] = None  # new feature number -> old, made when first asked
 
     def unproven(self, runs: tuple[Run, ...], new_sets: tuple, old_sets: tuple) -> int:
         key = (id(runs), id(new_sets), id(old_sets))
@@ -1021,8 +1022,17 @@ class _Proof:
     def _differ(self, new_set: int, old_set: int) -> bool:
         hit = self._translated.get(id(new_set))
         if hit is None or hit[0] is not new_set:
-            hit = self._translated[id(new_set)] = (new_set, translate_bits(new_set, self.runs))
+            hit = self._translated[id(new_set)] = (new_set, self._translate(new_set))
         return hit[1] != old_set & self.mask
+
+    def _translate(self, bits: int) -> int:
+        if bits & (bits - 1):
+            return translate_bits(bits, self.runs)
+        # One feature (an input's index, a vocabulary item's row): its old bit, looked up.
+        if self._old_bit is None:
+            self._old_bit = {i + k: j + k for i, j, n in self.runs for k in range(n)}
+        j = self._old_bit.get(bits.bit_length() - 1)
+        return 0 if j is None else 1 << j
 
 
 # ---------------------------------------------------------------------------
