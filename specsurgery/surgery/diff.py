@@ -25,7 +25,7 @@ import collections
 import itertools
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 from .. import keys as K
 from ..backends.shadow import InteractionMap, shadow_map
@@ -411,7 +411,9 @@ def _numbered(keys) -> list[tuple]:
     return out
 
 
-def _runs(indices: list[int]) -> tuple[Run, ...]:
+def _runs(indices) -> tuple[Run, ...]:
+    if type(indices) is range:  # match_axis's answer for an axis that did not move
+        return (Run(new=0, old=0, length=len(indices)),) if indices else ()
     if indices and indices[0] == 0 and indices[-1] == len(indices) - 1 and indices == list(range(len(indices))):
         return (Run(new=0, old=0, length=len(indices)),)
     runs: list[Run] = []
@@ -425,14 +427,15 @@ def _runs(indices: list[int]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
-def match_axis(new_keys, old_keys, renames: Renames) -> list[int]:
+def match_axis(new_keys, old_keys, renames: Renames) -> Sequence[int]:
     """New index -> old index (or -1): by exact key, then through element-wise
-    wrappers, then a value newly joined by add or mul by the old value it carries."""
+    wrappers, then a value newly joined by add or mul by the old value it carries
+    (a range where nothing moved)."""
     if not renames and _same(new_keys, old_keys):
-        return list(range(len(new_keys)))  # the common case, and the large axes: nothing moved
+        return range(len(new_keys))  # the common case, and the large axes: nothing moved
     translated = renames.keys(new_keys)
     if _same(translated, old_keys):
-        return list(range(len(new_keys)))
+        return range(len(new_keys))
     # Exact keys first: relu(x) and x both carry x, and must not be paired by order.
     exact = dict(zip(old_keys, range(len(old_keys))))
     if len(exact) == len(old_keys) and len(set(translated)) == len(translated):
@@ -530,11 +533,18 @@ class OldKeys:
 
 
 def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: InteractionMap,
-                   renames: Renames, old_feature_spans: dict[str, m.Span], old_keys: OldKeys) -> list[Reason]:
+                   renames: Renames, old_keys: OldKeys) -> list[Reason]:
     """One walk of the new graph; each op says, through its `surgery`, how its
     output indices depend on its inputs' (see the module's docstring, step 4)."""
     check = _Check()
     old_ops = {n.scope: n for n in old_graph.nodes if n.params}
+    spans: list[dict] = []  # the old features' spans, read once a removed feature is named
+
+    def old_feature_span(name: str):
+        if not spans:
+            spans.append(_old_feature_spans(old_graph.spec))
+        return spans[0].get(name)
+
     old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
     carried: dict = {}  # key -> the bases it carries (K.carried), shared by every reader
     axis_bases: dict = {}  # id(axis) -> (axis, the base of each of its keys), shared likewise
@@ -548,7 +558,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
         features = sorted({b.name for b in bases if isinstance(b, K.Feature)})
         others = [k for k, b in zip(missing_keys, bases) if not isinstance(b, K.Feature)]
         out = {check.add(f"feature {name} was removed, but {node.scope} read it: "
-                         f"the function changes wherever it was non-zero", old_feature_spans.get(name))
+                         f"the function changes wherever it was non-zero", old_feature_span(name))
                for name in features}
         scopes = sorted({b.scope for b in map(K.base, others) if isinstance(b, K.Unit)})
         if scopes:
@@ -896,7 +906,7 @@ def _make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph, old_map: Optional[I
     if unproven:  # new inputs may carry features old units never met: they start at zero, so prove on that
         proof = proof_map(new_graph, new, renames, starts, old_graph, old)
         params, dropped, unproven = _param_plans(new_graph, new, proof, old, renames, starts, proof_check)
-    reasons = function_check(old_graph, new_graph, old, new, renames, _old_feature_spans(old_graph.spec), old_keys)
+    reasons = function_check(old_graph, new_graph, old, new, renames, old_keys)
     if unproven and not reasons:  # never claim what the maps do not show
         reasons.append(Reason(message=f"{unproven} matched indices carry other input features than before"))
     transferred = sum(p.copied for p in params)
