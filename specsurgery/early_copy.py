@@ -178,7 +178,6 @@ def early_output(header, new_graph, out: str, sharded: bool, max_shard_size=None
         yield None
         return
     spec_text, model = canonical(new_graph.spec), new_graph.model.name
-    early = None
     try:
         if sharded:
             from .shard_apply import shard_layouts
