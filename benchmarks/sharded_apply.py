@@ -34,7 +34,8 @@ torch imported first, and the same apply writing a sharded folder (in parallel).
 
 Part 3, what the torch import costs: `python -c "import torch"` timed, and a
 whole-process apply whose tensors are all only moved (the same spec: every
-shard a copy, written by threads of the apply process; torch never imported).
+tensor a copy, most of them made by apply's early copies while it plans:
+early_copy.py; torch never imported).
 
 Part 1 also times `specsurgery plan` alone (a whole process), and apply with --jobs 1.
 
