@@ -15,9 +15,12 @@ here and in surgery/, never taken apart by position. They are interned: equal
 keys are one object, so equality and hashing are by identity, in C, whatever
 the depth (a chain of 100,000 statements nests keys 100,000 deep, and nothing
 here recurses on that depth). Shadow rules make a whole axis of keys at once
-(`units`, `wrapped_axis`, `normed_axis`, `joined_axis`, `chained`): made again
-from the same input axes, an axis is the same tuple, and `origin` says how it
-was made.
+(`features`, `units`, `wrapped_axis`, `normed_axis`, `joined_axis`,
+`chained`): made again from the same input axes, an axis is the same object,
+and `origin` says how it was made. An axis is a `Lazy` one: its keys are made
+when it is first read, so the keys of the many axes planning only compares by
+identity (those no change touched) are never made; questions about a whole
+axis (`bases`, Renames in surgery/diff.py) are answered from how it was made.
 """
 from __future__ import annotations
 
@@ -499,11 +502,12 @@ def parts(key: Key) -> list[Key]:
     return out
 
 
-def bases(keys, memo: dict) -> tuple:
-    """`base` of each key of an axis, read from how the axis was made where
-    that is remembered (origin): a relu's or a layernorm's axis has its
-    input's bases, a block of units or features is its own. `memo` (one per
-    walk) keeps each axis's answer. Without recursion, as transform."""
+def over_origins(keys, memo: dict, follows: Callable, step: Callable):
+    """`step(axis, made, answers)` for an axis, once it has been asked of every
+    axis it was made from (`made`: its origin, None where that is not
+    remembered; `answers`: theirs, in order), where `follows(axis, made)`;
+    each axis once (`memo`: id(axis) -> (axis, answer)). Without recursion: a
+    chain of 100,000 statements makes axes 100,000 deep."""
     stack = [keys]
     while stack:
         axis = stack[-1]
@@ -512,23 +516,33 @@ def bases(keys, memo: dict) -> tuple:
             stack.pop()
             continue
         made = origin(axis)
-        kind = made[0][0] if made else None
-        if kind in ("wrap", "norm", "chain"):
-            pending = [x for x in made[1] if not (id(x) in memo and memo[id(x)][0] is x)]
-            if pending:
-                stack.extend(pending)
-                continue
-        if kind in ("units", "features"):
-            out = axis
-        elif kind in ("wrap", "norm"):  # index by index, wrappers looked through
-            out = memo[id(made[1][0])][1]
-        elif kind == "chain":
-            out = tuple(itertools.chain.from_iterable(memo[id(x)][1] for x in made[1]))
-        else:  # joins, and axes made elsewhere: key by key
-            out = tuple(map(base, axis))
+        inputs = made[1] if made is not None and follows(axis, made) else ()
+        pending = [x for x in inputs if not (id(x) in memo and memo[id(x)][0] is x)]
+        if pending:
+            stack.extend(pending)
+            continue
         stack.pop()
-        memo[id(axis)] = (axis, out)  # holding `axis` keeps its id from being reused
+        memo[id(axis)] = (axis, step(axis, made, [memo[id(x)][1] for x in inputs]))  # `axis` held: its id stays its
     return memo[id(keys)][1]
+
+
+def bases(keys, memo: dict) -> tuple:
+    """`base` of each key of an axis, read from how the axis was made where
+    that is remembered (origin): a relu's or a layernorm's axis has its
+    input's bases, a block of units or features is its own. `memo` (one per
+    walk) keeps each axis's answer."""
+    return over_origins(keys, memo, lambda axis, made: made[0][0] in ("wrap", "norm", "chain"), _bases)
+
+
+def _bases(axis, made, inputs: list) -> tuple:
+    kind = made[0][0] if made else None
+    if kind in ("units", "features"):
+        return axis
+    if kind in ("wrap", "norm"):  # index by index, wrappers looked through
+        return inputs[0]
+    if kind == "chain":
+        return tuple(itertools.chain.from_iterable(inputs))
+    return tuple(map(base, axis))  # joins, and axes made elsewhere: key by key
 
 
 def carried_by(keys, memo: dict, bases_memo: dict) -> set:

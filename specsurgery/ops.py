@@ -28,7 +28,7 @@ import operator
 from itertools import chain
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 from . import keys as K
 
@@ -73,9 +73,10 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class Axis:
-    """One axis seen index by index: a structural key and a feature bitset each."""
+    """One axis seen index by index: a structural key and a feature bitset each
+    (the keys a tuple, or a keys.Lazy axis read like one)."""
 
-    keys: tuple
+    keys: Sequence
     sets: tuple[int, ...]
 
     def __len__(self) -> int:

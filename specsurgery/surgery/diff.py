@@ -103,29 +103,13 @@ class Renames:
     def _translated(self, keys):
         """An axis in old names, remade from how it was made (K.origin) where that
         is known: the translated inputs through the same step (a relu of a renamed
-        op's units is a relu of the old op's), the keys one by one elsewhere.
-        Without recursion, as _unchanged."""
-        done = self._axes
-        stack = [keys]
-        while stack:
-            axis = stack[-1]
-            hit = done.get(id(axis))
-            if hit is not None and hit[0] is axis:
-                stack.pop()
-                continue
-            made = K.origin(axis)
-            if made is None or self._unchanged(axis):
-                out = self._each(axis) if made is None else axis
-            else:
-                how, inputs = made
-                pending = [x for x in inputs if not (id(x) in done and done[id(x)][0] is x)]
-                if pending:
-                    stack.extend(pending)
-                    continue
-                out = self._remade(how, axis, [done[id(x)][1] for x in inputs])
-            stack.pop()
-            done[id(axis)] = (axis, out)
-        return done[id(keys)][1]
+        op's units is a relu of the old op's), the keys one by one elsewhere."""
+        def step(axis, made, inputs):
+            if made is None:
+                return self._each(axis)
+            return axis if self._unchanged(axis) else self._remade(made[0], axis, inputs)
+
+        return K.over_origins(keys, self._axes, lambda axis, made: not self._unchanged(axis), step)
 
     def _remade(self, how: tuple, axis, inputs: list):
         """The step `how` (of K.origin) in old names over its inputs in old names:
@@ -154,29 +138,13 @@ class Renames:
     def _unchanged(self, keys) -> bool:
         """Whether every key of an axis reads as it is, told where possible from
         how the axis was made (K.origin): a block of units of an op not renamed,
-        an op not renamed over axes unchanged. Without recursion: a chain of
-        100,000 statements makes axes 100,000 deep."""
-        known = self._unchanged_axes
-        stack = [keys]
-        while stack:
-            axis = stack[-1]
-            hit = known.get(id(axis))
-            if hit is not None and hit[0] is axis:
-                stack.pop()
-                continue
-            made = K.origin(axis)
+        an op not renamed over axes unchanged."""
+        def step(axis, made, inputs) -> bool:
             if made is None:
-                verdict = _same(self._each(axis), axis)  # read key by key
-            else:
-                how, inputs = made
-                pending = [x for x in inputs if not (id(x) in known and known[id(x)][0] is x)]
-                if pending:
-                    stack.extend(pending)
-                    continue
-                verdict = all(known[id(x)][1] for x in inputs) and self._made_alike(how, axis)
-            stack.pop()
-            known[id(axis)] = (axis, verdict)
-        return known[id(keys)][1]
+                return _same(self._each(axis), axis)  # read key by key
+            return all(inputs) and self._made_alike(made[0], axis)
+
+        return K.over_origins(keys, self._unchanged_axes, lambda axis, made: True, step)
 
     def _made_alike(self, how: tuple, axis) -> bool:
         """Whether the step `how` (of K.origin) reads the same in old names, its inputs unchanged."""
