@@ -394,3 +394,13 @@ def test_a_chain_deeper_than_the_recursion_limit_plans():
     s = make_plan(old, new).summary
     # s0.linear [4, 1] -> [4, 2]: 4 + 4 bias copied, 4 zero; o.linear 10 copied
     assert (s.transferred, s.zeroed, s.fresh, s.function_preserving) == (18, 4, 0, True)
+
+
+def test_removed_heads_are_named_in_the_order_of_the_spec():
+    """A plan is the same text in every run: heads are named as the old spec lists them,
+    not in the order of a set of names (which changes with each process's hash seed)."""
+    heads = ["zeta", "alpha", "mid", "beta", "omega"]
+    old = SCHEMA + "\nmodel m(obs: s) {\n  h = relu(linear(obs.a, 4))\n" + "".join(f"  out {n} = linear(h, 2)\n" for n in heads) + "}\n"
+    new = SCHEMA + "\nmodel m(obs: s) {\n  h = relu(linear(obs.a, 4))\n  out zeta = linear(h, 2)\n}\n"
+    plan = make_plan(load_model(old, OLD_FILE), load_model(new, NEW_FILE))
+    assert [r.message for r in plan.summary.reasons] == [f"output head {n} was removed" for n in heads[1:]]
