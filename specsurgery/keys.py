@@ -313,7 +313,7 @@ class Lazy:
                     continue
                 stack.pop()
                 axis._keys = axis._build()
-                axis._build = None
+                axis._build = axis._inputs = None  # made: what it was made of may go
         return self._keys
 
     def __len__(self) -> int:
