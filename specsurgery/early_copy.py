@@ -53,9 +53,11 @@ class _Run:
 
 
 class EarlyCopies:
-    """One thread copying runs of old tensors in order (each tensor a
-    (name, StoredTensor, fd, offset)), until told which tensors the plan keeps:
-    a run holding any other is then left alone, or waited out if under way."""
+    """Runs of old tensors (each tensor a (name, StoredTensor, fd, offset))
+    copied in order by one thread, until told which tensors the plan keeps: a
+    run holding any other is then left alone, or waited out if under way.
+    Once the plan's own writing is done, the writers' thread lends a hand
+    (help): each run is claimed by one thread, whichever comes first."""
 
     def __init__(self, copies: list[tuple[str, StoredTensor, int, int]]):
         self._runs: list[_Run] = []
@@ -64,52 +66,64 @@ class EarlyCopies:
                 self._runs.append(_Run(*copy))
         self._changed = threading.Condition()
         self._keep: Optional[set[str]] = None  # None: every copy is wanted (the plan is not known yet)
-        self._busy: Optional[_Run] = None
+        self._next = 0  # the first run no thread has claimed
+        self._busy: list[_Run] = []
         self._done: set[str] = set()
         self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="specsurgery-early-copies", daemon=True)
+        self._thread = threading.Thread(target=self.help, name="specsurgery-early-copies", daemon=True)
         self._thread.start()
 
     def _wanted(self, run: _Run) -> bool:
         return self._keep is None or self._keep.issuperset(run.names)
 
-    def _run(self) -> None:
-        for run in self._runs:
-            with self._changed:
-                if not self._wanted(run):
-                    continue
-                self._busy = run
+    def _claim(self) -> Optional[_Run]:
+        with self._changed:
+            while self._error is None and self._next < len(self._runs):
+                run = self._runs[self._next]
+                self._next += 1
+                if self._wanted(run):
+                    self._busy.append(run)
+                    return run
+            return None
+
+    def help(self) -> None:
+        """Copy runs not yet claimed until none is left (or a copy failed)."""
+        while (run := self._claim()) is not None:
             try:
                 run.copy()
             except BaseException as e:  # reported by wait()
                 with self._changed:
-                    self._error, self._busy = e, None
+                    self._error = self._error or e
+                    self._busy.remove(run)
                     self._changed.notify_all()
                 return
             with self._changed:
-                self._busy = None
+                self._busy.remove(run)
                 self._done.update(run.names)
                 self._changed.notify_all()
 
     def settle(self, keep: set[str]) -> tuple[set[str], set[str]]:
-        """Go on with the runs of tensors in `keep` only; wait out one under
-        way that holds another. Returns (the names copied or still to be,
+        """Go on with the runs of tensors in `keep` only; wait out those under
+        way that hold another. Returns (the names copied or still to be,
         those copied in vain)."""
         with self._changed:
             self._keep = keep
-            while self._busy is not None and not self._wanted(self._busy):
+            while any(not self._wanted(run) for run in self._busy):
                 self._changed.wait()
             coming = {name for run in self._runs if self._wanted(run) for name in run.names} | (self._done & keep)
             return coming, self._done - keep
 
     def stop(self) -> None:
         self.settle(set())
-        self._thread.join()
+        self.wait(raise_error=False)
 
-    def wait(self) -> None:
-        """Until every copy kept is done; the first error of a copy, raised here."""
+    def wait(self, raise_error: bool = True) -> None:
+        """Until every copy kept is done (by whichever thread); the first error of a copy, raised here."""
         self._thread.join()
-        if self._error is not None:
+        with self._changed:
+            while self._busy:
+                self._changed.wait()
+        if self._error is not None and raise_error:
             raise self._error
 
 

@@ -226,6 +226,7 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
             _describe(tmp, plan, layouts, shapes, dtypes, durable, finish)
     else:
         written, built = _fill_shards(early.folder, copied, *fill)
+        early.copies.help()  # the plan's own tensors are written: copy beside the early thread
         _describe(early.folder, plan, layouts, shapes, dtypes, durable, finish)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes), "shards": len(layouts), "jobs": jobs,
             "built_shards": built}

@@ -186,3 +186,36 @@ def test_the_copier_leaves_alone_a_run_not_begun_that_holds_a_tensor_the_plan_ch
     copier.wait()
     assert os.pread(fd, 300, 0) == bytes(300)  # a, b, c never copied
     assert os.pread(fd, 100, 600) == bytes(range(100))
+
+
+def test_a_writer_done_with_its_own_tensors_copies_the_runs_left(tmp_path, monkeypatch):
+    """help(): the runs the early thread has not reached are copied by the
+    caller, each once, while the early thread is still in its first."""
+    import threading
+
+    old = tmp_path / "old.bin"
+    old.write_bytes(bytes(range(100)) * 3)
+    fd = os.open(tmp_path / "new.bin", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, 1000)
+    first, gate, copied = threading.Event(), threading.Event(), []
+    real = early_copy.copy_range
+
+    def gated(src, dst, offset, nbytes, at):
+        copied.append((threading.current_thread().name, at))
+        if at == 0:  # the first run holds the early thread until the others are done
+            first.set()
+            assert gate.wait(10)
+        return real(src, dst, offset, nbytes, at=at)
+
+    monkeypatch.setattr(early_copy, "copy_range", gated)
+    tensor = lambda k: StoredTensor(str(old), 100 * k, 100, (25,))  # noqa: E731
+    copier = early_copy.EarlyCopies([("a", tensor(0), fd, 0), ("b", tensor(1), fd, 300), ("c", tensor(2), fd, 600)])
+    assert first.wait(10)
+    assert copier.settle({"a", "b", "c"}) == ({"a", "b", "c"}, set())
+    copier.help()  # b and c: runs of their own (not end to end with a in the new file)
+    assert [at for name, at in copied if name == threading.current_thread().name] == [300, 600]
+    gate.set()
+    copier.wait()
+    assert sorted(at for _, at in copied) == [0, 300, 600]  # each copied once
+    assert os.pread(fd, 100, 600) == bytes(range(100))
+    os.close(fd)

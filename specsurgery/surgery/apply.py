@@ -557,5 +557,6 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
         rest = [name for name in shapes if name not in copied]
         written = fill_checkpoint(early.fd_of(out), layout, rest, produce(set(rest)), progress=progress,
                                   threads=threads)
+        early.copies.help()  # the plan's own tensors are written: copy beside the early thread
         written += sum(layout.nbytes(name) for name in copied)
     return {"checkpoint": out, "bytes": written, "tensors": len(shapes)}
