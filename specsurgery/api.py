@@ -184,7 +184,6 @@ class Plan:
 def plan(old, new, *, model: Optional[str] = None) -> Plan:
     """The surgery from `old` to `new` (each a Model, a checkpoint, a .spec path,
     spec text or git:REV:path; `model` picks one in a file with several)."""
-    from .ir import build_graph
     from .surgery.diff import make_plan
 
     return Plan(make_plan(_graph_of(old, model), _graph_of(new, model)))
@@ -241,7 +240,6 @@ def surgery(model, new, *, optimizer=None, plan: Optional[Plan] = None, allow_lo
     those `ss.apply` writes with the same seed."""
     import torch
 
-    from .ir import build_graph
     from .model import Model, model_device, model_dtype
     from .surgery.apply import build_tensor, fresh_generator, fresh_init
 

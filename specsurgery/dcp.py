@@ -35,7 +35,6 @@ import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 from .checkpoint import META_MODEL, META_SPEC, META_VERSION, EmbeddedSpec, Header, TensorInfo, package_version, read_header
 from .errors import UserError

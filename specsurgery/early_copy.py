@@ -159,6 +159,17 @@ class EarlyOutput:
         return next(fd for p, fd, _ in self.files if p == path)
 
 
+def kept_as_is(plan, header, stored: Optional[dict] = None) -> set[str]:
+    """The new tensors that are their old tensor of the same name, byte for byte
+    (the copies EarlyOutput.adopt keeps); `stored`: a source's name in the
+    checkpoint where it differs (surgery/apply's names of 0.1.0)."""
+    from .surgery.apply import streams
+
+    stored = stored or {}
+    return {p.name for p in plan.params
+            if p.action == "copied" and stored.get(p.source, p.source) == p.name and streams(p, header, p.name)}
+
+
 def _unchanged_looking(header, name: str, entry: dict) -> bool:
     info = header.tensors.get(name)
     return info is not None and list(info.shape) == entry["shape"] and info.dtype == entry["dtype"] \

@@ -35,15 +35,9 @@ def atomic_file(path: str, mode: str = "wb", durable: bool = True) -> Iterator:
             umask = os.umask(0o022)
             os.umask(umask)
             os.fchmod(f.fileno(), 0o666 & ~umask)
-            if durable:
-                _WRITING[f.fileno()] = 0
-            try:
+            with tracked_writes([f.fileno()], durable):
                 yield f
                 f.flush()
-                if durable:
-                    os.fsync(f.fileno())
-            finally:
-                _WRITING.pop(f.fileno(), None)
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # make the rename itself durable
             if not durable:

@@ -202,7 +202,6 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     shards laid out before the plan was known, old tensors being copied into
     them (early_copy.early_output); used if their layout is the plan's."""
     from .ir import Graph, build_graph
-    from .surgery.apply import streams
 
     header = read_header(checkpoint)
     check_plan_fits(plan, header, new_spec, checked)
@@ -215,8 +214,11 @@ def apply_sharded(plan, checkpoint: str, new_spec, out: str, max_shard_size: Uni
     _start_worker(None, checkpoint, seed, durable, graph=new_graph, plan=plan, header=header)
     dtypes = _WORKER["dtypes"]
     layouts = shard_layouts(plan.new_spec, plan.new_model, shapes, dtypes, max_shard_size, header)
-    kept = {p.name for p in plan.params if p.action == "copied" and p.source == p.name and streams(p, header, p.name)}
-    copied = early.adopt([layout for _, layout in layouts], kept) if early is not None else None
+    copied = None
+    if early is not None:
+        from .early_copy import kept_as_is
+
+        copied = early.adopt([layout for _, layout in layouts], kept_as_is(plan, header))
     jobs = max(1, min(jobs or default_jobs(), len(layouts)))
     fill = (plan, layouts, jobs, progress, checkpoint, seed, durable, out)
     if copied is None:

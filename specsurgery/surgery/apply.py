@@ -543,10 +543,12 @@ def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,
                 tensor.parts = threads
             yield p.name, tensor
 
-    layout = Layout(plan.new_spec, new_graph.model.name, shapes, dtypes, user_metadata(header))
-    kept = {p.name for p in plan.params
-            if p.action == "copied" and stored.get(p.source) == p.name and streams(p, header, p.name)}
-    copied = early.adopt([layout], kept) if early is not None else None
+    copied = None
+    if early is not None:
+        from ..early_copy import kept_as_is
+
+        layout = Layout(plan.new_spec, new_graph.model.name, shapes, dtypes, user_metadata(header))
+        copied = early.adopt([layout], kept_as_is(plan, header, stored))
     if copied is None:
         written = write_checkpoint(out, plan.new_spec, new_graph.model.name, shapes, produce(shapes),
                                    progress=progress, durable=durable, dtypes=dtypes,

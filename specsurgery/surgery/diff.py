@@ -890,7 +890,6 @@ def _make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph, old_map: Optional[I
         function_preserving=not reasons,
         reasons=tuple(reasons),
     )
-    old_heads = {s.name for s in old_graph.model.statements if s.out}
     heads = head_maps(old_graph, new_graph, old, new, renames)
     kept = {h.old_name for h in heads}
     return Plan(old_model=old_graph.model.name, new_model=new_graph.model.name, old_spec=canonical(old_graph.spec),
