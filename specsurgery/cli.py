@@ -142,6 +142,9 @@ def _json_errors(errors: list[dict], status: int = 1) -> int:
 
 
 def entry() -> None:
+    from . import keys
+
+    keys.PROMOTE_SURVIVORS = True  # the process is the command's: planning may age its objects at once
     status = main()
     # Done: every file is closed and in place, every worker and thread joined.
     # Leave without tearing the interpreter down object by object (after a

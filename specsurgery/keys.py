@@ -49,6 +49,9 @@ def _died(_reference) -> None:
     _DEAD[0] += 1
 
 
+PROMOTE_SURVIVORS = False  # the process is the command's (cli.entry): bulk() may move every young object
+
+
 @contextlib.contextmanager
 def bulk():
     """While maps and plans make keys by the hundred thousand: no cyclic
@@ -56,18 +59,20 @@ def bulk():
     yet each batch of new containers makes the collector walk the whole heap
     again (half of planning a large model); it runs as usual afterwards.
 
-    What the batch leaves alive (the keys in the caches here) is moved to the
-    oldest generation as it is: left young, the first allocation after would
-    walk every one of them at once (0.08 s after a plan of 8192-wide layers),
-    only to find no garbage. Where the process froze objects of its own
-    (gc.freeze), they stay frozen and the walk is paid."""
+    Left young, what the batch leaves alive (the keys in the caches here) is
+    walked at once by the first allocation after (0.08 s after a plan of
+    8192-wide layers), only to find no garbage. In the command's own process
+    (PROMOTE_SURVIVORS, set by cli.entry) it is moved to the oldest generation
+    as it is, with gc.freeze: that moves every young object of the process,
+    which a library must not do to its caller's; where the process froze
+    objects of its own, they stay frozen and the walk is paid."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if enabled:
-            if not gc.get_freeze_count():
+            if PROMOTE_SURVIVORS and not gc.get_freeze_count():
                 gc.freeze()  # every tracked object to the permanent generation,
                 gc.unfreeze()  # and from there to the oldest one: no walk
             gc.enable()

@@ -476,6 +476,26 @@ class RecurrentCell(Op):
         bound = 1.0 / math.sqrt(node.value.width)  # nn.LSTM's and nn.GRU's default
         tensor.uniform_(-bound, bound, generator=generator)
 
+    def shadow(self, node, xs):
+        (x,) = xs
+        units = node.value.width
+        # Every gate of every unit mixes all of x and all of h (and an LSTM's
+        # cell all of z), so from the first step on every unit carries what x
+        # carries, and weight_hh meets it from the second step: the fixpoint of
+        # running the cell on sets is reached at once.
+        seen = x.union()
+        rows = K.chained(tuple(K.units(node.scope, units, gate) for gate in self.gates))
+        hidden = Axis(K.units(node.scope, units), (seen,) * units)
+        empty_rows = Axis(rows, (0,) * len(rows))
+        bias_rows = Axis(rows, (seen,) * len(rows))
+        params = {
+            "weight_ih": (empty_rows, x),
+            "weight_hh": (empty_rows, hidden),
+            "bias_ih": (bias_rows,),
+            "bias_hh": (bias_rows,),
+        }
+        return hidden, params
+
 
 LSTM_GATES = ("i", "f", "g", "o")  # PyTorch's order of the four row blocks
 
@@ -532,36 +552,6 @@ class LSTM(RecurrentCell):
             outputs.append(h)
         return torch.stack(outputs, dim=1)
 
-    def shadow(self, node, xs):
-        (x,) = xs
-        units = node.value.width
-        seen_x = x.union()
-        # Run the cell on sets until the hidden state stops changing; weight_hh
-        # meets the hidden state from the second step on. Every unit starts
-        # empty and every gate mixes all of z, so the units stay alike: one
-        # unit's sets stand for all of them.
-        h = c = hh_seen = 0
-        while True:
-            z = seen_x | h
-            c_next = z | c  # f*c + i*g: every gate mixes all of z
-            h_next = z | c_next  # o * tanh(c)
-            hh_seen |= h
-            if h_next == h and c_next == c:
-                break
-            h, c = h_next, c_next
-        z_all = seen_x | h
-        rows = K.chained(tuple(K.units(node.scope, units, gate) for gate in LSTM_GATES))
-        hidden_keys = K.units(node.scope, units)
-        empty_rows = Axis(rows, (0,) * len(rows))
-        bias_rows = Axis(rows, (z_all,) * len(rows))
-        params = {
-            "weight_ih": (empty_rows, x),
-            "weight_hh": (empty_rows, Axis(hidden_keys, (hh_seen,) * units)),
-            "bias_ih": (bias_rows,),
-            "bias_hh": (bias_rows,),
-        }
-        return Axis(hidden_keys, (h,) * units), params
-
 
 GRU_GATES = ("r", "z", "n")  # PyTorch's order of the three row blocks
 
@@ -602,25 +592,6 @@ class GRU(RecurrentCell):
             h = torch.tanh(_unsaturated(xn + r * hn, ctx)) + z * h  # h stays below 2
             outputs.append(h)
         return torch.stack(outputs, dim=1)
-
-    def shadow(self, node, xs):
-        (x,) = xs
-        units = node.value.width
-        # Every gate of every unit mixes all of x and all of h, so from the first
-        # step on every unit carries what x carries, and weight_hh meets it from
-        # the second step (the LSTM's fixpoint, reached at once).
-        seen = x.union()
-        rows = K.chained(tuple(K.units(node.scope, units, gate) for gate in self.gates))
-        hidden = Axis(K.units(node.scope, units), (seen,) * units)
-        empty_rows = Axis(rows, (0,) * len(rows))
-        bias_rows = Axis(rows, (seen,) * len(rows))
-        params = {
-            "weight_ih": (empty_rows, x),
-            "weight_hh": (empty_rows, hidden),
-            "bias_ih": (bias_rows,),
-            "bias_hh": (bias_rows,),
-        }
-        return hidden, params
 
 
 # ---------------------------------------------------------------------------
