@@ -41,6 +41,58 @@ def test_numpy_uniform_is_torch_uniform_to_the_bit(seed, bound):
     assert np.array_equal(FreshValues("uniform", (0.0, 2.0, draws), "F32").take(33), second.numpy())
 
 
+@pytest.mark.parametrize("dtype", ["F32", "F64"])
+@pytest.mark.parametrize("seed", [0, 7, 2**64 - 1])
+def test_plain_python_values_are_numpys_and_torchs_to_the_bit(monkeypatch, seed, dtype):
+    """A small region is drawn without numpy while numpy is not imported: the
+    same bytes as numpy's arithmetic and as torch, the generator going on alike."""
+    from specsurgery.surgery import fresh
+
+    for low, high in [(-0.3, 0.3), (0.0, 2.0), (-1 / 92 ** 0.5, 1 / 92 ** 0.5), (0.25, 0.25), (-0.0, -0.0)]:
+        g = torch.Generator().manual_seed(seed)
+        first, second = torch.empty(1000), torch.empty(37)
+        first.uniform_(low, high, generator=g)
+        second.uniform_(low, high, generator=g)
+        wanted = [t.to(DTYPES[dtype]).numpy().tobytes() for t in (first, second)]
+        by_numpy = FreshValues("uniform", (low, high, Draws(seed)), dtype)
+        assert [by_numpy.take_bytes(1000), by_numpy.take_bytes(37)] == wanted
+        monkeypatch.setattr(fresh, "_numpy_at_hand", lambda n: False)
+        plain = FreshValues("uniform", (low, high, Draws(seed)), dtype)
+        assert [plain.take_bytes(400) + plain.take_bytes(600), plain.take_bytes(37)] == wanted
+        monkeypatch.undo()
+    constant = FreshValues("fill", (0.1,), dtype)
+    monkeypatch.setattr(fresh, "_numpy_at_hand", lambda n: False)
+    assert constant.take_bytes(5) == torch.full((5,), 0.1).to(DTYPES[dtype]).numpy().tobytes()
+
+
+def test_a_new_unit_joining_mid_row_applies_with_neither_numpy_nor_torch(tmp_path):
+    """Five's change in small: a new group's own layer (drawn whole, uniform)
+    joins the concat mid-row (zero columns in the carried rows). A one-file
+    apply of it needs neither numpy (a fifth of a second to import) nor torch,
+    and writes the bits of the surgery in memory."""
+    import specsurgery as ss
+    from tests.small_specs import HERO_AGENT
+
+    new = tmp_path / "new.spec"
+    new.write_text(HERO_AGENT.replace("  group hero {", "  group extra {\n    a: float\n    b: int\n  }\n  group hero {")
+                   .replace("  h = relu(linear(concat(obs.hero, he), 8))",
+                            "  xh = relu(linear(obs.extra, 3))\n  h = relu(linear(concat(obs.hero, xh, he), 8))"))
+    ckpt, out = str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors")
+    ss.compile(HERO_AGENT, seed=1).save(ckpt)
+    code = ("import sys, specsurgery as ss; ss.apply(*sys.argv[1:]); "
+            "print('numpy' in sys.modules, 'torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, ckpt, str(new), out], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False"]
+    done = ss.surgery(ss.load(ckpt), str(new))
+    assert done.plan.summary.fresh and done.plan.summary.zeroed
+    carried = ss.load(out).state_dict()
+    assert set(carried) == set(done.model.state_dict())
+    for name, value in done.model.state_dict().items():
+        assert torch.equal(carried[name], value), name
+
+
 def test_an_init_numpy_cannot_draw_to_the_bit_asks_for_torch():
     with pytest.raises(NeedsTorch):
         recorded(normal, 5, "F32", [10])  # torch vectorises normal_ with its own log/sin/cos

@@ -5,16 +5,16 @@ renamed into place at the end: memory holds a few row blocks, never the
 model, and a crash leaves the old files as they were. File to file, a tensor
 only moved is copied by the kernel (copy_file_range), and the others are
 written row block by row block from the old file's bytes (StreamedTensor), in
-numpy: torch is imported only where a fresh init cannot be drawn without it
+numpy (only where a block is laid out: carried rows with zero new
+columns, and a small fresh tensor, need neither numpy nor torch): torch is imported only where a fresh init cannot be drawn without it
 (fresh.py), or for an old tensor a DCP job saved in chunks.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import TYPE_CHECKING, Callable, Optional
-
-import numpy as np
 
 from ..checkpoint import (_DTYPES, TORCH_DTYPES, Layout, StoredTensor, check_shapes, fill_checkpoint, load_spec,
                           open_tensors, read_header, user_metadata, write_checkpoint)
@@ -28,6 +28,7 @@ from .fresh import NeedsTorch, recorded
 from .plan import ParamPlan, Plan
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -136,22 +137,31 @@ def fresh_init(graph: Graph, name: str, generator: "torch.Generator") -> Callabl
 # file to file: a tensor written from the old file's bytes
 
 
-_UINT = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}  # elements moved as bits
+def _uint(size: int):
+    """The numpy dtype that moves elements of `size` bytes as bits."""
+    import numpy as np
+
+    return np.dtype(f"<u{size}")
+
+
 _ONE = {"F32": 0x3F800000, "F64": 0x3FF0000000000000, "F16": 0x3C00, "BF16": 0x3F80}  # 1.0, as bits
 
 
 class _Given:
     """Fresh values drawn beforehand (by torch), as bits, handed out in order."""
 
-    def __init__(self, bits: np.ndarray):
+    def __init__(self, bits: "np.ndarray"):
         self.bits, self.at = bits, 0
 
-    def take(self, n: int) -> np.ndarray:
+    def take(self, n: int) -> "np.ndarray":
         self.at += n
         return self.bits[self.at - n:self.at]
 
     def skip(self, n: int) -> None:
         self.at += n
+
+    def take_bytes(self, n: int) -> bytes:
+        return self.take(n).tobytes()
 
 
 def fresh_values(p: ParamPlan, init: Init, seed: int, dtype: str, torch_allowed: bool = True) -> dict:
@@ -168,6 +178,7 @@ def fresh_values(p: ParamPlan, init: Init, seed: int, dtype: str, torch_allowed:
     except NeedsTorch:
         if not torch_allowed:
             raise
+    import numpy as np
     import torch
 
     from ..checkpoint import tensor_bytes
@@ -176,7 +187,7 @@ def fresh_values(p: ParamPlan, init: Init, seed: int, dtype: str, torch_allowed:
     for k in fresh:  # one generator, the regions in turn: build_tensor's draws
         block = torch.empty([len(ix) for ix in p.region(p.fills[k])])
         init(block, generator)
-        out[k] = _Given(np.frombuffer(tensor_bytes(block, dtype), dtype=_UINT[_DTYPES[dtype]]))
+        out[k] = _Given(np.frombuffer(tensor_bytes(block, dtype), dtype=_uint(_DTYPES[dtype])))
     return out
 
 
@@ -200,26 +211,45 @@ class StreamedTensor:
         return tuple(self.plan.shape)
 
     def _grid(self):
-        """(rows, cols, old cols, row runs, column runs, per fill its (rows, cols) as arrays)."""
+        """(rows, cols, old cols, row runs, column runs, per fill its (rows, cols)
+        as arrays: None for a zero fill, which writes nothing)."""
         p = self.plan
         if len(p.shape) == 2:
             (rows, cols), row_runs = p.shape, (p.axes[0].runs if p.source is not None else ())
             col_runs = p.axes[1].runs if p.source is not None else ()
             old_cols = p.old_shape[1] if p.source is not None else 0
-            regions = [[np.asarray(ix, dtype=np.int64) for ix in p.region(f)] for f in p.fills]
         else:
             (rows, cols), row_runs = (1, p.shape[0]), ((0, 0, 1),) if p.source is not None else ()
             col_runs = p.axes[0].runs if p.source is not None else ()
             old_cols = p.old_shape[0] if p.source is not None else 0
-            regions = [[np.zeros(1, dtype=np.int64), np.asarray(p.region(f)[0], dtype=np.int64)] for f in p.fills]
+        regions = [None if f.value == "zero" else self._region(f) for f in p.fills]
         row_runs = [r if isinstance(r, tuple) else (r.new, r.old, r.length) for r in row_runs]
         col_runs = [(c.new, c.old, c.length) for c in col_runs]
         return rows, cols, old_cols, sorted(row_runs), col_runs, regions
 
+    def _region(self, fill):
+        import numpy as np
+
+        region = self.plan.region(fill)
+        if len(self.plan.shape) == 1:
+            return [np.zeros(1, dtype=np.int64), np.asarray(region[0], dtype=np.int64)]
+        return [np.asarray(ix, dtype=np.int64) for ix in region]
+
+    def _all_fresh(self):
+        """The values of a new tensor that one fresh fill covers whole (a new
+        unit's weights), else None: they are the tensor's elements in order."""
+        p = self.plan
+        if p.source is None and len(self.fresh) == 1:
+            (k, values), = self.fresh.items()
+            others = [f for j, f in enumerate(p.fills) if j != k and f.value != "zero" and p.region_size(f)]
+            if not others and p.region_size(p.fills[k]) == math.prod(p.shape):
+                return values
+        return None
+
     def copy_to(self, out) -> int:
         """Write the tensor at the file's position, its end (anything past it is
         cut off), and move the position past it."""
-        fd, nbytes = out.fileno(), int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.dtype]
+        fd, nbytes = out.fileno(), math.prod(self.shape) * _DTYPES[self.dtype]
         at = os.lseek(fd, 0, os.SEEK_CUR)
         os.ftruncate(fd, at)  # nothing was written from here on: all of it reads as zero
         os.ftruncate(fd, at + nbytes)
@@ -233,9 +263,12 @@ class StreamedTensor:
         written. Runs of old bytes are copied by the kernel, the rest is laid
         out and written in place; by `parts` threads, each its own rows, where
         the tensor is large and draws no fresh values (they come in order)."""
+        size = _DTYPES[self.dtype]
+        values = self._all_fresh()
+        if values is not None:
+            return self._write_values(dst, base, values, size)
         grid = self._grid()
         rows, cols, old_cols, row_runs, col_runs, regions = grid
-        size = _DTYPES[self.dtype]
         whole_rows = old_cols == cols and col_runs == [(0, 0, cols)]  # an old row's bytes are the new row's
         spans = []  # (first row, end, old first row or None: laid out in the buffer)
         at = 0
@@ -266,10 +299,17 @@ class StreamedTensor:
                 done.result()
         return nbytes
 
+    def _write_values(self, dst: int, base: int, values, size: int) -> int:
+        n, step = math.prod(self.shape), self.block_bytes // size
+        for at in range(0, n, step):
+            block = values.take_bytes(min(step, n - at))
+            write_all(dst, memoryview(block), base + at * size)
+            wrote(dst, len(block))
+        return n * size
+
     def _write_spans(self, dst: int, base: int, spans, grid, pieces, by_kernel: bool) -> None:
         rows, cols, old_cols, row_runs, col_runs, regions = grid
         size = _DTYPES[self.dtype]
-        bits = _UINT[size]
         row_bytes = cols * size
         step = max(1, self.block_bytes // (size * max(cols, old_cols, 1)))
         src = open(self.source.path, "rb") if self.source is not None else None
@@ -291,15 +331,17 @@ class StreamedTensor:
                             self._copy_rows(src.fileno(), dst, base, a, b, row_runs, old_cols, cols, size, pieces)
                             continue
                         if old_buf is None:
-                            old_buf = np.empty((min(step, rows), old_cols), dtype=bits)
+                            old_buf = bytearray(min(step, rows) * old_cols * size)
                         self._read_rows(src, old_buf, a, b, row_runs, old_cols, size)
-                        _gather(dst, memoryview(old_buf).cast("B"), b - a, old_cols * size, pieces, base + a * row_bytes)
+                        _gather(dst, memoryview(old_buf), b - a, old_cols * size, pieces, base + a * row_bytes)
                         wrote(dst, (b - a) * row_bytes)
                         continue
                     if new_buf is None:
-                        new_buf = np.empty((min(step, rows), cols), dtype=bits)
+                        import numpy as np
+
+                        new_buf = np.empty((min(step, rows), cols), dtype=_uint(size))
                     if old_buf is None and src is not None:
-                        old_buf = np.empty((min(step, rows), old_cols), dtype=bits)
+                        old_buf = bytearray(min(step, rows) * old_cols * size)
                     block = new_buf[:b - a]
                     self._lay_out(block, a, b, regions, row_runs, col_runs, src, old_buf, old_cols, size)
                     write_all(dst, memoryview(block).cast("B"), base + a * row_bytes)
@@ -347,16 +389,16 @@ class StreamedTensor:
         if copy is not None:
             copy_range(src_fd, dst, copy[0], copy[2], at=copy[1])
 
-    def _read_rows(self, src, old_buf, a: int, b: int, row_runs, old_cols: int, size: int):
-        """The old rows of new rows a..b (those runs carry over) into old_buf[:b - a]."""
+    def _read_rows(self, src, old_buf: bytearray, a: int, b: int, row_runs, old_cols: int, size: int) -> None:
+        """The old rows of new rows a..b (those runs carry over) into old_buf's first b - a rows."""
+        row_bytes = old_cols * size
         for new, old, length in row_runs:
             lo, hi = max(a, new), min(b, new + length)
             if lo >= hi:
                 continue
-            view = memoryview(old_buf[lo - a:hi - a]).cast("B")
+            view = memoryview(old_buf)[(lo - a) * row_bytes:(hi - a) * row_bytes]
             if os.preadv(src.fileno(), [view], self.source.offset + (old + lo - new) * old_cols * size) != view.nbytes:
                 raise UserError(f"{self.source.path}: error: not a valid checkpoint: it ended early")
-        return old_buf[:b - a]
 
     def _skip_fresh(self, regions, a: int, b: int) -> None:
         for k, values in self.fresh.items():
@@ -364,8 +406,12 @@ class StreamedTensor:
             values.skip(_between(region_rows, a, b).size * region_cols.size)
 
     def _lay_out(self, block, a, b, regions, row_runs, col_runs, src, old_buf, old_cols, size) -> None:
+        import numpy as np
+
         block.fill(0)  # "zero" fills: nothing more to do
         for k, fill in enumerate(self.plan.fills):
+            if fill.value == "zero":
+                continue
             region_rows, region_cols = regions[k]
             here = _between(region_rows, a, b)
             if not here.size or not region_cols.size:
@@ -378,7 +424,8 @@ class StreamedTensor:
                 block[on - a, on] = _ONE[self.dtype]
         if src is None:
             return
-        got = self._read_rows(src, old_buf, a, b, row_runs, old_cols, size)
+        self._read_rows(src, old_buf, a, b, row_runs, old_cols, size)
+        got = np.frombuffer(old_buf, dtype=block.dtype, count=(b - a) * old_cols).reshape(b - a, old_cols)
         for new, _, length in row_runs:
             lo, hi = max(a, new), min(b, new + length)
             for c_new, c_old, c_len in col_runs if lo < hi else ():
@@ -390,18 +437,22 @@ def _carried(row_runs, a: int, b: int) -> int:
     return sum(max(0, min(b, new + length) - max(a, new)) for new, _, length in row_runs)
 
 
-def _between(sorted_indices: np.ndarray, a: int, b: int) -> np.ndarray:
+def _between(sorted_indices: "np.ndarray", a: int, b: int) -> "np.ndarray":
+    import numpy as np
+
     return sorted_indices[np.searchsorted(sorted_indices, a):np.searchsorted(sorted_indices, b)]
 
 
-def _as_slice(indices: np.ndarray):
+def _as_slice(indices: "np.ndarray"):
     """A slice where the (sorted) indices are one run, else the indices."""
     if indices.size and indices[-1] - indices[0] + 1 == indices.size:
         return slice(int(indices[0]), int(indices[-1]) + 1)
     return indices
 
 
-def _put(block: np.ndarray, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
+def _put(block: "np.ndarray", rows: "np.ndarray", cols: "np.ndarray", values: "np.ndarray") -> None:
+    import numpy as np
+
     r, c = _as_slice(rows), _as_slice(cols)
     if isinstance(r, slice) or isinstance(c, slice):
         block[r, c] = values
