@@ -816,16 +816,16 @@ def head_maps(old_graph: Graph, new_graph: Graph, old: InteractionMap, new: Inte
     return tuple(out)
 
 
-def _param_plans(new_graph: Graph, new: InteractionMap, proof: InteractionMap, old: InteractionMap,
-                 renames: Renames, starts: dict[str, str], proof_check: "_Proof") -> tuple[list[ParamPlan], tuple, int]:
-    """Per new parameter its plan; the old parameters dropped; how many matched
-    indices carry, in `proof`, other features than before."""
+def _param_plans(new_graph: Graph, new: InteractionMap, old: InteractionMap, renames: Renames,
+                 starts: dict[str, str]) -> tuple[list[ParamPlan], tuple, list]:
+    """Per new parameter its plan; the old parameters dropped; and what the
+    proof checks (_unproven): per matched axis (parameter, axis, runs, old sets)."""
     params: list[ParamPlan] = []
     used_old: set[str] = set()
-    unproven = 0
+    matched: list[tuple] = []
     matched_keys: dict = {}  # (new keys, old keys) -> (indices, runs): axes of one op share their keys
     for name, (node, local) in new_graph.parameters().items():
-        p, proven = new.params[name], proof.params[name]
+        p = new.params[name]
         old_scope = renames.ops.get(node.scope)
         source = f"{old_scope}.{local}" if old_scope else None
         q = old.params.get(source) if source else None
@@ -835,20 +835,26 @@ def _param_plans(new_graph: Graph, new: InteractionMap, proof: InteractionMap, o
             continue
         used_old.add(source)
         axes = []
-        for axis_new, axis_proven, axis_old, role in zip(p.axes, proven.axes, q.axes, p.roles):
+        for k, (axis_new, axis_old, role) in enumerate(zip(p.axes, q.axes, p.roles)):
             # Parameters of one op share axes (an LSTM's four row axes): match each once.
             keys_key = (id(axis_new.keys), id(axis_old.keys))
             if keys_key not in matched_keys:
                 indices = match_axis(axis_new.keys, axis_old.keys, renames)
                 matched_keys[keys_key] = (indices, _runs(indices))
             indices, runs = matched_keys[keys_key]
-            unproven += proof_check.unproven(runs, axis_proven.sets, axis_old.sets)
+            matched.append((name, k, runs, axis_old.sets))
             axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=runs))
         axes = tuple(axes)
         params.append(_counted(ParamPlan(name=name, shape=p.shape, source=source, old_shape=q.shape, axes=axes,
                                          fills=_copy_fills(p.roles, axes))))
     dropped = tuple(DroppedParam(name=n, shape=q.shape, elements=q.size) for n, q in old.params.items() if n not in used_old)
-    return params, dropped, unproven
+    return params, dropped, matched
+
+
+def _unproven(proof: InteractionMap, matched: list, proof_check: "_Proof") -> int:
+    """How many matched indices carry, in `proof`, other features than before."""
+    return sum(proof_check.unproven(runs, proof.params[name].axes[k].sets, old_sets)
+               for name, k, runs, old_sets in matched)
 
 
 def make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph,
@@ -870,10 +876,10 @@ def _make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph, old_map: Optional[I
     old_keys = OldKeys(old)
     starts = choose_starts(new_graph, new, old_keys, renames, {s.name for s in old_graph.model.statements if s.out})
     proof_check = _Proof(shared_features(old, new, renames))
-    params, dropped, unproven = _param_plans(new_graph, new, new, old, renames, starts, proof_check)
+    params, dropped, matched = _param_plans(new_graph, new, old, renames, starts)
+    unproven = _unproven(new, matched, proof_check)
     if unproven:  # new inputs may carry features old units never met: they start at zero, so prove on that
-        proof = proof_map(new_graph, new, renames, starts, old_graph, old)
-        params, dropped, unproven = _param_plans(new_graph, new, proof, old, renames, starts, proof_check)
+        unproven = _unproven(proof_map(new_graph, new, renames, starts, old_graph, old), matched, proof_check)
     reasons = function_check(old_graph, new_graph, old, new, renames, old_keys)
     if unproven and not reasons:  # never claim what the maps do not show
         reasons.append(Reason(message=f"{unproven} matched indices carry other input features than before"))
