@@ -43,10 +43,10 @@ Part 1 also times `specsurgery plan` alone (a whole process), and apply with --j
 The two headline ratios (apply --no-fsync against cp -r, and against cp) come
 from 5 runs of each, taken by turns (cp, apply, cp, apply, ...), so that
 both meet the same moments of a machine whose speed drifts: the ratio of the
-medians, and beside it the median of the 5 pairs' ratios. Before every
-timed run, 2.6 GB of memory is touched and freed (recycle_memory: on a
-virtual machine, memory the guest gave back to its host costs a host fault
-at first touch, and which run meets it depends on the run before). Median of 3 for
+medians, and beside them the median of the 5 pairs' ratios and the fastest
+over the fastest. Every one of those runs comes right after an untimed copy
+of the same checkpoint (after_a_copy): what ran just before changes what a
+run costs on this virtual machine (below), so both sides get the same. Median of 3 for
 every other timing; `os.sync()` (untimed) before each. Nothing is asserted.
 specsurgery's bytecode is compiled first, as pip does when it installs the
 package: where PYTHONDONTWRITEBYTECODE is set (an editable install under it),
@@ -132,33 +132,12 @@ def tree_rss_mb(pid: int) -> tuple[float, float]:
     return total, largest
 
 
-RECYCLED_MB = 2600  # more than any timed run writes (1.9 GB of shards) and holds
-
-
-def recycle_memory(mb: int = RECYCLED_MB) -> None:
-    """Touch `mb` of memory and free it, just before a timed run.
-
-    On a virtual machine that reports free memory to its host (free page
-    reporting, as this one does), a page the guest reported free costs a
-    fault in the host when it is next touched: touching 3 GB took 3.5 to 7.5 s
-    here, and a `cp -r` of the 1.9 GB shards took 0.6 s after another `cp -r`
-    but 2.5 to 5.2 s right after an apply, its system time all of it
-    (`nr_free_pages_blocks` in /proc/vmstat: it was handed pages of whole free
-    blocks, the reported ones). Which run meets such pages depends on what ran
-    before it, not on what it does; freed just now, the touched pages are not
-    reported yet (the kernel waits 2 s), and the timed run is handed them
-    first, whichever it is."""
-    block = bytearray(b"\x01") * (mb << 20)
-    del block
-
-
 def timed(cmd: list[str], sample: bool = False) -> tuple[float, tuple[float, float], float]:
     """(wall seconds, (peak tree RSS MB, peak RSS of one process MB), CPU seconds) of one
     command (CPU: user + system of it and its children, steadier than wall on a busy machine)."""
     import resource
 
     os.sync()
-    recycle_memory()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -185,6 +164,24 @@ def with_torch(args: list[str]) -> list[str]:
     """A specsurgery command run with torch imported first (what it cost when it imported torch)."""
     return [sys.executable, "-c", "import sys, torch; from specsurgery.cli import main; sys.exit(main(sys.argv[1:]))",
             *args]
+
+
+def after_a_copy(path: str, scratch: str):
+    """What runs before each of the headline runs: an untimed `cp -r` of
+    `path` (removed again), then a read of it. On a virtual machine that
+    reports free memory to its host (this one), a page reported free costs a
+    host fault when next touched, and how many such pages a run is handed
+    depends on the run before it: a `cp -r` of the 1.9 GB shards took 0.6 s
+    after another `cp -r` but 2.5 to 5.2 s right after an apply, its system
+    time all of it (in /proc/vmstat, `nr_free_pages_blocks` fell by 418,304
+    pages against 68,096: it was handed whole free blocks, the reported ones).
+    Run after the same thing, cp and apply meet the same memory."""
+    def before() -> None:
+        subprocess.run(["cp", "-r", path, scratch], check=True)
+        rm(scratch)()
+        read_through(path)
+
+    return before
 
 
 def read_through(path: str) -> None:
@@ -289,7 +286,8 @@ def main() -> None:
             warm = lambda: read_through(old)  # noqa: E731
             cp_times, apn_times, peak_n, pairwise = paired_runs(
                 lambda: ["cp", "-r", old, copy], rm(copy),
-                lambda: specsurgery + ["apply", old, new_spec_path, "-o", out, "--no-fsync"] + job_args, rm(out), warm)
+                lambda: specsurgery + ["apply", old, new_spec_path, "-o", out, "--no-fsync"] + job_args, rm(out),
+                after_a_copy(old, os.path.join(tmp, "scratch")))
             t_cp, t_apn = statistics.median(cp_times), statistics.median(apn_times)
             t_cps, cps_times, _ = median_runs(lambda: ["sh", "-c", f'cp -r "{old}" "{copy}" && sync "{copy}"/*'], rm(copy),
                                               before=warm)
@@ -361,7 +359,8 @@ def main() -> None:
             warm1 = lambda: read_through(ckpt)  # noqa: E731
             cp1_times, apn1_times, peakn1, pairwise1 = paired_runs(
                 lambda: ["cp", ckpt, copy1], rm(copy1),
-                lambda: specsurgery + ["apply", ckpt, five_next, "-o", out1, "--no-fsync"], rm(out1), warm1)
+                lambda: specsurgery + ["apply", ckpt, five_next, "-o", out1, "--no-fsync"], rm(out1),
+                after_a_copy(ckpt, os.path.join(tmp, "scratch.safetensors")))
             t_cp1, t_apn1 = statistics.median(cp1_times), statistics.median(apn1_times)
             t_cp1s, cp1s_times, _ = median_runs(lambda: ["sh", "-c", f'cp "{ckpt}" "{copy1}" && sync "{copy1}"'], rm(copy1),
                                                 before=warm1)
