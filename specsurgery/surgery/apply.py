@@ -4,10 +4,11 @@ The new checkpoint is streamed into a temporary file beside the target,
 renamed into place at the end: memory holds a few row blocks, never the
 model, and a crash leaves the old files as they were. File to file, a tensor
 only moved is copied by the kernel (copy_file_range), and the others are
-written row block by row block from the old file's bytes (StreamedTensor), in
-numpy (only where a block is laid out: carried rows with zero new
-columns, and a small fresh tensor, need neither numpy nor torch): torch is imported only where a fresh init cannot be drawn without it
-(fresh.py), or for an old tensor a DCP job saved in chunks.
+written row block by row block from the old file's bytes (StreamedTensor):
+numpy is imported only where a block is laid out (carried rows with zero new
+columns, and a new tensor of few fresh values, need none), torch only where
+a fresh init cannot be drawn without it (fresh.py), or for an old tensor a
+DCP job saved in chunks.
 """
 from __future__ import annotations
 
@@ -533,9 +534,10 @@ def needs_torch(p: ParamPlan, init: Init, header, stored: Optional[str], seed: i
 
 
 def numpy_needed(plan: Plan) -> bool:
-    """Whether writing `plan` file to file lays out a block in numpy
+    """Whether writing `plan` file to file will lay out blocks in numpy
     (StreamedTensor): fresh or identity values beside carried ones, an
-    identity, or more fresh values than plain Python draws (fresh.py)."""
+    identity, or more fresh values than plain Python draws (fresh.py). A hint
+    for importing it early: a writer that needs numpy imports it itself."""
     from .fresh import PLAIN_PYTHON_MAX
 
     return any((p.fresh or p.identity) and (p.source is not None or p.identity or p.fresh > PLAIN_PYTHON_MAX)
