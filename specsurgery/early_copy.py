@@ -171,19 +171,20 @@ def kept_as_is(plan, header, stored: Optional[dict] = None) -> set[str]:
 
 
 def _unchanged_looking(header, name: str, entry: dict) -> bool:
+    from .surgery.apply import stored_whole
+
     info = header.tensors.get(name)
     return info is not None and list(info.shape) == entry["shape"] and info.dtype == entry["dtype"] \
-        and getattr(header, "whole", lambda _: True)(name)
+        and stored_whole(header, name)
 
 
 def guessed_dtypes(header, shapes: dict) -> dict[str, str]:
     """Each new tensor's dtype as apply will most likely choose it: the old
     tensor's of the same name, else the dtype most of the checkpoint is in
     (surgery/apply.carried_dtypes, before the plan says which old tensor is whose)."""
-    from collections import Counter
+    from .surgery.apply import usual_dtype
 
-    counts = Counter(info.dtype for info in header.tensors.values())
-    usual = counts.most_common(1)[0][0] if counts else "F32"
+    usual = usual_dtype(header)
     return {name: header.tensors[name].dtype if name in header.tensors else usual for name in shapes}
 
 

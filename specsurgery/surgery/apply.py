@@ -356,10 +356,10 @@ class StreamedTensor:
 
     # An old row's column runs at least this long on average are copied by the
     # kernel, run by run, row by row; shorter ones are read into a buffer a
-    # block of rows at a time and gathered by pwritev. Gathering a widened
-    # 8192-unit layer (32 KB runs) took 0.14 s against the kernel's 0.17 s alone,
-    # and beside other threads it is far better: its thread wants the GIL
-    # twice a 4 MB block, not once a row.
+    # block of rows at a time and gathered by pwritev. A widened 8192-unit
+    # layer's 32 KB runs are gathered: a thread copying row by row wants the
+    # GIL back once a row, and beside other threads waits for it each time;
+    # gathering wants it twice a 4 MB block.
     kernel_piece_bytes = 1 << 20
 
     def _only_zeros(self, regions, a: int, b: int) -> bool:
@@ -504,7 +504,12 @@ def _gather(fd: int, old_rows: memoryview, n: int, old_row_bytes: int, pieces, a
 def streams(p: ParamPlan, header, stored: Optional[str]) -> bool:
     """Whether StreamedTensor can write `p`: rank 1 or 2, its old tensor (if any)
     in one piece in one file (not in chunks of a DCP job)."""
-    return len(p.shape) in (1, 2) and (stored is None or getattr(header, "whole", lambda _: True)(stored))
+    return len(p.shape) in (1, 2) and (stored is None or stored_whole(header, stored))
+
+
+def stored_whole(header, name: str) -> bool:
+    """Whether old tensor `name` lies in one piece in one file (not in chunks of a DCP job)."""
+    return getattr(header, "whole", lambda _: True)(name)
 
 
 def carried_tensor(p: ParamPlan, init: Init, header, stored: Optional[str],
@@ -547,11 +552,16 @@ def numpy_needed(plan: Plan) -> bool:
 def carried_dtypes(plan: Plan, header, stored: dict[str, str]) -> dict[str, str]:
     """Each new tensor's dtype in the file: its old tensor's; a fresh one takes
     the dtype most of the checkpoint is in."""
+    usual = usual_dtype(header)
+    return {p.name: header.tensors[stored[p.source]].dtype if p.source is not None else usual for p in plan.params}
+
+
+def usual_dtype(header) -> str:
+    """The dtype most of a checkpoint's tensors are in (F32 for none): a fresh tensor's."""
     from collections import Counter
 
     counts = Counter(info.dtype for info in header.tensors.values())
-    usual = counts.most_common(1)[0][0] if counts else "F32"
-    return {p.name: header.tensors[stored[p.source]].dtype if p.source is not None else usual for p in plan.params}
+    return counts.most_common(1)[0][0] if counts else "F32"
 
 
 def apply_plan(plan: Plan, checkpoint: str, new_spec, out: str, seed: int = 0,

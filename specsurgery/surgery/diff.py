@@ -513,7 +513,7 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             spans.append(_old_feature_spans(old_graph.spec))
         return spans[0].get(name)
 
-    old_bases: dict[int, set] = {}  # old node -> base keys of its value, made on first use
+    old_bases: dict[int, tuple[set, set]] = {}  # old node -> (base keys of its value, its keys), made on first use
     carried: dict = {}  # key -> the bases it carries (K.carried), shared by every reader
     axis_bases: dict = {}  # id(axis) -> (axis, the base of each of its keys), shared likewise
     # taint[node][i]: names of the reasons index i no longer computes what it did
@@ -562,10 +562,9 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
                 missing = [k for k, b in zip(old_in.keys, K.bases(old_in.keys, axis_bases)) if b not in new_in_base]
                 if missing:
                     unit_taint |= missing_reasons(node, missing)
-                if old_input not in old_bases:
-                    old_bases[old_input] = set(K.bases(old_in.keys, axis_bases))
-                old_in_base = old_bases[old_input]
-                old_in_keys = set(old_in.keys)  # most are this input's old keys: asked first
+                if old_input not in old_bases:  # most are this input's old keys: asked first
+                    old_bases[old_input] = (set(K.bases(old_in.keys, axis_bases)), set(old_in.keys))
+                old_in_base, old_in_keys = old_bases[old_input]
                 changed = [k for k, b in zip(new_in_keys, K.bases(new_in_keys, axis_bases))
                            if b in old_in_base and k not in old_in_keys and k not in old_keys]
                 if changed:
@@ -620,10 +619,9 @@ def function_check(old_graph: Graph, new_graph: Graph, old: InteractionMap, new:
             raise AssertionError(f"{node.op}: no function-check rule for {indices}")
 
     reasons: set[str] = set()
-    old_heads = {s.name for s in old_graph.model.statements if s.out}
     for head, index in new_graph.outputs.items():
         old_head = renames.scopes.get(head, head)
-        if old_head not in old_heads:
+        if old_head not in old_graph.outputs:
             continue
         old_value = old.values[old_graph.outputs[old_head]]
         new_value = new.values[index]
@@ -823,7 +821,7 @@ def _param_plans(new_graph: Graph, new: InteractionMap, old: InteractionMap, ren
     params: list[ParamPlan] = []
     used_old: set[str] = set()
     matched: list[tuple] = []
-    matched_keys: dict = {}  # (new keys, old keys) -> (indices, runs): axes of one op share their keys
+    matched_keys: dict = {}  # (new keys, old keys) -> runs: axes of one op share their keys
     for name, (node, local) in new_graph.parameters().items():
         p = new.params[name]
         old_scope = renames.ops.get(node.scope)
@@ -839,9 +837,8 @@ def _param_plans(new_graph: Graph, new: InteractionMap, old: InteractionMap, ren
             # Parameters of one op share axes (an LSTM's four row axes): match each once.
             keys_key = (id(axis_new.keys), id(axis_old.keys))
             if keys_key not in matched_keys:
-                indices = match_axis(axis_new.keys, axis_old.keys, renames)
-                matched_keys[keys_key] = (indices, _runs(indices))
-            indices, runs = matched_keys[keys_key]
+                matched_keys[keys_key] = _runs(match_axis(axis_new.keys, axis_old.keys, renames))
+            runs = matched_keys[keys_key]
             matched.append((name, k, runs, axis_old.sets))
             axes.append(AxisMap(role=role, new_size=len(axis_new), old_size=len(axis_old), runs=runs))
         axes = tuple(axes)
@@ -874,7 +871,7 @@ def _make_plan(old_spec: SpecOrGraph, new_spec: SpecOrGraph, old_map: Optional[I
     new = new_map or shadow_map(new_graph)
     match_ops(old_graph, new_graph, renames)
     old_keys = OldKeys(old)
-    starts = choose_starts(new_graph, new, old_keys, renames, {s.name for s in old_graph.model.statements if s.out})
+    starts = choose_starts(new_graph, new, old_keys, renames, set(old_graph.outputs))
     proof_check = _Proof(shared_features(old, new, renames))
     params, dropped, matched = _param_plans(new_graph, new, old, renames, starts)
     unproven = _unproven(new, matched, proof_check)
