@@ -127,16 +127,6 @@ def _tensors_of(names: list[str]):
             yield name, carried_tensor(p, _init(name), header, p.source, _read_old, seed, _dtype(p))
 
 
-def _numpy_if_needed(plan) -> None:
-    """Import numpy here, while the writers' threads copy in the kernel, where
-    a shard will lay out rows in it (surgery/apply.py numpy_needed), rather
-    than in a writer's thread after its copies (a fifth of a second each)."""
-    from .surgery.apply import numpy_needed
-
-    if numpy_needed(plan):
-        import numpy  # noqa: F401
-
-
 def _dtype(p) -> str:
     return _WORKER["dtypes"][p.name]
 
@@ -164,13 +154,12 @@ def _needs_torch(name: str) -> bool:
     return needs_torch(p, _init(name), _WORKER["header"], p.source, _WORKER["seed"], _dtype(p))
 
 
-def _run(built: list, moved: list, jobs: int, init: tuple, meanwhile: Callable[[], None] = lambda: None):
+def _run(built: list, moved: list, jobs: int, init: tuple):
     """Write every shard, `jobs` at a time: shards written without torch (bytes
     copied by the kernel, rows laid out in numpy, which both let go of the GIL)
     in threads of this process, no process to start; the others in worker
     processes, as many as the threads leave free (in_workers: in this process
-    when that is one; a worker with torch takes ~220 MB before its first tensor).
-    `meanwhile()` runs in this thread once the threads have their shards."""
+    when that is one; a worker with torch takes ~220 MB before its first tensor)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if jobs == 1:
@@ -179,7 +168,6 @@ def _run(built: list, moved: list, jobs: int, init: tuple, meanwhile: Callable[[
     workers = min(len(built), jobs - 1 if moved else jobs)
     with ThreadPoolExecutor(max(1, jobs - workers)) as threads:
         done = threads.map(_write_shard, moved)  # submitted now: they run while the built shards are made
-        meanwhile()
         if workers:
             yield from in_workers(_write_shard, built, workers, _start_worker, init)
         yield from done
@@ -252,16 +240,12 @@ def _fill_shards(folder: str, copied: set[str], plan, layouts: list[tuple[str, L
     at a time; returns (bytes of all the tensors, shards written by workers with torch)."""
     tasks = [(os.path.join(folder, name), list(layout.table), [n for n in layout.table if n not in copied])
              for name, layout in layouts]
-    # The most to write first: two 272 MB shards of a widened layer in parallel,
-    # then the small ones, not a large one left to run alone at the end.
-    left = {path: sum(layout.nbytes(n) for n in names) for (path, _, names), (_, layout) in zip(tasks, layouts)}
-    tasks.sort(key=lambda task: -left[task[0]])
     built = [t for t in tasks if any(_needs_torch(name) for name in t[2])]
     moved = [t for t in tasks if t not in built]
     init = (plan.model_dump_json() if built and jobs > 1 else None, checkpoint, seed, durable)
     written = sum(layout.nbytes(name) for _, layout in layouts for name in copied & layout.table.keys())
     try:
-        for path, count, nbytes in _run(built, moved, jobs, init, meanwhile=lambda: _numpy_if_needed(plan)):
+        for path, count, nbytes in _run(built, moved, jobs, init):
             written += nbytes
             if progress is not None:
                 progress(os.path.basename(path), count)

@@ -205,18 +205,3 @@ def test_a_change_that_draws_uniform_values_applies_without_torch(tmp_path):
         for name, value in done.model.state_dict().items():
             assert torch.equal(carried[name], value), (written, name)
 
-
-def test_numpy_is_imported_early_only_for_a_plan_that_lays_out_blocks():
-    """A hint for sharded apply (its main thread imports numpy while the
-    writers copy): a new unit's few fresh values and zero columns need none;
-    fresh rows beside carried ones and an identity do."""
-    import specsurgery as ss
-    from specsurgery.surgery.apply import numpy_needed
-    from tests.small_specs import HERO_AGENT
-
-    joined = (HERO_AGENT.replace("  group hero {", "  group extra {\n    a: float\n  }\n  group hero {")
-              .replace("  h = relu(linear(concat(obs.hero, he), 8))",
-                       "  xh = relu(linear(obs.extra, 3))\n  h = relu(linear(concat(obs.hero, xh, he), 8))"))
-    widened = HERO_AGENT.replace("linear(concat(obs.hero, he), 8)", "linear(concat(obs.hero, he), 12)")
-    assert not numpy_needed(ss.plan(HERO_AGENT, joined)._plan)
-    assert numpy_needed(ss.plan(HERO_AGENT, widened)._plan)

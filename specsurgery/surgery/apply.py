@@ -355,12 +355,9 @@ class StreamedTensor:
     parallel_bytes = 64 << 20  # a tensor this large is worth the threads
 
     # An old row's column runs at least this long on average are copied by the
-    # kernel, run by run, row by row; shorter ones are read into a buffer a
-    # block of rows at a time and gathered by pwritev. A widened 8192-unit
-    # layer's 32 KB runs are gathered: a thread copying row by row wants the
-    # GIL back once a row, and beside other threads waits for it each time;
-    # gathering wants it twice a 4 MB block.
-    kernel_piece_bytes = 1 << 20
+    # kernel, run by run, row by row (a widened 8192-unit layer: 32 KB runs);
+    # shorter ones are read into a buffer and gathered (a syscall per run costs more).
+    kernel_piece_bytes = 4096
 
     def _only_zeros(self, regions, a: int, b: int) -> bool:
         """No fill but zero reaches rows a..b."""
@@ -536,17 +533,6 @@ def needs_torch(p: ParamPlan, init: Init, header, stored: Optional[str], seed: i
     except NeedsTorch:
         return True
     return False
-
-
-def numpy_needed(plan: Plan) -> bool:
-    """Whether writing `plan` file to file will lay out blocks in numpy
-    (StreamedTensor): fresh or identity values beside carried ones, an
-    identity, or more fresh values than plain Python draws (fresh.py). A hint
-    for importing it early: a writer that needs numpy imports it itself."""
-    from .fresh import PLAIN_PYTHON_MAX
-
-    return any((p.fresh or p.identity) and (p.source is not None or p.identity or p.fresh > PLAIN_PYTHON_MAX)
-               for p in plan.params)
 
 
 def carried_dtypes(plan: Plan, header, stored: dict[str, str]) -> dict[str, str]:
