@@ -170,12 +170,12 @@ def after_a_copy(path: str, scratch: str):
     """What runs before each of the headline runs: an untimed `cp -r` of
     `path` (removed again), then a read of it. On a virtual machine that
     reports free memory to its host (this one), a page reported free costs a
-    host fault when next touched, and how many such pages a run is handed
-    depends on the run before it: a `cp -r` of the 1.9 GB shards took 0.6 s
-    after another `cp -r` but 2.5 to 5.2 s right after an apply, its system
-    time all of it (in /proc/vmstat, `nr_free_pages_blocks` fell by 418,304
-    pages against 68,096: it was handed whole free blocks, the reported ones).
-    Run after the same thing, cp and apply meet the same memory."""
+    host fault when next touched, and what ran just before a run can change
+    how many such pages it meets: in a shell loop on 2026-12-02 a `cp -r` of
+    the 1.9 GB shards took 0.6 s after another `cp -r` and 2.5 to 5.2 s right
+    after an apply, all of it system time (benchmarks/apply_by_turns.py times
+    the same; the effect comes and goes). Run after the same thing, cp and
+    apply meet the same memory."""
     def before() -> None:
         subprocess.run(["cp", "-r", path, scratch], check=True)
         rm(scratch)()
