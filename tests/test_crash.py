@@ -140,15 +140,16 @@ class Build:
         return None
 
     def kill_at(self, moment: float) -> bool:
-        """SIGKILL at `moment` seconds after the start; True when it was still running."""
+        """SIGKILL at `moment` seconds after the start; True when the kill is what
+        ended it (a build that exits between the last look and the signal
+        was not killed: the signal reaches a process already done)."""
         while self.proc.poll() is None and time.monotonic() - self.started < moment:
             time.sleep(min(0.005, max(0.0, moment - (time.monotonic() - self.started))))
-        alive = self.proc.poll() is None
-        if alive:
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=120)
         self.log.close()
-        return alive
+        return self.proc.returncode == -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")
